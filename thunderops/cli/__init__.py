@@ -1,0 +1,20 @@
+"""`thunderops` command line. `main()` turns a UserError into one line on stderr and exit code 2."""
+
+from __future__ import annotations
+
+import sys
+
+from thunderops.cli.app import app, err_console
+from thunderops.errors import UserError
+
+# Each module registers its commands on `app` (one module per pipeline step).
+from thunderops.cli import catalog as _catalog  # noqa: E402,F401
+from thunderops.cli import workload as _workload  # noqa: E402,F401
+
+
+def main() -> None:
+    try:
+        app(standalone_mode=True)
+    except UserError as e:
+        err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        sys.exit(e.exit_code)

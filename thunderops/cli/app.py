@@ -1,0 +1,33 @@
+"""The Typer app and the helpers every command module shares. Commands live in sibling modules,
+one per pipeline step, and stay thin: parse, call the Python API, render with Rich."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+import typer
+from rich.console import Console
+
+app = typer.Typer(
+    name="thunderops",
+    help="Serve an LLM on heterogeneous rented cloud GPUs for the most throughput per dollar.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+console = Console()
+err_console = Console(stderr=True)
+
+
+def print_json(data: Any) -> None:
+    """Machine-readable output: plain JSON on stdout, nothing else."""
+    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+
+
+def sub_app(name: str, help: str) -> typer.Typer:
+    """A command group (`thunderops NAME ...`) registered on the main app."""
+    sub = typer.Typer(name=name, help=help, no_args_is_help=True, pretty_exceptions_enable=False)
+    app.add_typer(sub, name=name)
+    return sub

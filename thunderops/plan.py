@@ -1,0 +1,199 @@
+"""The deployment plan: plain data passed between pipeline steps and stored as versioned JSON.
+
+A Plan says which instances to rent, how their GPUs form serving groups (each one model replica with
+a phase and a parallel layout), how requests are routed from prefill to decode replicas, and what the
+performance model predicts. Nothing here computes; the scheduler makes Plans, later steps read them.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from thunderops.errors import PlanError
+
+PHASES = ("prefill", "decode", "colocated")
+SCHEMA_VERSION = 1
+
+
+@dataclass
+class Instance:
+    """One rented (or owned) node. `price_per_hour` is $/h for the whole node at the chosen spot/on-demand rate."""
+
+    id: str
+    cloud: str
+    region: str
+    zone: str
+    instance_type: str
+    gpu: str
+    gpus: int
+    spot: bool
+    price_per_hour: float
+    network_gbps: float | None = None
+    source: str = ""
+    as_of: str = ""
+    host: str | None = None  # address once provisioned (local inventory or a launched cluster)
+
+
+@dataclass
+class Stage:
+    """One pipeline stage: `tp` GPUs of one instance holding `layers` consecutive layers."""
+
+    instance: str
+    gpu: str
+    tp: int
+    layers: int
+    gpu_ids: list[int] = field(default_factory=list)
+
+
+@dataclass
+class Group:
+    """One model replica. Its pipeline stages run in order; `phase` is prefill, decode or colocated."""
+
+    id: str
+    phase: str
+    stages: list[Stage]
+
+    @property
+    def tp(self) -> int:
+        """The largest TP degree among stages (stages may differ in a heterogeneous pipeline)."""
+        return max(s.tp for s in self.stages)
+
+    @property
+    def pp(self) -> int:
+        return len(self.stages)
+
+    @property
+    def layer_split(self) -> list[int]:
+        return [s.layers for s in self.stages]
+
+    @property
+    def gpus(self) -> int:
+        return sum(s.tp for s in self.stages)
+
+    @property
+    def instances(self) -> list[str]:
+        return list(dict.fromkeys(s.instance for s in self.stages))
+
+
+@dataclass
+class Route:
+    """Fraction of all requests prefilled on `prefill` and decoded on `decode` (fractions sum to 1).
+
+    `kv_compression` is the ratio of transferred to raw KV bytes (1.0 = none, 0.25 = 4-bit)."""
+
+    prefill: str
+    decode: str
+    fraction: float
+    kv_compression: float = 1.0
+
+
+@dataclass
+class Prediction:
+    """What the performance model (and the simulator, when it checked) expects of the plan."""
+
+    goodput_rps: float = 0.0
+    tokens_per_s: float = 0.0
+    ttft_p50: float = 0.0
+    ttft_p90: float = 0.0
+    tpot_p50: float = 0.0
+    tpot_p90: float = 0.0
+    slo_attainment: float = 0.0
+    method: str = "model"  # "model" (analytic) or "sim" (simulated)
+
+
+@dataclass
+class Plan:
+    """A complete deployment plan. `inputs` records what it was made from (model, workload, SLOs, budget, ...)."""
+
+    model: str
+    budget_per_hour: float
+    cost_per_hour: float
+    instances: list[Instance]
+    groups: list[Group]
+    routing: list[Route]
+    predicted: Prediction = field(default_factory=Prediction)
+    inputs: dict[str, Any] = field(default_factory=dict)
+    bandwidth_gbps: dict[str, dict[str, float]] = field(default_factory=dict)  # instance -> instance -> Gbps
+    strategy: str = "thunderops"
+    version: int = 1
+    schema: int = SCHEMA_VERSION
+
+    def instance(self, instance_id: str) -> Instance:
+        for inst in self.instances:
+            if inst.id == instance_id:
+                return inst
+        raise KeyError(instance_id)
+
+    def group(self, group_id: str) -> Group:
+        for g in self.groups:
+            if g.id == group_id:
+                return g
+        raise KeyError(group_id)
+
+    def groups_in(self, *phases: str) -> list[Group]:
+        return [g for g in self.groups if g.phase in phases]
+
+    @property
+    def total_gpus(self) -> int:
+        return sum(i.gpus for i in self.instances)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        for gd, g in zip(d["groups"], self.groups, strict=True):
+            gd.update(tp=g.tp, pp=g.pp, layer_split=g.layer_split, gpus=g.gpus)
+        return d
+
+    def to_json(self, indent: int | None = 2) -> str:
+        return json.dumps(self.to_dict(), indent=indent, sort_keys=False)
+
+    def save(self, path: str | Path) -> None:
+        """Write atomically (a temp file then rename) so a crash never leaves half a plan."""
+        path = Path(path)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(self.to_json())
+        tmp.replace(path)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Plan:
+        try:
+            groups = []
+            for g in d["groups"]:
+                if g["phase"] not in PHASES:
+                    raise PlanError(f"group {g.get('id')}: phase must be one of {', '.join(PHASES)}, got {g['phase']!r}")
+                groups.append(Group(id=g["id"], phase=g["phase"], stages=[Stage(**s) for s in g["stages"]]))
+            return cls(
+                model=d["model"],
+                budget_per_hour=float(d["budget_per_hour"]),
+                cost_per_hour=float(d["cost_per_hour"]),
+                instances=[Instance(**i) for i in d["instances"]],
+                groups=groups,
+                routing=[Route(**r) for r in d.get("routing", [])],
+                predicted=Prediction(**d.get("predicted", {})),
+                inputs=dict(d.get("inputs", {})),
+                bandwidth_gbps={k: dict(v) for k, v in d.get("bandwidth_gbps", {}).items()},
+                strategy=d.get("strategy", "thunderops"),
+                version=int(d.get("version", 1)),
+                schema=int(d.get("schema", SCHEMA_VERSION)),
+            )
+        except PlanError:
+            raise
+        except (KeyError, TypeError, ValueError) as e:
+            raise PlanError(f"malformed plan: {type(e).__name__}: {e}; re-create it with `thunderops plan --out`") from None
+
+    @classmethod
+    def from_json(cls, text: str) -> Plan:
+        try:
+            return cls.from_dict(json.loads(text))
+        except json.JSONDecodeError as e:
+            raise PlanError(f"plan is not valid JSON ({e}); re-create it with `thunderops plan --out`") from None
+
+    @classmethod
+    def load(cls, path: str | Path) -> Plan:
+        try:
+            text = Path(path).read_text()
+        except OSError as e:
+            raise PlanError(f"{path}: cannot read plan ({e.strerror})") from None
+        return cls.from_json(text)
