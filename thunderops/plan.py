@@ -18,6 +18,21 @@ PHASES = ("prefill", "decode", "colocated")
 SCHEMA_VERSION = 1
 
 
+@dataclass(frozen=True)
+class SLO:
+    """Latency targets: time to first token and time per output token (seconds), met by `attainment` of requests."""
+
+    ttft_s: float = 2.0
+    tpot_s: float = 0.1
+    attainment: float = 0.9
+
+    def __post_init__(self) -> None:
+        if not (self.ttft_s > 0 and self.tpot_s > 0):
+            raise PlanError(f"SLO targets must be positive seconds, got ttft={self.ttft_s} tpot={self.tpot_s}")
+        if not 0 < self.attainment <= 1:
+            raise PlanError(f"SLO attainment must be in (0, 1], got {self.attainment}")
+
+
 @dataclass
 class Instance:
     """One rented (or owned) node. `price_per_hour` is $/h for the whole node at the chosen spot/on-demand rate."""
