@@ -43,3 +43,7 @@ def suggest(name: str, choices: Iterable[str], n: int = 3) -> str:
     if not close:
         return ""
     return " (did you mean: " + ", ".join(lowered[c] for c in close) + "?)"
+
+
+class ProvisionError(UserError):
+    """Cannot provision: unknown cloud/region, no credentials, budget below the cheapest feasible plan."""

@@ -1,0 +1,108 @@
+"""Provisioning: turn a Plan into running nodes. Two providers share one interface:
+
+- `skypilot` (thunderops.provision.skypilot): each plan instance becomes a SkyPilot cluster on a cloud;
+- `local` (thunderops.provision.local): machines you already have (or `--emulate`d ones) joined in a Ray cluster.
+
+Later steps (netbench, serve, controller) only see `Node`s: where a plan instance runs and on which ports.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+
+from thunderops.errors import ProvisionError
+from thunderops.plan import Plan
+
+# Default ports on every node. A node holding several engines (several groups on one instance) uses
+# engine + k and kv + k for its k-th engine (k = 0, 1, ... in plan order).
+ENGINE_PORT = 8000
+KV_PORT = 5600  # vLLM NIXL side channel (VLLM_NIXL_SIDE_CHANNEL_PORT)
+AGENT_PORT = 8790
+
+
+@dataclass
+class Ports:
+    engine: int = ENGINE_PORT
+    kv: int = KV_PORT
+    agent: int = AGENT_PORT
+
+
+@dataclass
+class Node:
+    """A provisioned plan instance.
+
+    `id` is unique across deployments (the store's node id); `instance_id` is the plan's `Instance.id`;
+    `cluster_name` is the SkyPilot cluster (or Ray node name for the local provider); `host` is its address."""
+
+    id: str
+    deployment: str
+    instance_id: str
+    cluster_name: str
+    host: str | None
+    gpu: str
+    gpus: int
+    status: str
+    ports: Ports = field(default_factory=Ports)
+
+    @classmethod
+    def from_record(cls, rec) -> Node:  # rec: thunderops.state.NodeRecord
+        return cls(
+            id=rec.id, deployment=rec.deployment, instance_id=rec.instance_id, cluster_name=rec.cluster_name,
+            host=rec.host, gpu=rec.gpu, gpus=rec.gpus, status=rec.status,
+            ports=Ports(rec.engine_port or ENGINE_PORT, rec.kv_port or KV_PORT, rec.agent_port or AGENT_PORT),
+        )
+
+
+@dataclass
+class ProvisionResult:
+    """What `Provider.up` achieved. `plan` is the plan actually provisioned (fallbacks may change instances);
+    `plan_version` its version in the store. `ok` is False when the plan could not be met."""
+
+    deployment: str
+    plan: Plan
+    plan_version: int
+    nodes: list[Node]
+    ok: bool = True
+    message: str = ""
+
+
+@dataclass
+class DownResult:
+    """What `Provider.down` tore down: cluster names, and which of them the store did not know about."""
+
+    deployment: str | None
+    terminated: list[str] = field(default_factory=list)
+    unrecorded: list[str] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)
+
+
+class Provider(abc.ABC):
+    """Provisions a plan's instances for a deployment; records intent and outcome in the state store."""
+
+    name: str = ""
+
+    @abc.abstractmethod
+    def up(self, deployment: str, plan: Plan, *, keep_partial: bool = False) -> ProvisionResult:
+        """Bring up every instance of `plan` (the deployment exists in the store, plan stored as a version)."""
+
+    @abc.abstractmethod
+    def status(self, deployment: str) -> list[Node]:
+        """The deployment's nodes as they stand now (reconciled with the provider where it can tell)."""
+
+    @abc.abstractmethod
+    def down(self, deployment: str | None) -> DownResult:
+        """Tear down the deployment's nodes (all thunderops nodes when `deployment` is None). Idempotent."""
+
+
+def get_provider(name: str, **kwargs) -> Provider:
+    """The provider called `name` ('skypilot' or 'local')."""
+    if name == "skypilot":
+        from thunderops.provision.skypilot import SkyPilotProvider
+
+        return SkyPilotProvider(**kwargs)
+    if name == "local":
+        from thunderops.provision.local import LocalProvider
+
+        return LocalProvider(**kwargs)
+    raise ProvisionError(f"unknown provider {name!r}: use --provider skypilot or --provider local")
