@@ -1,0 +1,701 @@
+"""Performance model: roofline step times with calibrated efficiencies, memory and KV capacity, and
+per-replica capacities (requests/s) under an SLO.
+
+Every operator of a decoder layer is costed as max(FLOPs / (peak x eff_compute), bytes / (HBM bw x eff_memory))
+on the GPU that runs it; TP adds two ring all-reduces per layer, PP an activation hop between stages, and each
+step a fixed overhead. Efficiencies come from datasheet defaults or a calibration file measured on real GPUs
+(`catalogs/calibration/<GPU>.json`, written by `thunderops calibrate`).
+
+Units: seconds, bytes, FLOPs. GPU bandwidths are GB/s as datasheets give them; network links are Gbit/s.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field, fields
+from functools import cache
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from thunderops.errors import PlanError, WorkloadError
+from thunderops.plan import SLO, Group, Plan
+from thunderops.specs import GpuSpec, ModelSpec, catalog_dir, get_gpu, get_model, norm
+from thunderops.workload import Workload, check_rate
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+PHASES = ("prefill", "decode", "colocated")
+DEFAULT_NETWORK_GBPS = 25.0  # Gbit/s between instances when a plan gives no figure (a common cloud NIC)
+SAME_NODE_PP_GBPS = float("inf")
+
+
+class DoesNotFitError(PlanError):
+    """A model replica's weights (plus a minimum KV cache) do not fit in its GPUs' memory."""
+
+
+class ParallelismError(PlanError):
+    """A TP degree that does not divide the attention heads, or an impossible layer split."""
+
+
+# ---------------------------------------------------------------------------------------------- layouts
+
+
+@dataclass(frozen=True)
+class StageLayout:
+    """One pipeline stage: `tp` GPUs of one type holding `layers` consecutive layers."""
+
+    gpu: GpuSpec
+    tp: int
+    layers: int
+
+
+@dataclass(frozen=True)
+class Layout:
+    """One replica: pipeline stages in order, the slowest inter-stage link (Gbit/s) and an optional
+    override of the intra-node TP link (GB/s bidirectional; default: the GPU spec's)."""
+
+    stages: tuple[StageLayout, ...]
+    pp_link_gbps: float = float("inf")
+    tp_link_gbps: float | None = None
+
+    @property
+    def pp(self) -> int:
+        return len(self.stages)
+
+    @property
+    def gpus(self) -> int:
+        return sum(s.tp for s in self.stages)
+
+    @property
+    def layers(self) -> int:
+        return sum(s.layers for s in self.stages)
+
+    @classmethod
+    def single(cls, gpu: str | GpuSpec, tp: int, layers: int) -> Layout:
+        """A one-stage layout (no pipeline)."""
+        return cls((StageLayout(get_gpu(gpu), tp, layers),))
+
+
+# ---------------------------------------------------------------------------------------------- calibration
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Achieved fractions of datasheet peaks on one GPU type, and fixed costs.
+
+    compute_eff: large GEMMs vs dense bf16 peak; attn_eff: prefill attention (flash) vs peak;
+    memory_eff: streaming reads (weights, KV) vs HBM bandwidth; comm_eff: all-reduce bus bandwidth vs one
+    direction of the intra-node link; gemm_m_half: GEMM rows at which compute efficiency is half its peak
+    (small-batch GEMMs run below peak even when compute-bound); step_overhead_s: fixed cost per engine step
+    (scheduling, sampling, launches); layer_overhead_s: per layer per step (kernel launches not hidden)."""
+
+    gpu: str = "generic"
+    compute_eff: float = 0.70
+    attn_eff: float = 0.45
+    memory_eff: float = 0.80
+    comm_eff: float = 0.75
+    comm_latency_s: float = 15e-6
+    gemm_m_half: float = 32.0
+    step_overhead_s: float = 2.5e-3
+    layer_overhead_s: float = 15e-6
+    source: str = "datasheet defaults (thunderops.perf.Calibration)"
+
+    def to_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Calibration:
+        known = {f.name for f in fields(cls)}
+        try:
+            cal = cls(**{k: (v if k in ("gpu", "source") else float(v)) for k, v in d.items() if k in known})
+        except (TypeError, ValueError) as e:
+            raise PlanError(f"bad calibration value ({e}); re-run `thunderops calibrate`") from None
+        for name in ("compute_eff", "attn_eff", "memory_eff", "comm_eff"):
+            if not 0 < getattr(cal, name) <= 1.5:
+                raise PlanError(f"calibration {name}={getattr(cal, name)} is out of range (0, 1.5]")
+        return cal
+
+
+def calibration_dir() -> Path:
+    return catalog_dir() / "calibration"
+
+
+def load_calibration_file(path: str | Path) -> tuple[Calibration, dict]:
+    """Read a calibration JSON file: returns the Calibration and the whole document (with measurements)."""
+    try:
+        doc = json.loads(Path(path).read_text())
+    except OSError as e:
+        raise PlanError(f"{path}: cannot read calibration file ({e.strerror})") from None
+    except json.JSONDecodeError as e:
+        raise PlanError(f"{path}: calibration file is not valid JSON ({e}); re-run `thunderops calibrate`") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("calibration"), dict):
+        raise PlanError(f"{path}: expected an object with a 'calibration' key; re-run `thunderops calibrate`")
+    return Calibration.from_dict(doc["calibration"]), doc
+
+
+@cache
+def default_calibration(gpu_name: str) -> Calibration:
+    """The shipped calibration for a GPU type (`catalogs/calibration/<GPU>.json`), else datasheet defaults."""
+    d = calibration_dir()
+    if d.is_dir():
+        for p in sorted(d.glob("*.json")):
+            if norm(p.stem) == norm(gpu_name):
+                return load_calibration_file(p)[0]
+    return Calibration(gpu=gpu_name)
+
+
+# ---------------------------------------------------------------------------------------------- operator costs
+
+
+@dataclass(frozen=True)
+class Op:
+    """One operator: FLOPs, bytes moved to/from HBM, and which efficiency applies ('gemm', 'attn', 'mem')."""
+
+    name: str
+    flops: float
+    bytes: float
+    kind: str
+    rows: float = 0.0  # GEMM M dimension (tokens), for the small-batch efficiency ramp
+
+
+def layer_ops(
+    m: ModelSpec,
+    tp: int,
+    tokens: float,
+    attn_pairs: float = 0.0,
+    kv_read_tokens: float = 0.0,
+    attn_query_tokens: float = 0.0,
+) -> list[Op]:
+    """Operators of one decoder layer on one of `tp` GPUs.
+
+    tokens: rows through the GEMMs (prefill tokens + decode sequences); attn_pairs: causal (query, key) pairs
+    of prefill attention, sum of L(L+1)/2 over prompts; kv_read_tokens: cached tokens read by decode
+    attention; attn_query_tokens: decode queries (one per sequence)."""
+    d = m.dtype_bytes
+    h, hd = m.hidden, m.head_dim
+    q_heads = m.heads / tp
+    kv_heads = max(1.0, m.kv_heads / tp)  # KV heads are replicated when tp > kv_heads
+    qkv_out = (q_heads + 2 * kv_heads) * hd
+    inter = m.intermediate / tp
+    T = float(tokens)
+    ops = [
+        Op("qkv", 2 * T * h * qkv_out, d * (h * qkv_out + T * h + T * qkv_out), "gemm", T),
+        Op("o_proj", 2 * T * q_heads * hd * h, d * (q_heads * hd * h + T * q_heads * hd + T * h), "gemm", T),
+    ]
+    if m.experts > 1:
+        k, e = m.experts_per_token, m.experts
+        touched = e * (1.0 - (1.0 - k / e) ** T) if T > 0 else 0.0  # expected experts hit by T tokens
+        rows = T * k / max(touched, 1.0)
+        ops.append(Op("router", 2 * T * h * e, d * (h * e + T * h), "gemm", T))
+        ops.append(Op("experts", 2 * T * k * 3 * h * inter,
+                      d * (touched * 3 * h * inter + T * k * (2 * h + 3 * inter)), "gemm", rows))
+    else:
+        ops.append(Op("gate_up", 2 * T * h * 2 * inter, d * (h * 2 * inter + T * h + T * 2 * inter), "gemm", T))
+        ops.append(Op("down", 2 * T * inter * h, d * (inter * h + T * inter + T * h), "gemm", T))
+    if attn_pairs > 0:
+        # QK^T and PV over the causal half: 2 GEMMs x 2 FLOPs per MAC x pairs x head_dim per query head
+        ops.append(Op("attn_prefill", 4 * attn_pairs * q_heads * hd, 0.0, "attn"))
+    if kv_read_tokens > 0 or attn_query_tokens > 0:
+        kv_bytes = kv_read_tokens * 2 * kv_heads * hd * d
+        ops.append(Op("attn_decode", 4 * kv_read_tokens * q_heads * hd,
+                      kv_bytes + attn_query_tokens * 2 * q_heads * hd * d, "mem"))
+    # norms, residual adds, rotary, activation and the KV-cache write: memory-bound elementwise traffic
+    elem = T * (10 * h + 3 * inter + 2 * (q_heads + kv_heads) * hd + 2 * kv_heads * hd)
+    ops.append(Op("elementwise", 0.0, d * elem, "mem"))
+    return ops
+
+
+def lm_head_ops(m: ModelSpec, tp: int, rows: float) -> list[Op]:
+    """Final norm and LM head for `rows` sequences (vLLM computes logits for the last token only)."""
+    d, h, v = m.dtype_bytes, m.hidden, m.vocab / tp
+    return [Op("lm_head", 2 * rows * h * v, d * (h * v + rows * h) + 4 * rows * v, "gemm", rows)]
+
+
+def op_time(op: Op, gpu: GpuSpec, cal: Calibration) -> float:
+    """Roofline time of one operator on one GPU."""
+    peak = gpu.bf16_tflops * 1e12
+    if op.kind == "gemm":
+        ramp = op.rows / (op.rows + cal.gemm_m_half) if op.rows > 0 else 1.0
+        comp = op.flops / (peak * cal.compute_eff * max(ramp, 1e-3))
+    elif op.kind == "attn":
+        comp = op.flops / (peak * cal.attn_eff)
+    else:
+        comp = op.flops / (peak * cal.compute_eff)
+    mem = op.bytes / (gpu.memory_gbps * 1e9 * cal.memory_eff)
+    return max(comp, mem)
+
+
+def allreduce_time(nbytes: float, tp: int, link_gbps_bidir: float, cal: Calibration) -> float:
+    """Ring all-reduce of `nbytes` across `tp` GPUs: 2(tp-1)/tp x bytes over one link direction, plus latency."""
+    if tp <= 1 or nbytes <= 0:
+        return 0.0
+    bw = link_gbps_bidir / 2 * 1e9 * cal.comm_eff
+    return 2 * (tp - 1) / tp * nbytes / bw + 2 * (tp - 1) * cal.comm_latency_s
+
+
+def link_time(nbytes: float, gbit_s: float, latency_s: float = 20e-6) -> float:
+    """Time to send `nbytes` over a network link of `gbit_s` Gbit/s."""
+    if math.isinf(gbit_s):
+        return 0.0
+    return nbytes / (gbit_s * 1e9 / 8) + latency_s
+
+
+@dataclass(frozen=True)
+class Work:
+    """What one engine step computes: GEMM rows, prefill attention pairs, decode KV reads, logits rows."""
+
+    tokens: float = 0.0
+    attn_pairs: float = 0.0
+    kv_read_tokens: float = 0.0
+    decode_seqs: float = 0.0
+    logit_rows: float = 0.0
+
+    def scaled(self, f: float) -> Work:
+        return Work(self.tokens * f, self.attn_pairs * f, self.kv_read_tokens * f, self.decode_seqs * f,
+                    self.logit_rows * f)
+
+
+def prefill_work(prompt_lens: Sequence[int] | np.ndarray) -> Work:
+    p = np.asarray(prompt_lens, dtype=float)
+    return Work(tokens=float(p.sum()), attn_pairs=float((p * (p + 1) / 2).sum()), logit_rows=float(len(p)))
+
+
+def decode_work(batch: float, total_context: float) -> Work:
+    return Work(tokens=batch, kv_read_tokens=total_context, decode_seqs=batch, logit_rows=batch)
+
+
+# ---------------------------------------------------------------------------------------------- the model
+
+
+@dataclass
+class _Stats:
+    """Workload statistics the capacity formulas need (from the length quantiles)."""
+
+    mean_prompt: float
+    mean_output: float
+    prompt_grid: np.ndarray = field(repr=False)
+
+
+class PerfModel:
+    """Step times, memory and capacities of one model on any layout of GPUs.
+
+    `calibration` maps GPU names to Calibration; missing GPUs fall back to the shipped calibration file or
+    datasheet defaults. `mem_util` is vLLM's --gpu-memory-utilization; `max_batch_tokens` and `max_num_seqs`
+    mirror vLLM's scheduler limits (tokens per step, sequences per decode batch)."""
+
+    def __init__(
+        self,
+        model: ModelSpec | str,
+        calibration: dict[str, Calibration] | None = None,
+        mem_util: float = 0.9,
+        max_batch_tokens: int = 8192,
+        max_num_seqs: int = 256,
+        min_kv_tokens: int = 2048,
+    ) -> None:
+        self.model = get_model(model)
+        if not 0 < mem_util <= 1:
+            raise PlanError(f"memory utilization must be in (0, 1], got {mem_util}")
+        self.mem_util = mem_util
+        self.max_batch_tokens = max_batch_tokens
+        self.max_num_seqs = max_num_seqs
+        self.min_kv_tokens = min_kv_tokens
+        self._cal = {norm(k): v for k, v in (calibration or {}).items()}
+        self._cap_cache: dict = {}
+        self._stats_cache: dict = {}
+
+    # -- calibration and checks
+
+    def calibration_for(self, gpu: GpuSpec) -> Calibration:
+        return self._cal.get(norm(gpu.name)) or default_calibration(gpu.name)
+
+    def check_tp(self, tp: int) -> None:
+        m = self.model
+        if tp < 1 or m.heads % tp:
+            raise ParallelismError(
+                f"TP degree {tp} does not divide {m.name}'s {m.heads} attention heads; "
+                f"use one of {[t for t in (1, 2, 4, 8, 16) if m.heads % t == 0]}")
+
+    def check_layout(self, layout: Layout) -> None:
+        if not layout.stages:
+            raise ParallelismError("a layout needs at least one pipeline stage")
+        for s in layout.stages:
+            self.check_tp(s.tp)
+            if s.layers < 1:
+                raise ParallelismError(f"every pipeline stage needs at least one layer, got {s.layers}")
+        if layout.layers != self.model.layers:
+            raise ParallelismError(
+                f"layer split {[s.layers for s in layout.stages]} sums to {layout.layers}, "
+                f"but {self.model.name} has {self.model.layers} layers")
+
+    # -- memory
+
+    def stage_weight_bytes(self, layout: Layout, i: int) -> float:
+        """Weight bytes on one GPU of stage i (embedding on the first stage, LM head on the last)."""
+        m, s = self.model, layout.stages[i]
+        w = s.layers * m.params_per_layer * m.dtype_bytes
+        emb = m.vocab * m.hidden * m.dtype_bytes
+        if i == 0:
+            w += emb
+        if i == len(layout.stages) - 1:
+            w += emb + m.hidden * m.dtype_bytes
+        return w / s.tp
+
+    def activation_reserve_bytes(self, tp: int) -> float:
+        """Peak activations of a profiling forward pass at the token budget (vLLM profiles one), logits
+        of the sequence budget in fp32, and a fixed 1.5 GB for CUDA context, graphs and NCCL buffers."""
+        m = self.model
+        T = self.max_batch_tokens
+        act = T * (4 * m.hidden + 3 * m.intermediate * max(1, m.experts_per_token) / tp) * m.dtype_bytes
+        logits = self.max_num_seqs * m.vocab / tp * 4
+        return act + logits + 1.5e9
+
+    def kv_bytes_per_token_stage(self, layout: Layout, i: int) -> float:
+        m, s = self.model, layout.stages[i]
+        kv_heads = max(1.0, m.kv_heads / s.tp)
+        return s.layers * 2 * kv_heads * m.head_dim * m.dtype_bytes
+
+    def kv_capacity_tokens(self, layout: Layout) -> int:
+        """Tokens of KV cache the replica holds: min over stages of free memory / KV bytes per token on a GPU
+        (vLLM: (total x util - weights - peak activations) / (KV bytes per token per GPU)). 0 if none."""
+        self.check_layout(layout)
+        cap = math.inf
+        for i, s in enumerate(layout.stages):
+            free = s.gpu.memory_bytes * self.mem_util - self.stage_weight_bytes(layout, i) \
+                - self.activation_reserve_bytes(s.tp)
+            cap = min(cap, max(0.0, free) / self.kv_bytes_per_token_stage(layout, i))
+        return int(cap)
+
+    def fits(self, layout: Layout) -> bool:
+        """Weights, activations and at least `min_kv_tokens` of KV fit on every stage."""
+        try:
+            return self.kv_capacity_tokens(layout) >= self.min_kv_tokens
+        except ParallelismError:
+            return False
+
+    def require_fit(self, layout: Layout, what: str = "layout") -> None:
+        self.check_layout(layout)
+        if not self.fits(layout):
+            desc = " + ".join(f"{s.tp}x{s.gpu.name}[{s.layers}L]" for s in layout.stages)
+            raise DoesNotFitError(
+                f"{what} {desc} cannot hold {self.model.name} ({self.model.weight_bytes / 1e9:.0f} GB of weights) "
+                f"plus {self.min_kv_tokens} KV tokens at memory utilization {self.mem_util}; "
+                "add GPUs (higher TP or more pipeline stages) or use GPUs with more memory")
+
+    # -- step times
+
+    def stage_time(self, layout: Layout, i: int, work: Work) -> float:
+        """Time for stage i to run its layers over `work` (compute + TP all-reduces; no overhead)."""
+        m, s = self.model, layout.stages[i]
+        cal = self.calibration_for(s.gpu)
+        ops = layer_ops(m, s.tp, work.tokens, work.attn_pairs, work.kv_read_tokens, work.decode_seqs)
+        per_layer = sum(op_time(op, s.gpu, cal) for op in ops) + cal.layer_overhead_s
+        link = layout.tp_link_gbps if layout.tp_link_gbps is not None else s.gpu.intra_link_gbps
+        per_layer += 2 * allreduce_time(work.tokens * m.hidden * m.dtype_bytes, s.tp, link, cal)
+        t = s.layers * per_layer
+        if i == len(layout.stages) - 1 and work.logit_rows > 0:
+            t += sum(op_time(op, s.gpu, cal) for op in lm_head_ops(m, s.tp, work.logit_rows))
+            t += allreduce_time(work.logit_rows * m.vocab * 2, s.tp, link, cal) / 2  # all-gather of logits
+        return t
+
+    def hop_time(self, layout: Layout, tokens: float) -> float:
+        """Activation hop between two consecutive stages."""
+        return link_time(tokens * self.model.hidden * self.model.dtype_bytes, layout.pp_link_gbps)
+
+    def step_overhead(self, layout: Layout) -> float:
+        return max(self.calibration_for(s.gpu).step_overhead_s for s in layout.stages)
+
+    def pass_time(self, layout: Layout, work: Work) -> float:
+        """Latency of one forward pass of `work` through all stages (no pipelining of this work)."""
+        t = sum(self.stage_time(layout, i, work) for i in range(layout.pp))
+        return t + (layout.pp - 1) * self.hop_time(layout, work.tokens) + self.step_overhead(layout)
+
+    def interval_time(self, layout: Layout, work: Work) -> float:
+        """Time between consecutive passes of `work` when the pipeline is full: the slowest stage sets it."""
+        t = max(self.stage_time(layout, i, work) for i in range(layout.pp))
+        if layout.pp > 1:
+            t = max(t, self.hop_time(layout, work.tokens))
+        return t + self.step_overhead(layout)
+
+    def prefill_time(self, layout: Layout, prompt_lens: Sequence[int] | np.ndarray) -> float:
+        """Latency (s) of one prefill batch of these prompts through the whole replica."""
+        self.check_layout(layout)
+        return self.pass_time(layout, prefill_work(prompt_lens))
+
+    def decode_step_time(self, layout: Layout, batch: int, total_context: int) -> float:
+        """Time (s) between two tokens of a sequence in a decode batch of `batch` sequences holding
+        `total_context` cached tokens. With PP the batch runs as `pp` micro-batches, one per stage at a time,
+        so a sequence waits `pp` slowest-stage intervals per token."""
+        self.check_layout(layout)
+        if batch <= 0:
+            return 0.0
+        pp = layout.pp
+        if pp == 1:
+            return self.pass_time(layout, decode_work(batch, total_context))
+        micro = decode_work(batch, total_context).scaled(1.0 / pp)
+        return pp * self.interval_time(layout, micro)
+
+    def mixed_step_time(self, layout: Layout, prefill: Work, batch: float, total_context: float) -> float:
+        """One chunked-prefill step (vLLM's default): decode sequences plus a chunk of prefill tokens."""
+        d = decode_work(batch, total_context)
+        w = Work(prefill.tokens + d.tokens, prefill.attn_pairs, d.kv_read_tokens, d.decode_seqs,
+                 d.logit_rows + prefill.logit_rows)
+        if layout.pp == 1:
+            return self.pass_time(layout, w)
+        return layout.pp * self.interval_time(layout, w.scaled(1.0 / layout.pp))
+
+    def kv_transfer_time(self, prompt_tokens: int, gbps: float, compression: float = 1.0) -> float:
+        """Time to move one request's KV cache (all layers) over a `gbps` Gbit/s link; `compression` is the
+        ratio of sent to raw bytes (0.25 for 4-bit)."""
+        if gbps <= 0:
+            raise PlanError(f"link bandwidth must be positive Gbit/s, got {gbps}")
+        if not 0 < compression <= 1:
+            raise PlanError(f"KV compression ratio must be in (0, 1], got {compression}")
+        nbytes = prompt_tokens * self.model.kv_bytes_per_token * compression
+        return link_time(nbytes, gbps)
+
+    # -- layer split
+
+    def split_layers(self, stages: list[tuple[GpuSpec, int]], phase: str = "colocated",
+                     pp_link_gbps: float = float("inf")) -> Layout | None:
+        """Layers over pipeline stages [(gpu, tp), ...] in proportion to stage speed, within each stage's
+        memory: greedy assignment of each layer to the stage whose finish time grows least (optimal for
+        identical layers with linear costs). None if the model does not fit."""
+        if phase not in PHASES:
+            raise PlanError(f"phase must be one of {', '.join(PHASES)}, got {phase!r}")
+        if not stages:
+            return None
+        m = self.model
+        stages = [(get_gpu(g), int(tp)) for g, tp in stages]
+        for _, tp in stages:
+            self.check_tp(tp)
+        if len(stages) > m.layers:
+            return None
+        # time of one layer per stage under a representative load of the phase
+        pre, dec = prefill_work([2048]), decode_work(64, 64 * 1024)
+        per_layer, cap = [], []
+        for idx, (gpu, tp) in enumerate(stages):
+            probe = Layout((StageLayout(gpu, tp, 1),))
+            t = 0.0
+            if phase in ("prefill", "colocated"):
+                t += self.stage_time(probe, 0, Work(pre.tokens, pre.attn_pairs))
+            if phase in ("decode", "colocated"):
+                t += self.stage_time(probe, 0, Work(dec.tokens, 0, dec.kv_read_tokens, dec.decode_seqs))
+            per_layer.append(t)
+            # most layers this stage can hold with min_kv_tokens of KV
+            emb = m.vocab * m.hidden * m.dtype_bytes * ((idx == 0) + (idx == len(stages) - 1)) / tp
+            free = gpu.memory_bytes * self.mem_util - self.activation_reserve_bytes(tp) - emb
+            kv_layer = 2 * max(1.0, m.kv_heads / tp) * m.head_dim * m.dtype_bytes * self.min_kv_tokens
+            cap.append(int(max(0.0, free) // (m.params_per_layer * m.dtype_bytes / tp + kv_layer)))
+        if any(c < 1 for c in cap) or sum(cap) < m.layers:
+            return None
+        counts = [1] * len(stages)
+        for _ in range(m.layers - len(stages)):
+            best, best_t = -1, math.inf
+            for j in range(len(stages)):
+                if counts[j] < cap[j] and (counts[j] + 1) * per_layer[j] < best_t:
+                    best, best_t = j, (counts[j] + 1) * per_layer[j]
+            counts[best] += 1
+        layout = Layout(tuple(StageLayout(g, tp, n) for (g, tp), n in zip(stages, counts, strict=True)),
+                        pp_link_gbps=pp_link_gbps if len(stages) > 1 else float("inf"))
+        return layout if self.fits(layout) else None
+
+    # -- capacity
+
+    def _stats(self, workload: Workload) -> _Stats:
+        key = (workload.prompt_quantiles, workload.output_quantiles)
+        st = self._stats_cache.get(key)
+        if st is None:
+            grid = np.interp(np.linspace(0, 100, 41), np.arange(101), workload.prompt_quantiles)
+            st = _Stats(workload.mean_prompt, workload.mean_output, np.maximum(1.0, grid))
+            self._stats_cache[key] = st
+        return st
+
+    def capacity(self, layout: Layout, phase: str, workload: Workload, slo: SLO) -> float:
+        """Requests/s one replica sustains in `phase` while meeting the SLO (0.0 when it cannot at any rate).
+
+        prefill: M/G/1 queue of prompts, TTFT = wait + prefill latency at the attainment quantile;
+        decode: continuous batching, Little's law N = rate x output x TPOT, bounded by TPOT, KV and max_num_seqs;
+        colocated: chunked-prefill steps carrying both, decode slowed by the prefill tokens in each step."""
+        if phase not in PHASES:
+            raise PlanError(f"phase must be one of {', '.join(PHASES)}, got {phase!r}")
+        key = (layout, phase, workload.prompt_quantiles, workload.output_quantiles, slo)
+        hit = self._cap_cache.get(key)
+        if hit is not None:
+            return hit
+        self.check_layout(layout)
+        if not self.fits(layout):
+            value = 0.0
+        elif phase == "prefill":
+            value = self._prefill_capacity(layout, workload, slo)
+        elif phase == "decode":
+            value = self._decode_capacity(layout, workload, slo)
+        else:
+            value = self._colocated_capacity(layout, workload, slo)
+        self._cap_cache[key] = value
+        return value
+
+    def _prefill_service(self, layout: Layout, workload: Workload) -> tuple[float, float, float, np.ndarray]:
+        """Per-prompt service interval mean and second moment, and latencies over the prompt grid."""
+        st = self._stats(workload)
+        interval = np.array([self.interval_time(layout, prefill_work([p])) for p in st.prompt_grid])
+        latency = np.array([self.pass_time(layout, prefill_work([p])) for p in st.prompt_grid])
+        return float(interval.mean()), float((interval**2).mean()), float(latency.max()), latency
+
+    def _prefill_capacity(self, layout: Layout, workload: Workload, slo: SLO) -> float:
+        es, es2, _, latency = self._prefill_service(layout, workload)
+        q = slo.attainment
+        lat_q = float(np.quantile(latency, q))
+        if lat_q >= slo.ttft_s:
+            return 0.0
+        budget = slo.ttft_s - lat_q
+
+        def ok(lam: float) -> bool:
+            rho = lam * es
+            if rho >= 1:
+                return False
+            return mg1_wait_quantile(lam, es, es2, q) <= budget
+
+        return _max_rate(ok, 1.0 / es)
+
+    def _decode_tpot(self, layout: Layout, n: float, ctx: float) -> float:
+        return self.decode_step_time(layout, max(1, int(math.ceil(n))), int(n * ctx))
+
+    def _decode_capacity(self, layout: Layout, workload: Workload, slo: SLO) -> float:
+        st = self._stats(workload)
+        ctx = st.mean_prompt + st.mean_output / 2  # mean context over a sequence's decode lifetime
+        kv_seqs = self.kv_capacity_tokens(layout) / (st.mean_prompt + st.mean_output)
+        n_max = min(float(self.max_num_seqs) * layout.pp, kv_seqs)
+        if n_max < 1 or self._decode_tpot(layout, 1, ctx) > slo.tpot_s:
+            return 0.0
+        lo, hi = 1.0, n_max
+        if self._decode_tpot(layout, hi, ctx) > slo.tpot_s:
+            for _ in range(30):
+                mid = (lo + hi) / 2
+                if self._decode_tpot(layout, mid, ctx) <= slo.tpot_s:
+                    lo = mid
+                else:
+                    hi = mid
+            n = lo
+        else:
+            n = hi
+        return n / (st.mean_output * self._decode_tpot(layout, n, ctx))
+
+    def _colocated_capacity(self, layout: Layout, workload: Workload, slo: SLO) -> float:
+        st = self._stats(workload)
+        ctx = st.mean_prompt + st.mean_output / 2
+        kv_tokens = self.kv_capacity_tokens(layout)
+        pre = prefill_work(st.prompt_grid)
+        per_prompt = pre.scaled(1.0 / len(st.prompt_grid))
+        p_hi = float(np.quantile(st.prompt_grid, slo.attainment))
+
+        def tau_at(lam: float) -> tuple[float, float, float] | None:
+            """Fixed point of the step time: returns (tau, decode batch, prefill tokens per step)."""
+            tau = self._decode_tpot(layout, 1, ctx)
+            for _ in range(40):
+                n = lam * st.mean_output * tau
+                chunk = lam * tau  # prompts started per step
+                new = self.mixed_step_time(layout, per_prompt.scaled(chunk), n, n * ctx)
+                if abs(new - tau) < 1e-6 * tau:
+                    tau = new
+                    break
+                tau = new
+                if tau > 10 * slo.tpot_s:
+                    return None
+            n = lam * st.mean_output * tau
+            return tau, n, lam * tau * st.mean_prompt
+
+        def ok(lam: float) -> bool:
+            r = tau_at(lam)
+            if r is None:
+                return False
+            tau, n, chunk_tokens = r
+            if tau > slo.tpot_s or n > self.max_num_seqs or n * (st.mean_prompt + st.mean_output) > kv_tokens:
+                return False
+            room = self.max_batch_tokens - n  # prefill tokens one step can take
+            if chunk_tokens >= room:
+                return False
+            # a prompt is prefilled in chunks of up to `room` tokens, one per step, after waiting its turn
+            service = max(1.0, st.mean_prompt / room) * tau
+            rho = chunk_tokens / room
+            wait = mg1_wait_quantile(rho / service, service, service**2, slo.attainment)
+            return wait + math.ceil(p_hi / room) * tau <= slo.ttft_s
+
+        return _max_rate(ok, 1.0 / max(self.pass_time(layout, per_prompt), 1e-9))
+
+
+def mg1_wait_quantile(lam: float, es: float, es2: float, q: float) -> float:
+    """Waiting time at quantile q in an M/G/1 queue: no wait with probability 1 - rho, else exponential with
+    the Pollaczek-Khinchine mean (exact for M/M/1, close for M/D/1 tails)."""
+    rho = lam * es
+    if rho <= 0:
+        return 0.0
+    if rho >= 1:
+        return math.inf
+    mean = lam * es2 / (2 * (1 - rho))
+    if q <= 1 - rho:
+        return 0.0
+    return mean / rho * math.log(rho / (1 - q))
+
+
+def _max_rate(ok, hi: float) -> float:
+    """Largest rate in (0, hi) for which ok(rate) holds, by bisection (ok is monotone: true then false)."""
+    if not ok(hi * 1e-4):
+        return 0.0
+    lo = hi * 1e-4
+    for _ in range(40):
+        mid = (lo + hi) / 2
+        if ok(mid):
+            lo = mid
+        else:
+            hi = mid
+        if hi - lo < 1e-4 * lo:
+            break
+    return lo
+
+
+# ---------------------------------------------------------------------------------------------- plans
+
+
+def pair_gbps(plan: Plan, a: str, b: str) -> float:
+    """Network bandwidth (Gbit/s) between two instances of a plan: measured/plan figure, else the slower
+    NIC of the two, else DEFAULT_NETWORK_GBPS; inf on the same instance (NVLink/PCIe handled by the GPU)."""
+    if a == b:
+        return SAME_NODE_PP_GBPS
+    bw = plan.bandwidth_gbps.get(a, {}).get(b) or plan.bandwidth_gbps.get(b, {}).get(a)
+    if bw:
+        return float(bw)
+    nics = []
+    for i in (a, b):
+        try:
+            nics.append(plan.instance(i).network_gbps)
+        except KeyError:
+            pass
+    nics = [n for n in nics if n]
+    return float(min(nics)) if nics else DEFAULT_NETWORK_GBPS
+
+
+def layout_of(plan: Plan, group: Group, model: PerfModel | None = None) -> Layout:
+    """The Layout of one plan group (links from plan.bandwidth_gbps or the instances' network_gbps)."""
+    if not group.stages:
+        raise ParallelismError(f"group {group.id} has no pipeline stages")
+    stages = tuple(StageLayout(get_gpu(s.gpu), int(s.tp), int(s.layers)) for s in group.stages)
+    links = [pair_gbps(plan, a.instance, b.instance) for a, b in zip(group.stages, group.stages[1:], strict=False)]
+    layout = Layout(stages, pp_link_gbps=min(links) if links else float("inf"))
+    if model is not None:
+        model.check_layout(layout)
+    return layout
+
+
+def check_positive_rate(rate: float) -> None:
+    """Raise WorkloadError for a zero, negative or non-finite request rate."""
+    check_rate(rate)
+
+
+__all__ = [
+    "Calibration", "DoesNotFitError", "Layout", "ParallelismError", "PerfModel", "StageLayout", "WorkloadError",
+    "layout_of", "layer_ops", "lm_head_ops", "prefill_work", "decode_work", "Work", "mg1_wait_quantile",
+]
