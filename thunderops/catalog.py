@@ -7,8 +7,11 @@ for all clouds (`OFFER_COLUMNS`). `load_offers` returns them as a pandas DataFra
 
 from __future__ import annotations
 
+import ast
 import csv
 import math
+import re
+from collections import Counter
 from collections.abc import Iterable
 from datetime import date
 from pathlib import Path
@@ -199,9 +202,267 @@ def load_offers(
     return df.sort_values([price_col, "cloud", "region", "zone", "instance_type"]).reset_index(drop=True)
 
 
+
+
+
 def offer_key(row: pd.Series | dict) -> str:
     """A stable id for one offer: cloud/region/zone/instance_type (zone may be empty)."""
     return "/".join(str(row[c]) for c in ("cloud", "region", "zone", "instance_type"))
 
 
+# ------------------------------------------------------------------------------ SkyPilot's catalog format
+# SkyPilot v8 `<cloud>/vms.csv`: one row per instance type and region (and zone on AWS/GCP/OCI), prices in $/h
+# per node. Column order differs per cloud; these are the orders SkyPilot's own fetchers write
+# (sky/catalog/data_fetchers), which its catalog modules read by column name.
+SKYPILOT_COLUMNS = {
+    "aws": ["InstanceType", "AcceleratorName", "AcceleratorCount", "vCPUs", "MemoryGiB", "GpuInfo", "Price",
+            "SpotPrice", "Region", "AvailabilityZone", "Arch"],
+    "gcp": ["InstanceType", "vCPUs", "MemoryGiB", "AcceleratorName", "AcceleratorCount", "GpuInfo", "Region",
+            "AvailabilityZone", "Price", "SpotPrice"],
+    "azure": ["InstanceType", "AcceleratorName", "AcceleratorCount", "vCPUs", "MemoryGiB", "GpuInfo", "Price",
+              "SpotPrice", "Region", "Generation"],
+    "oci": ["InstanceType", "AcceleratorName", "AcceleratorCount", "vCPUs", "MemoryGiB", "GpuInfo", "Price",
+            "SpotPrice", "Region", "AvailabilityZone"],
+    "vast": ["InstanceType", "AcceleratorName", "AcceleratorCount", "vCPUs", "MemoryGiB", "GpuInfo", "Price",
+             "SpotPrice", "Region"],
+    **{c: ["InstanceType", "AcceleratorName", "AcceleratorCount", "vCPUs", "MemoryGiB", "Price", "Region",
+           "GpuInfo", "SpotPrice"] for c in ("lambda", "nebius", "cudo")},
+}
+SKYPILOT_CLOUDS = list(SKYPILOT_COLUMNS)
 
+# SkyPilot's GCP accelerator -> {count: host VM} for the families whose host is priced separately and listed
+# in our sources (sky/catalog/gcp_catalog.py `_ACC_INSTANCE_TYPE_DICTS`). L4/T4/V100 ride on g2/n1 hosts,
+# which SkyPilot sizes per request; we do not offer them on GCP (docs/catalog.md).
+GCP_HOSTS = {
+    "A100": {1: "a2-highgpu-1g", 2: "a2-highgpu-2g", 4: "a2-highgpu-4g", 8: "a2-highgpu-8g", 16: "a2-megagpu-16g"},
+    "A100-80GB": {1: "a2-ultragpu-1g", 2: "a2-ultragpu-2g", 4: "a2-ultragpu-4g", 8: "a2-ultragpu-8g"},
+    "H100": {1: "a3-highgpu-1g", 2: "a3-highgpu-2g", 4: "a3-highgpu-4g", 8: "a3-highgpu-8g"},
+    "H100-MEGA": {8: "a3-megagpu-8g"},
+    "H200": {8: "a3-ultragpu-8g"},
+    "B200": {8: "a4-highgpu-8g"},
+}
+
+# Node NIC in Gbps from vendor documentation (full nodes only; anything else stays empty = unknown).
+NETWORK_GBPS: dict[str, list[tuple[str, float]]] = {
+    "aws": [
+        (r"p5\.48xlarge|p5e\.48xlarge|p5en\.48xlarge|p6-b200\.48xlarge", 3200),
+        (r"p4de?\.24xlarge", 400),
+        (r"p3dn\.24xlarge", 100),
+        (r"p3\.16xlarge", 25),
+        (r"g6e\.48xlarge", 400),
+        (r"g5\.48xlarge|g6\.48xlarge|g4dn\.metal", 100),
+    ],
+    "gcp": [
+        (r"a3-highgpu-8g", 1000),
+        (r"a3-megagpu-8g", 1800),
+        (r"a3-ultragpu-8g|a4-highgpu-8g", 3200),
+        (r"a2-highgpu-8g|a2-megagpu-16g|a2-ultragpu-8g", 100),
+    ],
+    "azure": [
+        (r"Standard_ND96isr_H(100|200)_v5", 3200),  # 8 x 400 Gb/s NDR InfiniBand
+        (r"Standard_ND96a(m)?sr(_A100)?_v4", 1600),  # 8 x 200 Gb/s HDR InfiniBand
+    ],
+    "nebius": [(r"gpu-h[12]00-sxm_8gpu-.*", 3200)],  # 3.2 Tb/s InfiniBand
+}
+
+# Upstream data fixes, each checked against the vendor's own page.
+GPU_COUNT_FIX = {("azure", "Standard_ND96isr_H100_v5"): 8}  # learn.microsoft.com ND H100 v5: 8 x H100
+_NVL = re.compile(r"Standard_NC\d+adi?s_H100_v5|H100_NVL")  # H100 NVL 94 GB parts SkyPilot calls "H100"
+
+
+def _float(value) -> float | None:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return None
+    text = str(value).strip()
+    if not text or text.lower() == "nan":
+        return None
+    return float(text)
+
+
+def _num(x: float | None) -> str:
+    return "" if x is None else f"{round(x, 6):.6f}".rstrip("0").rstrip(".")
+
+
+def network_gbps(cloud: str, instance_type: str) -> float | None:
+    """The node NIC in Gbps where the vendor documents it, else None."""
+    for pattern, gbps in NETWORK_GBPS.get(cloud, []):
+        if re.fullmatch(pattern, instance_type):
+            return gbps
+    return None
+
+
+def _gpu_memory_mib(row: dict) -> float | None:
+    if (mib := _float(row.get("GpuMemoryMiB"))) is not None:
+        return mib
+    info = row.get("GpuInfo")
+    if isinstance(info, str) and info.startswith("{"):
+        try:
+            return float(ast.literal_eval(info)["Gpus"][0]["MemoryInfo"]["SizeInMiB"])
+        except (ValueError, SyntaxError, KeyError, IndexError, TypeError):
+            return None
+    return None
+
+
+def offers_from_skypilot(cloud: str, rows: Iterable[dict], *, source: str, as_of: str) -> tuple[list[dict], Counter]:
+    """Turn SkyPilot vms.csv rows (dicts) into our offer rows; returns (offers, why-dropped counts).
+
+    GCP rows with an InstanceType and no accelerator are host VMs; GPU-only rows are priced onto the host that
+    SkyPilot launches for that accelerator and count in the same zone (VM price = host + GPUs). Rows may give
+    GPU memory as SkyPilot's GpuInfo or as GpuMemoryMiB (the reference snapshot's reduction).
+    """
+    rows = list(rows)
+    dropped: Counter = Counter()
+    hosts = {}
+    if cloud == "gcp":
+        for r in rows:
+            if (r.get("InstanceType") or "") and not (r.get("AcceleratorName") or ""):
+                hosts[(r["InstanceType"], r["Region"], r.get("AvailabilityZone") or "")] = r
+    out: list[dict] = []
+    seen: set = set()
+    for r in rows:
+        acc = str(r.get("AcceleratorName") or "").strip()
+        count = _float(r.get("AcceleratorCount"))
+        if not acc or count is None or count <= 0:
+            continue  # CPU-only rows and GCP hosts
+        if count != int(count):
+            dropped[f"{cloud}: fractional GPU count ({r.get('InstanceType')})"] += 1
+            continue
+        if acc.lower().startswith("tpu"):
+            continue
+        try:
+            get_gpu(acc)
+        except SpecError:
+            dropped[f"{cloud}: no spec for GPU {acc}"] += 1
+            continue
+        price, spot = _float(r.get("Price")), _float(r.get("SpotPrice"))
+        instance_type, vcpus, memory = str(r.get("InstanceType") or ""), r.get("vCPUs"), r.get("MemoryGiB")
+        host_price = host_spot = None
+        zone = str(r.get("AvailabilityZone") or "")
+        if cloud == "gcp":
+            instance_type = GCP_HOSTS.get(acc, {}).get(int(count), "")
+            if not instance_type:
+                dropped[f"gcp: {acc} x{int(count)} needs an n1/g2 host sized per request; not offered"] += 1
+                continue
+            host = hosts.get((instance_type, r["Region"], zone))
+            if host is None or _float(host.get("Price")) is None:
+                dropped[f"gcp: no host price for {instance_type}"] += 1
+                continue
+            vcpus, memory = host.get("vCPUs"), host.get("MemoryGiB")
+            host_price, host_spot = _float(host["Price"]), _float(host.get("SpotPrice"))
+            if price is not None:
+                price += host_price
+            spot = spot + host_spot if spot is not None and host_spot is not None else None
+            host_spot = host_spot if spot is not None else None
+        if price is None or price <= 0:
+            dropped[f"{cloud}: no on-demand price ({instance_type})"] += 1
+            continue
+        key = (instance_type, r["Region"], zone)
+        if key in seen:
+            dropped[f"{cloud}: duplicate row ({instance_type})"] += 1
+            continue
+        seen.add(key)
+        count = GPU_COUNT_FIX.get((cloud, instance_type), count)
+        mem_mib = _gpu_memory_mib(r)
+        gpu = get_gpu(acc).name
+        if acc == "H100" and (_NVL.search(instance_type) or (mem_mib or 0) > 90_000):
+            gpu = get_gpu("H100-NVL").name
+        out.append({
+            "cloud": cloud, "region": r["Region"], "zone": zone, "instance_type": instance_type,
+            "accelerator": acc, "gpu": gpu, "gpus_per_node": int(count),
+            "vcpus": _num(_float(vcpus)), "memory_gib": _num(_float(memory)),
+            # Datasheet "80 GB" is what SkyPilot lists as 81920 MiB, so the spec value stands in for GiB.
+            "gpu_memory_gib": _num(mem_mib / 1024 if mem_mib else get_gpu(gpu).memory_gb),
+            "price_ondemand": _num(price), "price_spot": _num(spot if spot and spot > 0 else None),
+            "host_price_ondemand": _num(host_price), "host_price_spot": _num(host_spot),
+            "network_gbps": _num(network_gbps(cloud, instance_type)), "source": source, "as_of": as_of,
+        })
+    out.sort(key=lambda o: (o["gpu"], o["instance_type"], o["region"], o["zone"]))
+    return out, dropped
+
+
+def write_offers(path: Path, offers: list[dict]) -> None:
+    """Write offer rows atomically (temp file + rename), after checking they load."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, fieldnames=OFFER_COLUMNS, lineterminator="\n", extrasaction="ignore")
+        w.writeheader()
+        w.writerows(offers)
+    try:
+        _read_file(tmp)
+    except CatalogError:
+        tmp.unlink()
+        raise
+    tmp.replace(path)
+
+
+def _gpu_info(accelerator: str, gpu: str, count: int, mem_gib: float) -> str:
+    mib = int(round(mem_gib * 1024))
+    maker = "AMD" if gpu.startswith("MI") else "NVIDIA"
+    info = {"Gpus": [{"Name": accelerator, "Manufacturer": maker, "Count": float(count),
+                      "MemoryInfo": {"SizeInMiB": mib}}], "TotalGpuMemoryInMiB": mib * count}
+    return str(info)  # SkyPilot stores a Python-literal dict (it reads it back with ast.literal_eval)
+
+
+def skypilot_rows(cloud: str, offers: pd.DataFrame) -> pd.DataFrame:
+    """Our offers of one cloud as SkyPilot vms.csv rows (GCP split back into host rows and GPU-only rows)."""
+    rows = []
+    gpu_rows: dict[tuple, dict] = {}
+    for o in offers.to_dict("records"):
+        gpu_info = _gpu_info(o["accelerator"], o["gpu"], o["gpus_per_node"], o["gpu_memory_gib"])
+        spot = None if pd.isna(o["price_spot"]) else o["price_spot"]
+        base = {"InstanceType": o["instance_type"], "AcceleratorName": o["accelerator"],
+                "AcceleratorCount": float(o["gpus_per_node"]), "vCPUs": o["vcpus"], "MemoryGiB": o["memory_gib"],
+                "GpuInfo": gpu_info, "Price": o["price_ondemand"], "SpotPrice": spot, "Region": o["region"],
+                "AvailabilityZone": o["zone"] or None}
+        if cloud == "aws":
+            base["Arch"] = "x86_64"
+        elif cloud == "azure":
+            base["GpuInfo"] = o["accelerator"]  # SkyPilot's Azure catalog names the GPU here, nothing more
+            base["Generation"] = "V1,V2"
+        if cloud != "gcp":
+            rows.append(base)
+            continue
+        # GCP: host row (no accelerator) + GPU-only row (no instance type); SkyPilot adds them back up.
+        host = 0.0 if pd.isna(o["host_price_ondemand"]) else o["host_price_ondemand"]
+        host_spot = None if spot is None else (0.0 if pd.isna(o["host_price_spot"]) else o["host_price_spot"])
+        rows.append({**base, "AcceleratorName": None, "AcceleratorCount": None, "GpuInfo": None,
+                     "Price": host, "SpotPrice": host_spot})
+        key = (o["accelerator"], o["gpus_per_node"], o["region"], o["zone"])
+        gpu_rows.setdefault(key, {**base, "InstanceType": None, "vCPUs": None, "MemoryGiB": None,
+                                  "Price": round(o["price_ondemand"] - host, 6),
+                                  "SpotPrice": None if spot is None else round(spot - host_spot, 6)})
+    rows.extend(gpu_rows.values())
+    return pd.DataFrame(rows, columns=SKYPILOT_COLUMNS[cloud])
+
+
+def skypilot_catalog_dir(runtime_dir: str | Path) -> Path:
+    """Where SkyPilot reads its catalogs when SKY_RUNTIME_DIR=runtime_dir (sky/catalog/common.py)."""
+    return Path(runtime_dir) / ".sky" / "catalogs" / "v8"
+
+
+def export_skypilot(runtime_dir: str | Path, offers: pd.DataFrame | None = None) -> list[Path]:
+    """Write SkyPilot v8 catalogs (`<dir>/.sky/catalogs/v8/<cloud>/vms.csv`) from our offers.
+
+    Run SkyPilot with `SKY_RUNTIME_DIR=<dir>` and it prices, picks instance types and lists regions from our
+    catalog without downloading anything: a vms.csv without a `.meta/<cloud>/vms.csv.md5` beside it counts as
+    user-modified, which SkyPilot never overwrites. Returns the files written.
+    """
+    offers = load_offers() if offers is None else offers
+    unknown = sorted(set(offers["cloud"]) - set(SKYPILOT_COLUMNS))
+    if unknown:
+        raise CatalogError(f"cannot export cloud(s) {', '.join(unknown)} to SkyPilot; it knows "
+                           f"{', '.join(SKYPILOT_CLOUDS)}")
+    base = skypilot_catalog_dir(runtime_dir)
+    written = []
+    for cloud, group in offers.groupby("cloud"):
+        path = base / cloud / "vms.csv"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(".vms.csv.tmp")
+        skypilot_rows(cloud, group).to_csv(tmp, index=False)
+        tmp.replace(path)
+        stale_md5 = base / ".meta" / cloud / "vms.csv.md5"
+        if stale_md5.exists():  # an md5 would mark the file as SkyPilot's own download, free to replace
+            stale_md5.unlink()
+        written.append(path)
+    return written
