@@ -1,0 +1,185 @@
+"""`thunderops serve ...`: vLLM command lines, the router, the engine emulator, a local deployment."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import signal
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from thunderops.cli.app import console, err_console, print_json, sub_app
+from thunderops.errors import UserError
+
+serve_app = sub_app("serve", "Serve a plan: vLLM command lines, the P/D router, the engine emulator.")
+
+PlanArg = Annotated[Path, typer.Argument(help="Plan JSON (from `thunderops plan --out`)")]
+
+
+def _served_names(model: str) -> list[str]:
+    from thunderops.errors import SpecError
+    from thunderops.specs import get_model
+
+    try:
+        spec = get_model(model)
+    except SpecError:
+        return [model]
+    return list(dict.fromkeys([spec.hf_id, spec.name, model]))
+
+
+@serve_app.command("commands")
+def commands(
+    plan: PlanArg,
+    gpu_memory_utilization: Annotated[float, typer.Option(help="vLLM --gpu-memory-utilization")] = 0.9,
+    max_model_len: Annotated[int | None, typer.Option(help="Context length (default: from the plan)")] = None,
+    base_port: Annotated[int, typer.Option(help="First engine port on each node")] = 8100,
+    json_out: Annotated[bool, typer.Option("--json", help="Print JSON")] = False,
+) -> None:
+    """Print the `vllm serve` command line and environment of every group."""
+    from thunderops.plan import Plan
+    from thunderops.serve.vllm import EngineOptions, engine_commands
+
+    opts = EngineOptions(base_port=base_port, gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len)
+    cmds = engine_commands(Plan.load(plan), opts)
+    if json_out:
+        print_json([{"group": c.group, "phase": c.phase, "instance": c.instance, "port": c.port, "argv": c.argv,
+                     "env": c.env, "connector": c.connector} for c in cmds])
+        return
+    for c in cmds:
+        console.print(f"[bold]{c.group}[/] ({c.phase}) on {c.instance}:", highlight=False)
+        console.print(c.shell(), highlight=False, soft_wrap=True)
+
+
+@serve_app.command("emulator")
+def emulator(
+    port: Annotated[int, typer.Option(help="HTTP port")] = 8100,
+    host: Annotated[str, typer.Option(help="Bind address")] = "127.0.0.1",
+    role: Annotated[str, typer.Option(help="prefill, decode or both")] = "both",
+    model: Annotated[str, typer.Option(help="Model name (catalog name, alias or HF id)")] = "llama3-8b",
+    gpu: Annotated[str | None, typer.Option(help="GPU type whose timing to emulate (default: no delay)")] = None,
+    tp: Annotated[int, typer.Option(help="Tensor-parallel degree")] = 1,
+    pp: Annotated[int, typer.Option(help="Pipeline-parallel degree")] = 1,
+    plan: Annotated[Path | None, typer.Option(help="Take model, role and layout from this plan's --group")] = None,
+    group: Annotated[str | None, typer.Option(help="Group id within --plan")] = None,
+    speedup: Annotated[float, typer.Option(help="Run emulated time this many times faster")] = 1.0,
+    delay_scale: Annotated[float, typer.Option(help="Multiply delays (0 = answer at once, for benchmarks)")] = 1.0,
+    max_model_len: Annotated[int, typer.Option(help="Longest prompt + output, tokens")] = 8192,
+) -> None:
+    """Run an engine emulator: vLLM's HTTP API and P/D protocol with performance-model timing, no GPU.
+    Requires THUNDEROPS_ENGINE_KEY as bearer token when that variable is set."""
+    from thunderops.serve.emulator import EmulatorConfig, Timing, perf_timing, run_emulator
+
+    if role not in ("prefill", "decode", "both"):
+        raise UserError(f"--role must be prefill, decode or both, got {role!r}")
+    if speedup <= 0 or delay_scale < 0:
+        raise UserError("--speedup must be > 0 and --delay-scale >= 0")
+    timing: Timing | None = None
+    if plan is not None:
+        from thunderops.perf import PerfModel, layout_of
+        from thunderops.plan import Plan
+
+        p = Plan.load(plan)
+        if group is None:
+            raise UserError("--plan needs --group GROUP_ID (one emulator per plan group)")
+        try:
+            g = p.group(group)
+        except KeyError:
+            raise UserError(f"plan has no group {group!r}; groups: {', '.join(x.id for x in p.groups)}") from None
+        model, tp = p.model, g.tp
+        role = "both" if g.phase == "colocated" else g.phase
+        if delay_scale > 0:
+            from thunderops.serve.emulator import PerfTiming
+
+            pm = PerfModel(p.model)
+            timing = PerfTiming(pm, layout_of(p, g, pm))
+    elif gpu is not None and delay_scale > 0:
+        timing = perf_timing(model, gpu, tp, pp)
+    names = _served_names(model)
+    cfg = EmulatorConfig(model=names[0], served_names=names, role=role, max_model_len=max_model_len, host=host,
+                         port=port, api_key=os.environ.get("THUNDEROPS_ENGINE_KEY") or None, tp=tp,
+                         speedup=speedup, delay_scale=delay_scale)
+    run_emulator(cfg, timing)
+
+
+@serve_app.command("router")
+def router(
+    routing: Annotated[Path | None, typer.Option(help="Routing table JSON ({replicas, routes})")] = None,
+    plan: Annotated[Path | None, typer.Option(help="Plan JSON; give each group's URL with --endpoint")] = None,
+    endpoint: Annotated[list[str] | None, typer.Option(help="GROUP=URL, e.g. p0=http://10.0.0.5:8100")] = None,
+    model: Annotated[str | None, typer.Option(help="Served model (default: the plan's)")] = None,
+    host: Annotated[str, typer.Option(help="Bind address")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="HTTP port")] = 8000,
+    max_model_len: Annotated[int | None, typer.Option(help="Reject token-id prompts this long")] = None,
+    usage_db: Annotated[str | None, typer.Option(help="State store to append token usage to")] = None,
+    deployment: Annotated[str | None, typer.Option(help="Deployment id for --usage-db")] = None,
+) -> None:
+    """Run the OpenAI-compatible P/D router. The API key comes from THUNDEROPS_API_KEY (generated and
+    printed when unset); the admin key from THUNDEROPS_ADMIN_KEY (default: the API key)."""
+    import json
+
+    from thunderops.plan import Plan
+    from thunderops.serve.router import RouterConfig, RoutingError, RoutingTable, StoreUsageSink, run_router
+
+    p = Plan.load(plan) if plan else None
+    if routing is not None:
+        try:
+            table = RoutingTable.from_dict(json.loads(routing.read_text()))
+        except (OSError, json.JSONDecodeError) as e:
+            raise RoutingError(f"{routing}: cannot read routing table ({e})") from None
+    elif p is not None:
+        urls = {}
+        for item in endpoint or []:
+            gid, sep, url = item.partition("=")
+            if not sep or not url.startswith("http"):
+                raise UserError(f"--endpoint must look like GROUP=http://HOST:PORT, got {item!r}")
+            urls[gid] = url
+        table = RoutingTable.from_plan(p, urls)
+    else:
+        raise UserError("give --routing FILE, or --plan FILE with --endpoint GROUP=URL for each group")
+    model = model or (p.model if p else None)
+    if model is None:
+        raise UserError("give --model (or --plan) so the router knows which model it serves")
+    key = os.environ.get("THUNDEROPS_API_KEY")
+    if not key:
+        key = f"tok-{secrets.token_urlsafe(24)}"
+        err_console.print(f"API key (set THUNDEROPS_API_KEY to choose one): {key}", highlight=False)
+    if bool(usage_db) != bool(deployment):
+        raise UserError("--usage-db and --deployment go together")
+    sink = StoreUsageSink(deployment, usage_db) if usage_db and deployment else None
+    cfg = RouterConfig(api_key=key, served_models=_served_names(model), max_model_len=max_model_len,
+                       admin_key=os.environ.get("THUNDEROPS_ADMIN_KEY") or None,
+                       engine_api_key=os.environ.get("THUNDEROPS_ENGINE_KEY") or None, usage_sink=sink)
+    run_router(table, cfg, host=host, port=port)
+
+
+@serve_app.command("local")
+def local(
+    plan: PlanArg,
+    emulate: Annotated[bool, typer.Option("--emulate/--vllm", help="Engine emulators (no GPU) or real vLLM")] = True,
+    port: Annotated[int | None, typer.Option(help="Router port (default: a free one)")] = None,
+    speedup: Annotated[float, typer.Option(help="Emulated time runs this many times faster")] = 1.0,
+) -> None:
+    """Start a plan's whole serving side on this machine and keep it up until Ctrl-C."""
+    from thunderops.plan import Plan
+    from thunderops.serve import start_local
+
+    handle = start_local(Plan.load(plan), emulate=emulate, router_port=port, speedup=speedup)
+    console.print(f"endpoint: {handle.endpoint}\napi key:  {handle.api_key}\nlogs:     {handle.workdir}",
+                  highlight=False)
+    stop = False
+
+    def _stop(*_: object) -> None:
+        nonlocal stop
+        stop = True
+
+    signal.signal(signal.SIGTERM, _stop)
+    try:
+        while not stop:
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        handle.stop()

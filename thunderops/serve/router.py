@@ -1,0 +1,720 @@
+"""The OpenAI-compatible prefill/decode router.
+
+Each request runs vLLM's disaggregated flow: the prompt goes to a prefill engine with ``max_tokens=1`` and
+``kv_transfer_params={"do_remote_decode": true}``; the original request goes, with the returned
+``kv_transfer_params``, to a decode engine, whose answer is streamed back. Replica pairs are picked by the
+plan's routing fractions (smooth weighted round robin) with each weight scaled down by how far its replicas'
+in-flight load runs above their share. The routing table is swapped atomically (``Router.set_routing`` or
+``POST /admin/routing``) while requests are in flight.
+
+Failures: a prefill that fails is retried on another replica; a decode replica that dies mid-stream has the
+request continued elsewhere from the prompt plus the text already sent (request migration), so the client
+sees one stream. Every request leaves a ``UsageRecord`` (prompt/output tokens, replicas, timestamps).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import hmac
+import itertools
+import logging
+import time
+import uuid
+from collections import deque
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import aiohttp
+import orjson
+from aiohttp import web
+
+from thunderops.errors import UserError
+from thunderops.plan import Plan, Route
+
+log = logging.getLogger(__name__)
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+_PREFILL_KV = {"do_remote_decode": True, "do_remote_prefill": False, "remote_engine_id": None,
+               "remote_block_ids": None, "remote_host": None, "remote_port": None}
+
+
+class RoutingError(UserError):
+    """A routing table that cannot be used (unknown replicas, bad fractions)."""
+
+
+@dataclass(frozen=True)
+class Replica:
+    """One engine (a plan group) reachable at `url` (e.g. http://10.0.0.5:8100)."""
+
+    id: str
+    url: str
+    phase: str = "colocated"
+
+
+@dataclass(frozen=True)
+class RoutingTable:
+    """Which replicas exist and what fraction of requests each (prefill, decode) pair gets."""
+
+    replicas: dict[str, Replica]
+    routes: tuple[Route, ...]
+    version: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.routes:
+            raise RoutingError("routing table has no routes; give at least one prefill->decode pair")
+        for r in self.routes:
+            for rid in (r.prefill, r.decode):
+                if rid not in self.replicas:
+                    raise RoutingError(f"route {r.prefill}->{r.decode} names unknown replica {rid!r}; "
+                                       f"known: {', '.join(sorted(self.replicas)) or 'none'}")
+            if not r.fraction >= 0:
+                raise RoutingError(f"route {r.prefill}->{r.decode}: fraction must be >= 0, got {r.fraction}")
+        if sum(r.fraction for r in self.routes) <= 0:
+            raise RoutingError("routing fractions sum to 0; at least one route needs a positive fraction")
+
+    @classmethod
+    def from_plan(cls, plan: Plan, urls: dict[str, str], version: int | None = None) -> RoutingTable:
+        """Replicas are the plan's groups at `urls` (group id -> base URL). Without plan routes, requests
+        spread evenly over colocated groups and all prefill x decode pairs."""
+        missing = [g.id for g in plan.groups if g.id not in urls]
+        if missing:
+            raise RoutingError(f"no URL for group(s) {', '.join(missing)}; start their engines first")
+        replicas = {g.id: Replica(g.id, urls[g.id].rstrip("/"), g.phase) for g in plan.groups}
+        routes = list(plan.routing)
+        if not routes:
+            pairs = [(g.id, g.id) for g in plan.groups_in("colocated")]
+            pairs += [(p.id, d.id) for p in plan.groups_in("prefill") for d in plan.groups_in("decode")]
+            routes = [Route(p, d, 1.0 / len(pairs)) for p, d in pairs] if pairs else []
+        return cls(replicas, tuple(routes), plan.version if version is None else version)
+
+    def without(self, dead: Iterable[str]) -> RoutingTable:
+        """The same table minus some replicas and every route through them."""
+        dead = set(dead)
+        return RoutingTable({k: v for k, v in self.replicas.items() if k not in dead},
+                            tuple(r for r in self.routes if r.prefill not in dead and r.decode not in dead),
+                            self.version + 1)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"version": self.version, "replicas": [asdict(r) for r in self.replicas.values()],
+                "routes": [asdict(r) for r in self.routes]}
+
+    @classmethod
+    def from_dict(cls, d: Any) -> RoutingTable:
+        try:
+            reps = [Replica(str(r["id"]), str(r["url"]).rstrip("/"), str(r.get("phase", "colocated")))
+                    for r in d["replicas"]]
+            routes = tuple(Route(str(r["prefill"]), str(r["decode"]), float(r["fraction"]),
+                                 float(r.get("kv_compression", 1.0))) for r in d["routes"])
+            return cls({r.id: r for r in reps}, routes, int(d.get("version", 0)))
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise RoutingError(f"malformed routing table ({type(e).__name__}: {e}); expected "
+                               '{"replicas":[{"id","url","phase"}],"routes":[{"prefill","decode","fraction"}]}') from None
+
+
+@dataclass
+class UsageRecord:
+    """Token counts of one request, for cost reports. Times are Unix seconds."""
+
+    request_id: str
+    model: str
+    endpoint: str
+    stream: bool
+    prompt_tokens: int = 0
+    output_tokens: int = 0
+    prefill_replica: str | None = None
+    decode_replica: str | None = None
+    replicas: list[str] = field(default_factory=list)  # every engine that served part of the request
+    started_at: float = 0.0
+    first_token_at: float | None = None
+    finished_at: float | None = None
+    status: int = 0
+    migrations: int = 0
+    prefill_retries: int = 0
+
+
+@dataclass
+class RouterConfig:
+    api_key: str
+    served_models: list[str]
+    max_model_len: int | None = None
+    admin_key: str | None = None  # defaults to api_key
+    engine_api_key: str | None = None  # sent to the engines (vLLM's --api-key / VLLM_API_KEY)
+    health_interval_s: float = 1.0
+    max_attempts: int = 4
+    retry_after_s: int = 2
+    request_timeout_s: float = 3600.0
+    usage_history: int = 100_000
+    usage_sink: Callable[[UsageRecord], None] | None = None
+
+
+class _NoReplica(Exception):
+    pass
+
+
+class _Upstream(Exception):
+    """An engine failed (connection lost or 5xx): try another replica."""
+
+
+class _Compiled:
+    """A routing table plus what picking needs; replaced whole, never mutated except its SWRR counters."""
+
+    def __init__(self, table: RoutingTable) -> None:
+        self.table = table
+        total = sum(r.fraction for r in table.routes)
+        self.routes = [r for r in table.routes if r.fraction > 0]
+        self.weights = [r.fraction / total for r in self.routes]
+        share: dict[str, float] = {}
+        for r, w in zip(self.routes, self.weights, strict=True):
+            share[r.prefill] = share.get(r.prefill, 0.0) + w
+            if r.decode != r.prefill:
+                share[r.decode] = share.get(r.decode, 0.0) + w
+        self.share = share
+        self.current = [0.0] * len(self.routes)
+
+
+def _error(status: int, message: str, type_: str, param: str | None = None,
+           headers: dict[str, str] | None = None) -> web.Response:
+    body = {"error": {"message": message, "type": type_, "param": param, "code": status}}
+    return web.Response(status=status, body=orjson.dumps(body), content_type="application/json", headers=headers)
+
+
+class Router:
+    """The router's state and aiohttp handlers. `app()` builds the web application."""
+
+    def __init__(self, table: RoutingTable, config: RouterConfig) -> None:
+        if not config.api_key:
+            raise RoutingError("the router needs an API key; set THUNDEROPS_API_KEY or pass --api-key")
+        self.config = config
+        self._rt = _Compiled(table)
+        self._auth = f"Bearer {config.api_key}".encode()
+        self._admin = f"Bearer {config.admin_key or config.api_key}".encode()
+        self._engine_headers = {"Content-Type": "application/json"}
+        if config.engine_api_key:
+            self._engine_headers["Authorization"] = f"Bearer {config.engine_api_key}"
+        self.models = list(dict.fromkeys(config.served_models))
+        self.inflight: dict[str, int] = {}
+        self.healthy: dict[str, bool] = {}
+        self._sync_replicas(table)
+        self.session: aiohttp.ClientSession | None = None
+        self._probe_task: asyncio.Task[None] | None = None
+        self._ids = itertools.count()
+        # usage and metrics, kept as plain numbers (Prometheus reads them at scrape time)
+        self.usage: deque[UsageRecord] = deque(maxlen=config.usage_history)
+        self.totals = {"requests": 0, "prompt_tokens": 0, "output_tokens": 0, "migrations": 0, "prefill_retries": 0}
+        self.by_status: dict[int, int] = {}
+        self.by_replica: dict[str, dict[str, int]] = {}
+        self.latency_buckets = [0] * (len(LATENCY_BUCKETS) + 1)
+        self.latency_sum = 0.0
+
+    # ---- routing ---------------------------------------------------------------------------------------
+
+    @property
+    def table(self) -> RoutingTable:
+        return self._rt.table
+
+    def set_routing(self, table: RoutingTable) -> None:
+        """Swap in a new routing table. Requests in flight finish on the replicas they hold; new picks
+        (including retries and migrations) use the new table."""
+        compiled = _Compiled(table)
+        self._sync_replicas(table)
+        self._rt = compiled  # one reference assignment: atomic for every coroutine on this loop
+
+    def _sync_replicas(self, table: RoutingTable) -> None:
+        for rid in table.replicas:
+            self.inflight.setdefault(rid, 0)
+            self.healthy.setdefault(rid, True)
+
+    def pick(self, exclude: set[str] | frozenset[str] = frozenset()) -> tuple[Route, Replica, Replica]:
+        """The next (prefill, decode) pair: smooth weighted round robin over the plan's fractions, each
+        weight divided by 1 + the pair's load ratio (in-flight requests over the replica's share of all)."""
+        rt = self._rt
+        inflight, healthy = self.inflight, self.healthy
+        total = sum(inflight.values())
+        best = -1
+        wsum = 0.0
+        cur = rt.current
+        for i, r in enumerate(rt.routes):
+            p, d = r.prefill, r.decode
+            if p in exclude or d in exclude or not healthy.get(p, False) or not healthy.get(d, False):
+                continue
+            w = rt.weights[i]
+            if total:
+                load = max(inflight[p] / (rt.share[p] * total + 1.0), inflight[d] / (rt.share[d] * total + 1.0))
+                w /= 1.0 + load
+            cur[i] += w
+            wsum += w
+            if best < 0 or cur[i] > cur[best]:
+                best = i
+        if best < 0:
+            raise _NoReplica()
+        cur[best] -= wsum
+        r = rt.routes[best]
+        reps = rt.table.replicas
+        return r, reps[r.prefill], reps[r.decode]
+
+    # ---- app -------------------------------------------------------------------------------------------
+
+    def app(self) -> web.Application:
+        app = web.Application(client_max_size=64 * 1024 * 1024)
+        app.router.add_post("/v1/completions", self._completions)
+        app.router.add_post("/v1/chat/completions", self._chat)
+        app.router.add_get("/v1/models", self._models)
+        app.router.add_get("/health", self._health)
+        app.router.add_get("/metrics", self._metrics)
+        app.router.add_post("/admin/routing", self._set_routing)
+        app.router.add_get("/admin/routing", self._get_routing)
+        app.router.add_get("/admin/usage", self._usage)
+        app.on_startup.append(self._start)
+        app.on_cleanup.append(self._stop)
+        return app
+
+    async def _start(self, app: web.Application) -> None:
+        connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=60, ttl_dns_cache=300)
+        self.session = aiohttp.ClientSession(
+            connector=connector, timeout=aiohttp.ClientTimeout(total=self.config.request_timeout_s, connect=5),
+            skip_auto_headers=("User-Agent",), json_serialize=lambda o: orjson.dumps(o).decode())
+        if self.config.health_interval_s > 0:
+            self._probe_task = asyncio.create_task(self._probe_loop())
+
+    async def _stop(self, app: web.Application) -> None:
+        if self._probe_task:
+            self._probe_task.cancel()
+        if self.session:
+            await self.session.close()
+
+    async def _probe_loop(self) -> None:
+        """Mark replicas healthy or not by their /health endpoint (vLLM and the emulator both have one)."""
+        timeout = aiohttp.ClientTimeout(total=max(1.0, self.config.health_interval_s))
+        while True:
+            reps = list(self._rt.table.replicas.values())
+
+            async def probe(rep: Replica) -> None:
+                try:
+                    assert self.session is not None
+                    async with self.session.get(rep.url + "/health", timeout=timeout) as r:
+                        self.healthy[rep.id] = r.status == 200
+                except (aiohttp.ClientError, OSError, asyncio.TimeoutError):
+                    self.healthy[rep.id] = False
+
+            await asyncio.gather(*(probe(r) for r in reps))
+            await asyncio.sleep(self.config.health_interval_s)
+
+    def _authorized(self, request: web.Request, key: bytes) -> bool:
+        got = request.headers.get("Authorization", "").encode()
+        return hmac.compare_digest(got, key)
+
+    async def _health(self, request: web.Request) -> web.Response:
+        up = [rid for rid in self._rt.table.replicas if self.healthy.get(rid)]
+        status = 200 if any(self.healthy.get(r.prefill) and self.healthy.get(r.decode) for r in self._rt.routes) else 503
+        return web.Response(status=status, body=orjson.dumps({"healthy_replicas": up, "routing_version": self.table.version}),
+                            content_type="application/json")
+
+    async def _models(self, request: web.Request) -> web.Response:
+        if not self._authorized(request, self._auth):
+            return _error(401, "missing or wrong API key: send 'Authorization: Bearer <key>'", "AuthenticationError")
+        data = [{"id": m, "object": "model", "owned_by": "thunderops", "max_model_len": self.config.max_model_len}
+                for m in self.models]
+        return web.Response(body=orjson.dumps({"object": "list", "data": data}), content_type="application/json")
+
+    async def _set_routing(self, request: web.Request) -> web.Response:
+        if not self._authorized(request, self._admin):
+            return _error(401, "missing or wrong admin key", "AuthenticationError")
+        try:
+            table = RoutingTable.from_dict(orjson.loads(await request.read()))
+        except orjson.JSONDecodeError as e:
+            return _error(400, f"malformed JSON: {e}", "BadRequestError")
+        except RoutingError as e:
+            return _error(400, str(e), "BadRequestError")
+        self.set_routing(table)
+        return web.Response(body=orjson.dumps({"version": table.version}), content_type="application/json")
+
+    async def _get_routing(self, request: web.Request) -> web.Response:
+        if not self._authorized(request, self._admin):
+            return _error(401, "missing or wrong admin key", "AuthenticationError")
+        return web.Response(body=orjson.dumps(self.table.to_dict()), content_type="application/json")
+
+    async def _usage(self, request: web.Request) -> web.Response:
+        if not self._authorized(request, self._admin):
+            return _error(401, "missing or wrong admin key", "AuthenticationError")
+        try:
+            limit = int(request.query.get("records", "0"))
+        except ValueError:
+            return _error(400, "records must be an integer", "BadRequestError", "records")
+        records = [asdict(r) for r in list(self.usage)[-limit:]] if limit > 0 else []
+        return web.Response(body=orjson.dumps({"totals": self.totals, "by_replica": self.by_replica,
+                                               "records": records}), content_type="application/json")
+
+    async def _metrics(self, request: web.Request) -> web.Response:
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+        return web.Response(body=generate_latest(_Collector(self)), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    # ---- the P/D flow ----------------------------------------------------------------------------------
+
+    async def _completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._handle(request, "/v1/completions")
+
+    async def _chat(self, request: web.Request) -> web.StreamResponse:
+        return await self._handle(request, "/v1/chat/completions")
+
+    async def _handle(self, request: web.Request, path: str) -> web.StreamResponse:
+        if not self._authorized(request, self._auth):
+            return _error(401, "missing or wrong API key: send 'Authorization: Bearer <key>'", "AuthenticationError")
+        try:
+            body = orjson.loads(await request.read())
+        except orjson.JSONDecodeError as e:
+            return _error(400, f"malformed JSON body: {e}", "BadRequestError")
+        if not isinstance(body, dict):
+            return _error(400, "request body must be a JSON object", "BadRequestError")
+        model = body.get("model")
+        if model not in self.models:
+            return _error(404, f"The model `{model}` does not exist. Served: {', '.join(self.models)}",
+                          "NotFoundError", "model")
+        prompt = body.get("prompt")
+        mml = self.config.max_model_len
+        if mml and isinstance(prompt, list) and prompt and isinstance(prompt[0], int) and len(prompt) >= mml:
+            return _error(400, f"This model's maximum context length is {mml} tokens; the prompt has {len(prompt)}",
+                          "BadRequestError", "prompt")
+        rec = UsageRecord(f"req-{uuid.uuid4().hex[:16]}", model, path, bool(body.get("stream")),
+                          started_at=time.time())
+        t0 = time.perf_counter()
+        try:
+            if rec.stream:
+                resp = await self._stream(request, path, body, rec)
+            else:
+                resp = await self._unary(path, body, rec)
+        except _NoReplica:
+            resp = _error(503, "no healthy replica can serve this request now; retry shortly",
+                          "ServiceUnavailableError", headers={"Retry-After": str(self.config.retry_after_s)})
+        rec.status = resp.status
+        rec.finished_at = time.time()
+        self._record(rec, time.perf_counter() - t0)
+        return resp
+
+    async def _post(self, rep: Replica, path: str, body: dict[str, Any]) -> tuple[int, bytes]:
+        """POST to an engine; connection failures and 5xx raise _Upstream (and mark it unhealthy if unreachable)."""
+        assert self.session is not None
+        self.inflight[rep.id] = self.inflight.get(rep.id, 0) + 1
+        try:
+            async with self.session.post(rep.url + path, data=orjson.dumps(body), headers=self._engine_headers) as r:
+                data = await r.read()
+                if r.status >= 500:
+                    raise _Upstream(f"{rep.id}: HTTP {r.status}")
+                return r.status, data
+        except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as e:
+            self.healthy[rep.id] = False
+            raise _Upstream(f"{rep.id}: {type(e).__name__}") from None
+        finally:
+            self.inflight[rep.id] -= 1
+
+    async def _prefill(self, rep: Replica, path: str, body: dict[str, Any]) -> tuple[int, bytes, Any]:
+        pb = dict(body)
+        pb["kv_transfer_params"] = _PREFILL_KV
+        pb["stream"] = False
+        pb["max_tokens"] = 1
+        if "max_completion_tokens" in pb:
+            pb["max_completion_tokens"] = 1
+        for k in ("stream_options", "min_tokens", "min_completion_tokens"):
+            pb.pop(k, None)
+        status, data = await self._post(rep, path, pb)
+        if status != 200:
+            return status, data, None
+        return status, data, orjson.loads(data).get("kv_transfer_params")
+
+    async def _prepare(self, path: str, body: dict[str, Any], rec: UsageRecord,
+                       exclude: set[str]) -> tuple[Replica, dict[str, Any] | web.Response]:
+        """Pick a pair and run the prefill leg (retrying other prefill replicas). Returns the decode replica and
+        the decode request body, or an engine's client-error response to pass through."""
+        while True:
+            route, prep, drep = self.pick(exclude)
+            if route.prefill == route.decode:  # colocated: one engine does both
+                return drep, body
+            try:
+                status, data, kv = await self._prefill(prep, path, body)
+            except _Upstream:
+                exclude.add(prep.id)
+                rec.prefill_retries += 1
+                continue
+            rec.prefill_replica = prep.id
+            rec.replicas.append(prep.id)
+            if status != 200:
+                return drep, web.Response(status=status, body=data, content_type="application/json")
+            db = dict(body)
+            if kv:
+                db["kv_transfer_params"] = kv
+            return drep, db
+
+    async def _unary(self, path: str, body: dict[str, Any], rec: UsageRecord) -> web.Response:
+        exclude: set[str] = set()
+        for _ in range(self.config.max_attempts):
+            drep, db = await self._prepare(path, body, rec, exclude)
+            if isinstance(db, web.Response):
+                return db
+            try:
+                status, data = await self._post(drep, path, db)
+            except _Upstream:
+                exclude.add(drep.id)
+                continue
+            rec.decode_replica = drep.id
+            rec.replicas.append(drep.id)
+            if status == 200:
+                usage = orjson.loads(data).get("usage") or {}
+                rec.prompt_tokens = int(usage.get("prompt_tokens") or 0)
+                rec.output_tokens = int(usage.get("completion_tokens") or 0)
+                rec.first_token_at = time.time()
+            return web.Response(status=status, body=data, content_type="application/json")
+        raise _NoReplica()
+
+    async def _stream(self, request: web.Request, path: str, body: dict[str, Any], rec: UsageRecord) -> web.StreamResponse:
+        chat = path.endswith("chat/completions")
+        opts = body.get("stream_options") or {}
+        want_usage = bool(opts.get("include_usage"))
+        want_cont = want_usage and bool(opts.get("continuous_usage_stats"))
+        resp: web.StreamResponse | None = None
+        sent: list[str] = []  # text already forwarded to the client
+        sent_tokens = 0
+        prompt_tokens: int | None = None
+        ident: tuple[Any, Any] | None = None  # (id, created) of the first stream, kept across migrations
+        exclude: set[str] = set()
+        cur = body
+        for _attempt in range(self.config.max_attempts + 1):
+            try:
+                drep, db = await self._prepare(path, cur, rec, exclude)
+            except _NoReplica:
+                if resp is None:
+                    raise
+                break
+            if isinstance(db, web.Response):
+                if resp is None:
+                    return db
+                break
+            db = dict(db)
+            db["stream"] = True
+            db["stream_options"] = {"include_usage": True, "continuous_usage_stats": True}
+            offset = sent_tokens
+            migrated = offset > 0 or bool(sent)
+            assert self.session is not None
+            self.inflight[drep.id] = self.inflight.get(drep.id, 0) + 1
+            done = False
+            try:
+                async with self.session.post(drep.url + path, data=orjson.dumps(db), headers=self._engine_headers) as r:
+                    if r.status != 200:
+                        data = await r.read()
+                        if r.status >= 500:
+                            raise _Upstream(f"{drep.id}: HTTP {r.status}")
+                        if resp is None:
+                            return web.Response(status=r.status, body=data, content_type="application/json")
+                        break
+                    rec.decode_replica = drep.id
+                    rec.replicas.append(drep.id)
+                    if resp is None:
+                        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream",
+                                                           "Cache-Control": "no-cache"})
+                        await resp.prepare(request)
+                    async for line in r.content:
+                        if not line.startswith(b"data: "):
+                            continue
+                        payload = line[6:].strip()
+                        if payload == b"[DONE]":
+                            done = True
+                            break
+                        chunk = orjson.loads(payload)
+                        usage = chunk.get("usage")
+                        if usage:
+                            if prompt_tokens is None:
+                                prompt_tokens = int(usage.get("prompt_tokens") or 0)
+                            n = offset + int(usage.get("completion_tokens") or 0)
+                            usage = {"prompt_tokens": prompt_tokens, "completion_tokens": n,
+                                     "total_tokens": prompt_tokens + n}
+                            chunk["usage"] = usage
+                        choices = chunk.get("choices") or []
+                        if ident is None:
+                            ident = (chunk.get("id"), chunk.get("created"))
+                        else:
+                            chunk["id"], chunk["created"] = ident
+                        if choices:
+                            c0 = choices[0]
+                            piece = (c0.get("delta") or {}).get("content") if chat else c0.get("text")
+                            if migrated and chat and "role" in (c0.get("delta") or {}) and not piece:
+                                continue  # the continuation's opening role chunk: the client already had one
+                            if piece:
+                                sent.append(piece)
+                                if rec.first_token_at is None:
+                                    rec.first_token_at = time.time()
+                            if usage:
+                                sent_tokens = usage["completion_tokens"]
+                            if not want_cont:
+                                chunk.pop("usage", None)
+                        else:  # the final usage-only chunk
+                            if usage:
+                                sent_tokens = usage["completion_tokens"]
+                            if not want_usage:
+                                continue
+                        await resp.write(b"data: " + orjson.dumps(chunk) + b"\n\n")
+            except (aiohttp.ClientError, OSError, asyncio.TimeoutError, _Upstream) as e:
+                log.warning("decode replica %s failed mid-stream (%s); migrating", drep.id, type(e).__name__)
+                self.healthy[drep.id] = False
+            finally:
+                self.inflight[drep.id] -= 1
+            if done:
+                break
+            # the decode engine died (or ended without [DONE]): continue elsewhere from prompt + text sent
+            exclude.add(drep.id)
+            if sent or sent_tokens:
+                rec.migrations += 1
+            cur = self._continuation(body, "".join(sent), sent_tokens, chat)
+            if cur is None:
+                break
+        assert resp is not None
+        if not done:
+            err = {"error": {"message": "the request could not be completed on any replica", "type": "ServiceUnavailableError",
+                             "code": 503}}
+            await resp.write(b"data: " + orjson.dumps(err) + b"\n\n")
+        rec.prompt_tokens = prompt_tokens or 0
+        rec.output_tokens = sent_tokens
+        await resp.write(b"data: [DONE]\n\n")
+        await resp.write_eof()
+        return resp
+
+    @staticmethod
+    def _continuation(body: dict[str, Any], text: str, tokens: int, chat: bool) -> dict[str, Any] | None:
+        """The request that continues `body` after `text` (`tokens` tokens) was generated, or None if nothing is left."""
+        cont = dict(body)
+        for key in ("max_tokens", "max_completion_tokens"):
+            if isinstance(body.get(key), int):
+                if body[key] - tokens <= 0:
+                    return None
+                cont[key] = body[key] - tokens
+        if not text:
+            return cont
+        if chat:
+            cont["messages"] = [*body["messages"], {"role": "assistant", "content": text}]
+            cont["add_generation_prompt"] = False
+            cont["continue_final_message"] = True
+        elif isinstance(body.get("prompt"), str):
+            cont["prompt"] = body["prompt"] + text
+        else:
+            return None  # token-id prompts cannot be extended with text; the stream ends with an error event
+        return cont
+
+    def _record(self, rec: UsageRecord, seconds: float) -> None:
+        t = self.totals
+        t["requests"] += 1
+        t["prompt_tokens"] += rec.prompt_tokens
+        t["output_tokens"] += rec.output_tokens
+        t["migrations"] += rec.migrations
+        t["prefill_retries"] += rec.prefill_retries
+        self.by_status[rec.status] = self.by_status.get(rec.status, 0) + 1
+        for rid, key in ((rec.prefill_replica, "prefill_requests"), (rec.decode_replica, "decode_requests")):
+            if rid is not None:
+                per = self.by_replica.setdefault(rid, {"prefill_requests": 0, "decode_requests": 0})
+                per[key] += 1
+        self.latency_buckets[bisect.bisect_left(LATENCY_BUCKETS, seconds)] += 1
+        self.latency_sum += seconds
+        self.usage.append(rec)
+        if self.config.usage_sink is not None:
+            try:
+                self.config.usage_sink(rec)
+            except Exception:  # a broken sink must not fail requests; the record stays in memory
+                log.exception("usage sink failed for %s", rec.request_id)
+
+
+class _Collector:
+    """Prometheus exposition of the router's plain counters (read at scrape time, nothing on the hot path)."""
+
+    def __init__(self, router: Router) -> None:
+        self.r = router
+
+    def collect(self) -> Iterable[Any]:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+
+        r = self.r
+        req = CounterMetricFamily("thunderops_router_requests", "Requests finished, by HTTP status", labels=["status"])
+        for status, n in sorted(r.by_status.items()):
+            req.add_metric([str(status)], n)
+        yield req
+        for key, help_ in (("prompt_tokens", "Prompt tokens served"), ("output_tokens", "Output tokens generated"),
+                           ("migrations", "Streams continued on another decode replica"),
+                           ("prefill_retries", "Prefill legs retried on another replica")):
+            yield CounterMetricFamily(f"thunderops_router_{key}", help_, value=r.totals[key])
+        inflight = GaugeMetricFamily("thunderops_replica_inflight", "Requests in flight per replica", labels=["replica"])
+        healthy = GaugeMetricFamily("thunderops_replica_healthy", "1 if the replica answers /health", labels=["replica"])
+        for rid in r.table.replicas:
+            inflight.add_metric([rid], r.inflight.get(rid, 0))
+            healthy.add_metric([rid], 1 if r.healthy.get(rid) else 0)
+        yield inflight
+        yield healthy
+        yield GaugeMetricFamily("thunderops_routing_version", "Version of the routing table in use", value=r.table.version)
+        cum, buckets = 0, []
+        for le, n in zip((*map(str, LATENCY_BUCKETS), "+Inf"), r.latency_buckets, strict=True):
+            cum += n
+            buckets.append((le, cum))
+        yield HistogramMetricFamily("thunderops_router_request_seconds", "Request latency through the router",
+                                    buckets=buckets, sum_value=r.latency_sum)
+
+
+def run_router(table: RoutingTable, config: RouterConfig, host: str = "127.0.0.1", port: int = 8000) -> None:
+    """Serve the router until interrupted."""
+    from thunderops.serve.emulator import use_uvloop
+
+    use_uvloop()
+    app = Router(table, config).app()
+    close = getattr(config.usage_sink, "close", None)
+    if close is not None:
+        async def _close(_app: web.Application) -> None:
+            close()
+
+        app.on_cleanup.append(_close)
+    web.run_app(app, host=host, port=port, print=None, access_log=None)
+
+
+class StoreUsageSink:
+    """A usage sink that appends records to the state store's usage table in batches, from a background
+    thread, so SQLite writes never block the router's event loop. `close()` flushes what is left."""
+
+    def __init__(self, deployment: str, db_path: str | None = None, flush_interval_s: float = 1.0) -> None:
+        import threading
+
+        from thunderops.state import Store
+
+        self.store = Store(db_path)
+        self.deployment = deployment
+        self.interval = flush_interval_s
+        self._buf: list[UsageRecord] = []
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="usage-sink", daemon=True)
+        self._thread.start()
+
+    def __call__(self, rec: UsageRecord) -> None:
+        with self._lock:
+            self._buf.append(rec)
+
+    def flush(self) -> int:
+        from datetime import UTC, datetime
+
+        with self._lock:
+            batch, self._buf = self._buf, []
+        if not batch:
+            return 0
+        rows = [{"ts": datetime.fromtimestamp(r.finished_at or r.started_at, UTC).isoformat(timespec="microseconds"),
+                 "prompt_tokens": r.prompt_tokens, "output_tokens": r.output_tokens,
+                 "prefill": r.prefill_replica or "", "decode": r.decode_replica or ""} for r in batch]
+        try:
+            return self.store.record_usage(self.deployment, rows)
+        except Exception:
+            with self._lock:  # keep them for the next try: usage is money
+                self._buf[:0] = batch
+            log.exception("could not write %d usage rows", len(batch))
+            return 0
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.flush()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        self.flush()

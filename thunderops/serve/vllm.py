@@ -1,0 +1,197 @@
+"""The exact `vllm serve` command line and environment for each plan group.
+
+One deployment pins one model dtype, one attention backend and one KV-cache dtype across all its engines:
+NIXL moves raw KV blocks, so both sides of a transfer must lay them out identically even when their GPU
+generations differ (vLLM would otherwise pick a backend per GPU). Prefill and decode groups get
+NixlConnector with ``kv_role=kv_both``; groups joined by a route that asks for compressed KV transfer
+(``Route.kv_compression < 1``) get LMCache's connector with its compressing serde instead, on both sides.
+Commands are argument lists; ``EngineCommand.shell()`` is for display only.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+from dataclasses import dataclass, field
+
+from thunderops.errors import PlanError
+from thunderops.plan import Group, Plan
+from thunderops.specs import get_gpu, get_model, norm
+
+NIXL = "NixlConnector"
+LMCACHE = "LMCacheConnectorV1"
+_PRE_AMPERE = ("v100", "t4", "p100", "p40", "p4", "k80", "m60", "titanv")  # no bf16, no FlashAttention 2
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    """Deployment-wide engine settings. None means "derive from the plan" (see `engine_commands`)."""
+
+    base_port: int = 8100
+    gpu_memory_utilization: float = 0.9
+    max_model_len: int | None = None
+    dtype: str | None = None  # bfloat16 unless some GPU lacks it
+    attention_backend: str | None = None  # FLASH_ATTN unless some GPU predates Ampere
+    kv_cache_dtype: str = "auto"  # "auto" = the pinned model dtype, identical on every engine
+    host: str = "0.0.0.0"
+    nixl_port_offset: int = 1000  # NIXL side channel at HTTP port + this
+    lmcache_serde: str = "cachegen"  # LMCache's compressing serializer
+    extra_args: tuple[str, ...] = ()
+
+
+@dataclass
+class EngineCommand:
+    """How to start one group's engine: run `argv` with `env` added, on `instance` (its first stage)."""
+
+    group: str
+    phase: str
+    instance: str
+    host: str | None
+    port: int
+    argv: list[str]
+    env: dict[str, str] = field(default_factory=dict)
+    connector: str | None = None
+    ray: bool = False
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host or '127.0.0.1'}:{self.port}"
+
+    def shell(self) -> str:
+        """A copy-pasteable rendering (display only; never executed through a shell)."""
+        env = " ".join(f"{k}={shlex.quote(v)}" for k, v in sorted(self.env.items()))
+        return (env + " " if env else "") + shlex.join(self.argv)
+
+
+def _is_pre_ampere(gpu: str) -> bool:
+    return norm(get_gpu(gpu).name).startswith(_PRE_AMPERE)
+
+
+def pinned_settings(plan: Plan, options: EngineOptions = EngineOptions()) -> dict[str, str]:
+    """The dtype, attention backend and KV dtype every engine of this deployment uses."""
+    old = any(_is_pre_ampere(s.gpu) for g in plan.groups for s in g.stages)
+    return {
+        "dtype": options.dtype or ("float16" if old else "bfloat16"),
+        "attention_backend": options.attention_backend or ("TRITON_ATTN" if old else "FLASH_ATTN"),
+        "kv_cache_dtype": options.kv_cache_dtype,
+    }
+
+
+def max_model_len(plan: Plan, options: EngineOptions = EngineOptions()) -> int:
+    """One context length for the whole deployment: the option, else plan.inputs["max_model_len"], else the
+    model's own limit capped by the smallest KV capacity of any group (so every engine can start)."""
+    if options.max_model_len:
+        return int(options.max_model_len)
+    if plan.inputs.get("max_model_len"):
+        return int(plan.inputs["max_model_len"])
+    limit = get_model(plan.model).max_position
+    try:
+        from thunderops.perf import PerfModel, layout_of
+
+        pm = PerfModel(plan.model, mem_util=options.gpu_memory_utilization)
+        caps = [pm.kv_capacity_tokens(layout_of(plan, g)) for g in plan.groups]
+        if caps and min(caps) > 0:
+            limit = min(limit, min(caps))
+    except (ImportError, PlanError, KeyError, ValueError):
+        pass
+    return int(limit)
+
+
+def connectors(plan: Plan) -> dict[str, str | None]:
+    """KV connector per group: LMCache for every group connected (through routes) to a compressed route,
+    NIXL for the other prefill/decode groups, none for colocated groups that never hand KV over."""
+    parent = {g.id: g.id for g in plan.groups}
+
+    def find(x: str) -> str:
+        while parent[x] != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    for r in plan.routing:
+        if r.prefill in parent and r.decode in parent:
+            parent[find(r.prefill)] = find(r.decode)
+    compressed = {find(r.prefill) for r in plan.routing if r.kv_compression < 1 and r.prefill in parent}
+    out: dict[str, str | None] = {}
+    for g in plan.groups:
+        if g.phase == "colocated":
+            out[g.id] = None
+        else:
+            out[g.id] = LMCACHE if find(g.id) in compressed else NIXL
+    return out
+
+
+def _kv_config(group: Group, connector: str, index: int) -> dict[str, object]:
+    if connector == NIXL:
+        return {"kv_connector": NIXL, "kv_role": "kv_both"}
+    role = "kv_producer" if group.phase == "prefill" else "kv_consumer"
+    return {"kv_connector": LMCACHE, "kv_role": role,
+            "kv_connector_extra_config": {"discard_partial_chunks": False, "lmcache_rpc_port": f"{role}{index}"}}
+
+
+def engine_commands(plan: Plan, options: EngineOptions = EngineOptions(), *, executable: str = "vllm") -> list[EngineCommand]:
+    """The `vllm serve` command and environment of every group of `plan`, in plan order."""
+    model = get_model(plan.model)
+    pins = pinned_settings(plan, options)
+    mml = max_model_len(plan, options)
+    conns = connectors(plan)
+    names = list(dict.fromkeys([model.hf_id, plan.model]))
+    next_port: dict[str, int] = {}
+    out = []
+    for index, g in enumerate(plan.groups):
+        if not g.stages:
+            raise PlanError(f"group {g.id} has no pipeline stages; re-create the plan")
+        tps = {s.tp for s in g.stages}
+        if len(tps) > 1:
+            raise PlanError(f"group {g.id}: vLLM needs the same TP degree in every pipeline stage, got {sorted(tps)}")
+        head = g.stages[0].instance
+        try:
+            host = plan.instance(head).host
+        except KeyError:
+            raise PlanError(f"group {g.id} uses unknown instance {head!r}") from None
+        port = next_port.get(head, options.base_port)
+        next_port[head] = port + 1
+        multi_node = len(g.instances) > 1
+        argv = [
+            executable, "serve", model.hf_id,
+            "--served-model-name", *names,
+            "--host", options.host,
+            "--port", str(port),
+            "--tensor-parallel-size", str(g.tp),
+            "--pipeline-parallel-size", str(g.pp),
+            "--gpu-memory-utilization", str(options.gpu_memory_utilization),
+            "--max-model-len", str(mml),
+            "--dtype", pins["dtype"],
+            "--kv-cache-dtype", pins["kv_cache_dtype"],
+            "--attention-backend", pins["attention_backend"],
+        ]
+        if multi_node:
+            argv += ["--distributed-executor-backend", "ray"]
+        env: dict[str, str] = {}
+        if g.pp > 1:
+            env["VLLM_PP_LAYER_PARTITION"] = ",".join(str(n) for n in g.layer_split)
+        if not multi_node and g.stages[0].gpu_ids:
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(str(i) for s in g.stages for i in s.gpu_ids)
+        conn = conns[g.id]
+        if conn is not None:
+            argv += ["--kv-transfer-config", json.dumps(_kv_config(g, conn, index), separators=(",", ":"))]
+            if conn == NIXL:
+                env["VLLM_NIXL_SIDE_CHANNEL_PORT"] = str(port + options.nixl_port_offset)
+                if host:
+                    env["VLLM_NIXL_SIDE_CHANNEL_HOST"] = host
+            else:
+                env.update({
+                    "LMCACHE_ENABLE_PD": "True",
+                    "LMCACHE_PD_ROLE": "sender" if g.phase == "prefill" else "receiver",
+                    "LMCACHE_TRANSFER_CHANNEL": "nixl",
+                    "LMCACHE_REMOTE_SERDE": options.lmcache_serde,
+                    "LMCACHE_CHUNK_SIZE": "256",
+                })
+        argv += list(options.extra_args)
+        out.append(EngineCommand(g.id, g.phase, head, host, port, argv, env, conn, multi_node))
+    return out
+
+
+def endpoint_urls(commands: list[EngineCommand]) -> dict[str, str]:
+    """group id -> base URL of its engine's OpenAI server."""
+    return {c.group: c.url for c in commands}
