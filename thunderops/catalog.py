@@ -9,11 +9,18 @@ from __future__ import annotations
 
 import ast
 import csv
+import io
 import math
+import os
 import re
+import shutil
+import socket
+import urllib.parse
+import urllib.request
 from collections import Counter
 from collections.abc import Iterable
-from datetime import date
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime
 from pathlib import Path
 
 import pandas as pd
@@ -36,9 +43,24 @@ _OPTIONAL_NUMBERS = ["vcpus", "memory_gib", "gpu_memory_gib", "price_spot", "hos
 _PRICES = {"price_ondemand", "price_spot"}  # node prices; a host part may be 0 (GCP a4 bundles it)
 
 
-def offers_dir() -> Path:
-    """The shipped offers: `<catalog_dir>/offers` (`$THUNDEROPS_CATALOGS` overrides the catalog dir)."""
+def shipped_offers_dir() -> Path:
+    """The offers shipped with thunderops: `<catalog_dir>/offers`."""
     return catalog_dir() / "offers"
+
+
+def refreshed_offers_dir() -> Path:
+    """Where `refresh()` writes live offers: `$THUNDEROPS_HOME/catalogs/offers` (default ~/.thunderops)."""
+    home = Path(os.environ.get("THUNDEROPS_HOME") or Path.home() / ".thunderops").expanduser()
+    return home / "catalogs" / "offers"
+
+
+def offers_dir() -> Path:
+    """The default offers: a refreshed copy when there is one (and `$THUNDEROPS_CATALOGS` is unset), else the
+    shipped snapshot."""
+    refreshed = refreshed_offers_dir()
+    if not os.environ.get("THUNDEROPS_CATALOGS") and any(refreshed.glob("*.csv")):
+        return refreshed
+    return shipped_offers_dir()
 
 
 # ---------------------------------------------------------------------------------------------- loading
@@ -387,7 +409,8 @@ def write_offers(path: Path, offers: list[dict]) -> None:
     with open(tmp, "w", newline="", encoding="utf-8") as f:
         w = csv.DictWriter(f, fieldnames=OFFER_COLUMNS, lineterminator="\n", extrasaction="ignore")
         w.writeheader()
-        w.writerows(offers)
+        for o in offers:
+            w.writerow({k: _num(_float(v)) if isinstance(v, float) else v for k, v in o.items()})
     try:
         _read_file(tmp)
     except CatalogError:
@@ -466,3 +489,175 @@ def export_skypilot(runtime_dir: str | Path, offers: pd.DataFrame | None = None)
             stale_md5.unlink()
         written.append(path)
     return written
+
+
+# ------------------------------------------------------------------------------------------------- refresh
+# GCP's accelerator type ids for SkyPilot's names (cloud.google.com/compute/docs/gpus).
+GCP_ACCELERATOR_TYPES = {"A100": "nvidia-tesla-a100", "A100-80GB": "nvidia-a100-80gb", "H100": "nvidia-h100-80gb",
+                         "H100-MEGA": "nvidia-h100-mega-80gb", "H200": "nvidia-h200-141gb", "B200": "nvidia-b200"}
+
+
+@dataclass
+class RefreshResult:
+    """What `refresh()` did: one line per step, and the offer files it rewrote."""
+
+    lines: list[str] = field(default_factory=list)
+    changed: list[Path] = field(default_factory=list)
+
+
+def skypilot_catalog_url() -> str:
+    """SkyPilot's hosted catalog for the schema version it reads (sky.skylet.constants)."""
+    from sky.skylet import constants
+
+    return f"{constants.HOSTED_CATALOG_DIR_URL}/{constants.CATALOG_SCHEMA_VERSION}"
+
+
+def _reachable(url: str, timeout: float) -> str | None:
+    """None when the URL's host accepts a TCP connection, else why not."""
+    parts = urllib.parse.urlsplit(url)
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    try:
+        socket.create_connection((parts.hostname, port), timeout=timeout).close()
+        return None
+    except OSError as e:
+        return f"cannot reach {parts.hostname}:{port} ({e.strerror or e})"
+
+
+def aws_spot_prices(client, instance_types: Iterable[str]) -> dict[tuple[str, str], float]:
+    """Current Linux spot $/h per (instance type, AZ id) in the client's region, from
+    `ec2.describe_spot_price_history` (the newest entry per AZ wins)."""
+    now = datetime.now(UTC)
+    request = {"InstanceTypes": sorted(set(instance_types)), "ProductDescriptions": ["Linux/UNIX"],
+               "StartTime": now}
+    newest: dict[tuple[str, str], tuple[datetime, float]] = {}
+    while True:
+        page = client.describe_spot_price_history(**request)
+        for p in page.get("SpotPriceHistory", []):
+            key = (p["InstanceType"], p.get("AvailabilityZoneId") or p["AvailabilityZone"])
+            stamp = p.get("Timestamp") or now
+            if key not in newest or stamp > newest[key][0]:
+                newest[key] = (stamp, float(p["SpotPrice"]))
+        token = page.get("NextToken")
+        if not token:
+            return {k: v[1] for k, v in newest.items()}
+        request["NextToken"] = token
+
+
+def gcp_accelerator_zones(client, project: str) -> set[tuple[str, str]]:
+    """(accelerator type id, zone) pairs GCP offers now, from compute_v1 `acceleratorTypes.aggregatedList`."""
+    pairs = set()
+    for scope, scoped in client.aggregated_list(project=project):
+        zone = scope.rsplit("/", 1)[-1]
+        for accelerator in scoped.accelerator_types:
+            pairs.add((accelerator.name, zone))
+    return pairs
+
+
+def _refresh_aws_spot(offers: list[dict], timeout: float, session=None) -> str:
+    import boto3
+    from botocore.config import Config
+
+    session = session or boto3.Session()
+    if session.get_credentials() is None:
+        return "aws spot: no AWS credentials; spot prices stay as the catalog has them"
+    config = Config(connect_timeout=timeout, read_timeout=timeout, retries={"max_attempts": 2})
+    by_region: dict[str, list[dict]] = {}
+    for o in offers:
+        by_region.setdefault(o["region"], []).append(o)
+    updated, failed = 0, []
+    for region, group in sorted(by_region.items()):
+        try:
+            prices = aws_spot_prices(session.client("ec2", region_name=region, config=config),
+                                     [o["instance_type"] for o in group])
+        except Exception as e:  # noqa: BLE001 - a region we cannot query keeps its prices; say which
+            failed.append(f"{region} ({type(e).__name__})")
+            continue
+        for o in group:
+            if (price := prices.get((o["instance_type"], o["zone"]))) is not None and price > 0:
+                o["price_spot"] = _num(price)
+                o["source"] = f"{o['source']}; spot: ec2 DescribeSpotPriceHistory"
+                o["as_of"] = date.today().isoformat()
+                updated += 1
+    return f"aws spot: {updated} offers repriced from DescribeSpotPriceHistory" + (
+        f"; kept old prices in {', '.join(failed)}" if failed else "")
+
+
+def _refresh_gcp_accelerators(offers: list[dict], client=None, project: str | None = None) -> tuple[list[dict], str]:
+    if client is None:
+        try:
+            import google.auth
+            from google.cloud import compute_v1
+
+            credentials, project = google.auth.default()
+        except Exception as e:  # noqa: BLE001 - no ADC, no project: say so and move on
+            return offers, f"gcp: no Google Cloud credentials ({type(e).__name__}); accelerator zones not checked"
+        if not project:
+            return offers, "gcp: no default project; set GOOGLE_CLOUD_PROJECT to check accelerator zones"
+        client = compute_v1.AcceleratorTypesClient(credentials=credentials)
+    available = gcp_accelerator_zones(client, project)
+    kept = [o for o in offers if (GCP_ACCELERATOR_TYPES.get(o["accelerator"]), o["zone"]) in available]
+    return kept, f"gcp: {len(offers) - len(kept)} offers dropped (accelerator not offered in that zone any more)"
+
+
+def refresh(
+    clouds: str | Iterable[str] | None = None,
+    *,
+    out_dir: str | Path | None = None,
+    base_url: str | None = None,
+    timeout: float = 10.0,
+    aws_session=None,
+    gcp_client=None,
+    gcp_project: str | None = None,
+) -> RefreshResult:
+    """Fetch live offers into `out_dir` (default `refreshed_offers_dir()`, which `load_offers` then prefers).
+
+    Per cloud: SkyPilot's hosted v8 catalog (`base_url`, default SkyPilot's own), converted like the shipped
+    snapshot; then AWS spot prices from `describe_spot_price_history` where AWS credentials exist, and GCP offers
+    checked against the zones' accelerator types (google-cloud-compute) where Google credentials exist.
+    Offline, it returns one line saying so and writes nothing. Each file is replaced whole, after validation.
+    """
+    out = Path(out_dir) if out_dir is not None else refreshed_offers_dir()
+    base_url = (base_url or skypilot_catalog_url()).rstrip("/")
+    wanted = _as_list(clouds) or SKYPILOT_CLOUDS
+    unknown = [c for c in wanted if c.lower() not in SKYPILOT_CLOUDS]
+    if unknown:
+        raise CatalogError(f"unknown cloud '{unknown[0]}'{suggest(unknown[0], SKYPILOT_CLOUDS)}; refresh knows "
+                           f"{', '.join(SKYPILOT_CLOUDS)}")
+    wanted = [c.lower() for c in wanted]
+    if (why := _reachable(base_url, timeout)) is not None:
+        return RefreshResult([f"offline: {why}; catalogs unchanged (using offers from {offers_dir()})"])
+
+    result = RefreshResult()
+    today = date.today().isoformat()
+    staged: dict[str, list[dict]] = {}
+    for cloud in wanted:
+        url = f"{base_url}/{cloud}/vms.csv"
+        try:
+            with urllib.request.urlopen(url, timeout=timeout) as resp:  # noqa: S310 - https catalog URL
+                text = resp.read().decode("utf-8")
+            offers, _ = offers_from_skypilot(cloud, csv.DictReader(io.StringIO(text)),
+                                             source=f"{url} (live)", as_of=today)
+        except (OSError, ValueError, KeyError, csv.Error) as e:
+            result.lines.append(f"{cloud}: download failed ({e}); kept the previous offers")
+            continue
+        if not offers:
+            result.lines.append(f"{cloud}: the live catalog has no GPU offers we can use; kept the previous ones")
+            continue
+        staged[cloud] = offers
+        result.lines.append(f"{cloud}: {len(offers)} offers from {url}")
+    if "aws" in staged:
+        result.lines.append(_refresh_aws_spot(staged["aws"], timeout, aws_session))
+    if "gcp" in staged:
+        staged["gcp"], line = _refresh_gcp_accelerators(staged["gcp"], gcp_client, gcp_project)
+        result.lines.append(line)
+
+    out.mkdir(parents=True, exist_ok=True)
+    for path in shipped_offers_dir().glob("*.csv"):  # start a refreshed dir from the full shipped set
+        if not (out / path.name).exists() and path.stem not in staged:
+            shutil.copyfile(path, out / path.name)
+    for cloud, offers in staged.items():
+        if offers:
+            write_offers(out / f"{cloud}.csv", offers)
+            result.changed.append(out / f"{cloud}.csv")
+    result.lines.append(f"wrote {len(result.changed)} catalog file(s) to {out}")
+    return result
