@@ -47,3 +47,7 @@ def suggest(name: str, choices: Iterable[str], n: int = 3) -> str:
 
 class ProvisionError(UserError):
     """Cannot provision: unknown cloud/region, no credentials, budget below the cheapest feasible plan."""
+
+
+class NetbenchError(UserError):
+    """A node agent or network benchmark that cannot run: no token, a bad host list, ports in use."""

@@ -1,0 +1,681 @@
+"""The node agent: a small authenticated HTTP server that runs on every node of a deployment.
+
+It reports health and GPU inventory, takes part in network measurements (a TCP sink, a sender with
+several parallel streams like `iperf3 -P`, iperf3 itself where the node has it, a TCP round-trip
+probe, NCCL between the node's own GPUs) and relays preemption notices from the cloud's instance
+metadata service. Every HTTP request carries `Authorization: Bearer <deployment token>`.
+
+Ports: the HTTP API on `port`; a raw TCP data port (default port+1) for bandwidth streams and echo;
+iperf3's server (default port+2) when iperf3 is used. `/v1/health` reports the ports actually bound.
+
+The data port speaks one header line, `TOBENCH1 <S|E> <session>\\n`, then either a stream of bytes to
+count (S, sink) or bytes to echo back (E). Sessions are random ids handed out by the authenticated
+`POST /v1/sink`, so the data port needs no token of its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from aiohttp import ClientSession, ClientTimeout, web
+
+from thunderops import __version__
+from thunderops.errors import NetbenchError
+from thunderops.provision import AGENT_PORT
+from thunderops.state import default_home
+
+DEFAULT_PORT = AGENT_PORT  # data port = +1, iperf3 = +2: the node template opens all three
+TOKEN_ENV = "THUNDEROPS_AGENT_TOKEN"
+AWS_METADATA_URL = "http://169.254.169.254"
+GCP_METADATA_URL = "http://metadata.google.internal"
+AWS_NOTICE_PATH = "/latest/meta-data/spot/instance-action"
+GCP_PREEMPTED_PATH = "/computeMetadata/v1/instance/preempted"
+HEADER_MAGIC = b"TOBENCH1"
+CHUNK = bytes(128 * 1024)
+SESSION_TTL_S = 300.0
+
+
+@dataclass
+class AgentConfig:
+    """How one agent runs. `gpu`/`gpus` declare the inventory where nvidia-smi is absent (emulated nodes);
+    `link_mbps` paces the data path in both directions with a token bucket (an emulated slow NIC)."""
+
+    token: str
+    host: str = "0.0.0.0"
+    port: int = DEFAULT_PORT
+    data_port: int | None = None  # None: port+1; 0: any free port
+    iperf_port: int | None = None  # None: port+2
+    node_id: str = ""
+    deployment: str = ""
+    advertise_host: str | None = None  # address peers should use for data (e.g. the private IP)
+    gpu: str | None = None
+    gpus: int = 0
+    link_mbps: float | None = None
+    cloud: str = "auto"  # aws | gcp | auto | none
+    metadata_url: str | None = None  # base URL of the metadata service (tests point it at a double)
+    metadata_timeout_s: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not self.token:
+            raise NetbenchError(f"agent token is empty; pass --token-file FILE or set {TOKEN_ENV}")
+        if self.cloud not in ("aws", "gcp", "auto", "none"):
+            raise NetbenchError(f"--cloud must be aws, gcp, auto or none, got {self.cloud!r}")
+        if self.link_mbps is not None and self.link_mbps <= 0:
+            raise NetbenchError(f"--link-mbps must be positive, got {self.link_mbps}")
+        if self.gpus < 0:
+            raise NetbenchError(f"--gpus must be >= 0, got {self.gpus}")
+
+
+def load_token(token_file: str | Path | None = None) -> str:
+    """The deployment token from a file (first line) or, failing that, the THUNDEROPS_AGENT_TOKEN variable."""
+    if token_file is not None:
+        try:
+            token = Path(token_file).read_text().strip()
+        except OSError as e:
+            raise NetbenchError(f"{token_file}: cannot read agent token ({e.strerror})") from None
+        if not token:
+            raise NetbenchError(f"{token_file}: agent token file is empty; write the deployment token into it")
+        return token
+    token = os.environ.get(TOKEN_ENV, "").strip()
+    if not token:
+        raise NetbenchError(f"no agent token: pass --token-file FILE or set {TOKEN_ENV}")
+    return token
+
+
+def new_token() -> str:
+    """A fresh per-deployment token."""
+    return secrets.token_urlsafe(32)
+
+
+def token_path(deployment: str) -> Path:
+    return default_home() / "tokens" / f"{deployment}.token"
+
+
+def deployment_token(deployment: str, create: bool = True) -> str:
+    """The deployment's agent token, kept in `$THUNDEROPS_HOME/tokens/<deployment>.token` (mode 0600).
+
+    Provisioning passes it to every node as THUNDEROPS_AGENT_TOKEN; netbench and the controller read it here."""
+    path = token_path(deployment)
+    if path.exists():
+        return load_token(path)
+    if not create:
+        raise NetbenchError(f"no agent token for deployment {deployment!r} ({path} is missing); "
+                            "it is made when the deployment is provisioned")
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    token = new_token()
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(token + "\n")
+    try:
+        os.link(tmp, path)  # never replace a token another process made meanwhile
+    except FileExistsError:
+        pass
+    finally:
+        tmp.unlink(missing_ok=True)
+    return load_token(path)
+
+
+class TokenBucket:
+    """Paces bytes at `mbps` megabits/s. Callers take bytes and wait out any debt, so several streams sharing
+    one bucket get `mbps` together. The burst is small so short measurements see the rate, not the burst."""
+
+    def __init__(self, mbps: float, burst_bytes: int = 64 * 1024) -> None:
+        self.rate = mbps * 1e6 / 8  # bytes/s
+        self.burst = burst_bytes
+        self.tokens = 0.0
+        self.t = time.monotonic()
+
+    def debit(self, n: int) -> float:
+        """Take n bytes; return how long to wait before the next take (seconds)."""
+        now = time.monotonic()
+        self.tokens = min(self.burst, self.tokens + (now - self.t) * self.rate)
+        self.t = now
+        self.tokens -= n
+        return max(0.0, -self.tokens / self.rate)
+
+    async def take(self, n: int) -> None:
+        delay = self.debit(n)
+        if delay > 0:
+            await asyncio.sleep(delay)
+
+
+# ---------------------------------------------------------------- GPU inventory
+
+
+def gpu_inventory(declared_gpu: str | None = None, declared_gpus: int = 0) -> dict[str, Any]:
+    """GPUs from nvidia-smi when present, else the declared ones (emulated nodes), else none."""
+    smi = shutil.which("nvidia-smi")
+    error = None
+    if smi:
+        try:
+            out = subprocess.run(
+                [smi, "--query-gpu=index,name,memory.total,uuid", "--format=csv,noheader,nounits"],
+                capture_output=True, text=True, timeout=10, check=True,
+            ).stdout
+            gpus = []
+            for line in out.strip().splitlines():
+                idx, name, mem, uuid = (p.strip() for p in line.split(",", 3))
+                gpus.append({"index": int(idx), "name": name, "memory_mib": int(float(mem)), "uuid": uuid})
+            return {"source": "nvidia-smi", "count": len(gpus), "name": gpus[0]["name"] if gpus else None,
+                    "gpus": gpus}
+        except (subprocess.SubprocessError, OSError, ValueError) as e:
+            error = f"nvidia-smi failed: {e}"
+    if declared_gpus > 0 or declared_gpu:
+        n = declared_gpus or 1
+        inv = {"source": "declared", "count": n, "name": declared_gpu,
+               "gpus": [{"index": i, "name": declared_gpu} for i in range(n)]}
+    else:
+        inv = {"source": "none", "count": 0, "name": None, "gpus": []}
+    if error:
+        inv["error"] = error
+    return inv
+
+
+# ---------------------------------------------------------------- data plane (sink and echo)
+
+
+@dataclass
+class SinkSession:
+    """Bytes counted for one bandwidth measurement, over all its streams."""
+
+    id: str
+    tool: str = "builtin"
+    created: float = field(default_factory=time.monotonic)
+    bytes: int = 0
+    first: float | None = None
+    last: float | None = None
+    streams_open: int = 0
+    streams_seen: int = 0
+    iperf: asyncio.subprocess.Process | None = None
+
+    def report(self) -> dict[str, Any]:
+        seconds = (self.last - self.first) if self.first is not None and self.last is not None else 0.0
+        gbps = self.bytes * 8 / seconds / 1e9 if seconds > 0 else None
+        return {"session": self.id, "tool": self.tool, "bytes": self.bytes, "seconds": seconds, "gbps": gbps,
+                "streams_seen": self.streams_seen, "streams_open": self.streams_open}
+
+
+class _DataProtocol(asyncio.Protocol):
+    """One data connection: reads the header line, then counts (sink) or echoes (echo) what follows."""
+
+    def __init__(self, agent: Agent) -> None:
+        self.agent = agent
+        self.buf = b""
+        self.mode: bytes | None = None
+        self.session: SinkSession | None = None
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def data_received(self, data: bytes) -> None:
+        assert self.transport is not None
+        if self.mode is None:
+            self.buf += data
+            if b"\n" not in self.buf:
+                if len(self.buf) > 256:
+                    self.transport.close()
+                return
+            line, data = self.buf.split(b"\n", 1)
+            self.buf = b""
+            parts = line.split()
+            session = self.agent.sessions.get(parts[2].decode(errors="replace")) if len(parts) == 3 else None
+            if parts[:1] != [HEADER_MAGIC] or parts[1] not in (b"S", b"E") or session is None:
+                self.transport.close()
+                return
+            self.mode, self.session = parts[1], session
+            if self.mode == b"S":
+                session.streams_open += 1
+                session.streams_seen += 1
+            if not data:
+                return
+        if self.mode == b"E":
+            self.transport.write(data)
+            return
+        s = self.session
+        assert s is not None
+        now = time.monotonic()
+        if s.first is None:
+            s.first = now
+        s.last = now
+        s.bytes += len(data)
+        if self.agent.rx_bucket is not None:
+            delay = self.agent.rx_bucket.debit(len(data))
+            if delay > 0:
+                # Reading less makes TCP flow control slow the sender down: an emulated slow link.
+                self.transport.pause_reading()
+                asyncio.get_running_loop().call_later(delay, self._resume)
+
+    def _resume(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.resume_reading()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.mode == b"S" and self.session is not None:
+            self.session.streams_open -= 1
+
+
+async def send_streams(host: str, port: int, session: str, streams: int, duration_s: float,
+                       bucket: TokenBucket | None = None, connect_timeout_s: float = 5.0) -> dict[str, Any]:
+    """Send zeros to a sink on `streams` parallel TCP connections for `duration_s`; bytes sent per stream."""
+    header = HEADER_MAGIC + b" S " + session.encode() + b"\n"
+    sent = [0] * streams
+
+    async def one(i: int) -> None:
+        reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), connect_timeout_s)
+        try:
+            writer.transport.set_write_buffer_limits(high=256 * 1024)
+            writer.write(header)
+            end = time.monotonic() + duration_s
+            while time.monotonic() < end:
+                if bucket is not None:
+                    await bucket.take(len(CHUNK))
+                writer.write(CHUNK)
+                await asyncio.wait_for(writer.drain(), max(1.0, end - time.monotonic() + connect_timeout_s))
+                sent[i] += len(CHUNK)
+        finally:
+            writer.close()
+            try:
+                await asyncio.wait_for(writer.wait_closed(), 2.0)
+            except (TimeoutError, OSError):
+                pass
+
+    t0 = time.monotonic()
+    await asyncio.gather(*(one(i) for i in range(streams)))
+    seconds = time.monotonic() - t0
+    return {"sent_bytes": sum(sent), "per_stream_bytes": sent, "seconds": seconds,
+            "gbps_sender": sum(sent) * 8 / seconds / 1e9 if seconds > 0 else None}
+
+
+async def echo_rtt(host: str, port: int, session: str, samples: int = 10,
+                   timeout_s: float = 5.0) -> dict[str, Any]:
+    """TCP round trips of one byte through the peer's echo; median and min in milliseconds."""
+    reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout_s)
+    try:
+        sock = writer.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        writer.write(HEADER_MAGIC + b" E " + session.encode() + b"\n")
+        rtts = []
+        for _ in range(samples):
+            t0 = time.perf_counter()
+            writer.write(b"x")
+            await writer.drain()
+            got = await asyncio.wait_for(reader.read(1), timeout_s)
+            if not got:
+                raise ConnectionError("peer closed the echo connection")
+            rtts.append((time.perf_counter() - t0) * 1e3)
+    finally:
+        writer.close()
+    return {"rtt_ms": statistics.median(rtts), "min_ms": min(rtts), "samples": len(rtts)}
+
+
+async def iperf3_client(host: str, port: int, streams: int, duration_s: float,
+                        timeout_s: float) -> dict[str, Any]:
+    """Run `iperf3 -c` and return the receiver-side rate it reports."""
+    exe = shutil.which("iperf3")
+    if exe is None:
+        raise RuntimeError("iperf3 is not installed on the sending node")
+    secs = max(1, round(duration_s))  # iperf3 takes whole seconds
+    proc = await asyncio.create_subprocess_exec(
+        exe, "-c", host, "-p", str(port), "-P", str(streams), "-t", str(secs), "-J",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), timeout_s)
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        raise
+    try:
+        data = json.loads(out)
+    except json.JSONDecodeError:
+        raise RuntimeError(f"iperf3 gave no JSON: {err.decode(errors='replace').strip()[:200]}") from None
+    if "error" in data:
+        raise RuntimeError(f"iperf3: {data['error']}")
+    end = data["end"]
+    received = end.get("sum_received") or end["sum"]
+    return {"sent_bytes": end.get("sum_sent", {}).get("bytes"), "seconds": received["seconds"],
+            "gbps": received["bits_per_second"] / 1e9, "tool": "iperf3"}
+
+
+# ---------------------------------------------------------------- preemption notices
+
+
+async def check_preemption(cloud: str, base_url: str | None, timeout_s: float) -> dict[str, Any]:
+    """Ask the instance metadata service whether this spot/preemptible node is about to go.
+
+    AWS: a 404 on spot/instance-action means no notice; 200 carries {"action", "time"} (IMDSv2 token first,
+    falling back to IMDSv1). GCP: instance/preempted answers TRUE or FALSE."""
+    timeout = ClientTimeout(total=timeout_s, connect=timeout_s)
+    clouds = ["aws", "gcp"] if cloud == "auto" else [cloud]
+    errors = []
+    async with ClientSession(timeout=timeout) as http:
+        async def aws() -> dict[str, Any]:
+            base = (base_url or AWS_METADATA_URL).rstrip("/")
+            headers = {}
+            try:
+                async with http.put(f"{base}/latest/api/token",
+                                    headers={"X-aws-ec2-metadata-token-ttl-seconds": "60"}) as r:
+                    if r.status == 200:
+                        headers["X-aws-ec2-metadata-token"] = await r.text()
+            except (TimeoutError, OSError):
+                raise
+            except Exception:  # noqa: BLE001 - IMDSv1 fallback on any odd token answer
+                pass
+            async with http.get(base + AWS_NOTICE_PATH, headers=headers) as r:
+                if r.status == 404:
+                    return {"cloud": "aws", "notice": False}
+                r.raise_for_status()
+                body = json.loads(await r.text())
+                return {"cloud": "aws", "notice": True, "action": body.get("action"), "time": body.get("time")}
+
+        async def gcp() -> dict[str, Any]:
+            base = (base_url or GCP_METADATA_URL).rstrip("/")
+            async with http.get(base + GCP_PREEMPTED_PATH, headers={"Metadata-Flavor": "Google"}) as r:
+                r.raise_for_status()
+                preempted = (await r.text()).strip().upper() == "TRUE"
+                return {"cloud": "gcp", "notice": preempted, "action": "preempted" if preempted else None}
+
+        checks = {"aws": aws, "gcp": gcp}
+        results = await asyncio.gather(*(checks[c]() for c in clouds), return_exceptions=True)
+    for c, res in zip(clouds, results, strict=True):
+        if isinstance(res, dict):
+            return res
+        errors.append(f"{c}: {type(res).__name__} {res}".strip())
+    return {"cloud": None, "notice": False, "error": "no metadata service answered (" + "; ".join(errors) + ")"}
+
+
+# ---------------------------------------------------------------- the agent
+
+
+class Agent:
+    """State of one running agent: config, sink sessions, pacing buckets, cached inventory."""
+
+    def __init__(self, config: AgentConfig) -> None:
+        self.config = config
+        self.started = time.monotonic()
+        self.sessions: dict[str, SinkSession] = {}
+        self.rx_bucket = TokenBucket(config.link_mbps) if config.link_mbps else None
+        self.tx_bucket = TokenBucket(config.link_mbps) if config.link_mbps else None
+        self.inventory = gpu_inventory(config.gpu, config.gpus)
+        self.data_port: int | None = None
+        self.iperf_port = config.iperf_port if config.iperf_port is not None else config.port + 2
+        self.notice: dict[str, Any] | None = None  # latched once a notice is seen
+        self.cloud = config.cloud
+
+    def health(self) -> dict[str, Any]:
+        return {
+            "status": "ok", "node_id": self.config.node_id, "deployment": self.config.deployment, "version": __version__,
+            "uptime_s": round(time.monotonic() - self.started, 3), "pid": os.getpid(),
+            "gpus": self.inventory, "data_port": self.data_port, "iperf_port": self.iperf_port,
+            "advertise_host": self.config.advertise_host, "iperf3": shutil.which("iperf3") is not None,
+            "link_mbps": self.config.link_mbps,
+        }
+
+    def expire_sessions(self) -> None:
+        now = time.monotonic()
+        for sid, s in list(self.sessions.items()):
+            if now - s.created > SESSION_TTL_S:
+                self.drop_session(sid)
+
+    def drop_session(self, sid: str) -> SinkSession | None:
+        s = self.sessions.pop(sid, None)
+        if s is not None and s.iperf is not None and s.iperf.returncode is None:
+            s.iperf.kill()
+        return s
+
+    # -- handlers
+
+    async def h_health(self, request: web.Request) -> web.Response:
+        return web.json_response(self.health())
+
+    async def h_gpus(self, request: web.Request) -> web.Response:
+        if request.query.get("refresh"):
+            self.inventory = await asyncio.to_thread(gpu_inventory, self.config.gpu, self.config.gpus)
+        return web.json_response(self.inventory)
+
+    async def h_sink_open(self, request: web.Request) -> web.Response:
+        body = await _json_body(request)
+        tool = body.get("tool", "builtin")
+        self.expire_sessions()
+        s = SinkSession(id=secrets.token_urlsafe(16), tool=tool)
+        if tool == "iperf3":
+            exe = shutil.which("iperf3")
+            if exe is None:
+                return _error(409, "iperf3 is not installed on the receiving node")
+            s.iperf = await asyncio.create_subprocess_exec(
+                exe, "-s", "-1", "-p", str(self.iperf_port),
+                stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
+            await asyncio.sleep(0.2)  # let it bind
+            if s.iperf.returncode is not None:
+                return _error(500, f"iperf3 server exited at once (port {self.iperf_port} busy?)")
+            port = self.iperf_port
+        elif tool == "builtin":
+            port = self.data_port
+        else:
+            return _error(400, f"unknown tool {tool!r}; use builtin or iperf3")
+        self.sessions[s.id] = s
+        # The builtin data port always answers echo for the session (iperf3's one-off server must not see it).
+        return web.json_response({"session": s.id, "port": port, "echo_port": self.data_port, "tool": tool})
+
+    async def h_sink_report(self, request: web.Request) -> web.Response:
+        s = self.sessions.get(request.match_info["sid"])
+        if s is None:
+            return _error(404, "no such sink session (expired or never opened)")
+        # Wait (briefly) for the streams to finish draining so the report covers them all.
+        wait_s = min(float(request.query.get("wait_s", 0)), 30.0)
+        deadline = time.monotonic() + wait_s
+        while s.streams_open > 0 and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        return web.json_response(s.report())
+
+    async def h_sink_close(self, request: web.Request) -> web.Response:
+        s = self.drop_session(request.match_info["sid"])
+        return web.json_response({"closed": s is not None})
+
+    async def h_send(self, request: web.Request) -> web.Response:
+        b = await _json_body(request)
+        try:
+            host, port, streams = str(b["host"]), int(b["port"]), int(b.get("streams", 4))
+            duration = float(b.get("duration_s", 2.0))
+        except (KeyError, TypeError, ValueError) as e:
+            return _error(400, f"send needs host, port, session: {e}")
+        if not (1 <= streams <= 64 and 0 < duration <= 120):
+            return _error(400, "streams must be 1..64 and duration_s in (0, 120]")
+        try:
+            if b.get("tool") == "iperf3":
+                res = await iperf3_client(host, port, streams, duration, timeout_s=duration + 15)
+            else:
+                res = await send_streams(host, port, str(b.get("session", "")), streams, duration, self.tx_bucket)
+                res["tool"] = "builtin"
+        except (TimeoutError, OSError, RuntimeError, ConnectionError) as e:
+            return _error(502, f"sending to {host}:{port} failed: {_describe(e)}")
+        return web.json_response(res)
+
+    async def h_rtt(self, request: web.Request) -> web.Response:
+        b = await _json_body(request)
+        try:
+            host, port, session = str(b["host"]), int(b["port"]), str(b["session"])
+            samples = max(1, min(int(b.get("samples", 10)), 1000))
+        except (KeyError, TypeError, ValueError) as e:
+            return _error(400, f"rtt needs host, port, session: {e}")
+        try:
+            return web.json_response(await echo_rtt(host, port, session, samples))
+        except (TimeoutError, OSError, ConnectionError) as e:
+            return _error(502, f"round trip to {host}:{port} failed: {_describe(e)}")
+
+    async def h_nccl(self, request: web.Request) -> web.Response:
+        b = await _json_body(request)
+        size_mb = float(b.get("size_mb", 256))
+        iters = int(b.get("iters", 10))
+        timeout_s = float(b.get("timeout_s", 180))
+        if self.inventory["source"] != "nvidia-smi" or self.inventory["count"] < 2:
+            return web.json_response({"skipped": f"needs >= 2 real GPUs (have {self.inventory['count']}, "
+                                                 f"{self.inventory['source']})", "pairs": {}})
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "thunderops.netbench", "nccl", "--size-mb", str(size_mb), "--iters", str(iters),
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        try:
+            out, err = await asyncio.wait_for(proc.communicate(), timeout_s)
+        except TimeoutError:
+            proc.kill()
+            await proc.wait()
+            return _error(504, f"NCCL measurement did not finish within {timeout_s:.0f}s")
+        if proc.returncode != 0:
+            return _error(500, "NCCL measurement failed: " + err.decode(errors="replace").strip()[-300:])
+        return web.json_response(json.loads(out))
+
+    async def h_preemption(self, request: web.Request) -> web.Response:
+        if self.notice is not None:
+            return web.json_response(self.notice)
+        if self.cloud == "none":
+            return web.json_response({"cloud": None, "notice": False, "error": "metadata checks disabled"})
+        res = await check_preemption(self.cloud, self.config.metadata_url, self.config.metadata_timeout_s)
+        if res.get("cloud") and self.cloud == "auto":
+            self.cloud = res["cloud"]  # stop asking the other cloud's service
+        res["checked_at"] = time.time()
+        if res.get("notice"):
+            self.notice = res  # a notice never goes away; keep it even if the service stops answering
+        return web.json_response(res)
+
+    def build_app(self) -> web.Application:
+        token = self.config.token.encode()
+
+        @web.middleware
+        async def auth(request: web.Request, handler):  # type: ignore[no-untyped-def]
+            given = request.headers.get("Authorization", "")
+            presented = given[7:].encode() if given.startswith("Bearer ") else b""
+            if not hmac.compare_digest(presented, token):
+                return _error(401, "missing or wrong agent token")
+            return await handler(request)
+
+        app = web.Application(middlewares=[auth])
+        app.add_routes([
+            web.get("/v1/health", self.h_health),
+            web.get("/v1/gpus", self.h_gpus),
+            web.post("/v1/sink", self.h_sink_open),
+            web.get("/v1/sink/{sid}", self.h_sink_report),
+            web.delete("/v1/sink/{sid}", self.h_sink_close),
+            web.post("/v1/send", self.h_send),
+            web.post("/v1/rtt", self.h_rtt),
+            web.post("/v1/nccl", self.h_nccl),
+            web.get("/v1/preemption", self.h_preemption),
+        ])
+        return app
+
+    async def start(self) -> web.AppRunner:
+        """Bind the data port and the HTTP API; return the runner (call `runner.cleanup()` to stop)."""
+        loop = asyncio.get_running_loop()
+        data_port = self.config.data_port if self.config.data_port is not None else self.config.port + 1
+        self._data_server = await loop.create_server(lambda: _DataProtocol(self), self.config.host, data_port,
+                                                     reuse_address=True)
+        self.data_port = self._data_server.sockets[0].getsockname()[1]
+        runner = web.AppRunner(self.build_app(), access_log=None)
+        await runner.setup()
+        await web.TCPSite(runner, self.config.host, self.config.port, reuse_address=True).start()
+        return runner
+
+    async def stop(self, runner: web.AppRunner) -> None:
+        for sid in list(self.sessions):
+            self.drop_session(sid)
+        self._data_server.close()
+        await runner.cleanup()
+
+
+async def _json_body(request: web.Request) -> dict[str, Any]:
+    if not request.can_read_body:
+        return {}
+    try:
+        body = await request.json()
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return {}
+    return body if isinstance(body, dict) else {}
+
+
+def _error(status: int, message: str) -> web.Response:
+    return web.json_response({"error": message}, status=status)
+
+
+def _describe(e: BaseException) -> str:
+    if isinstance(e, asyncio.TimeoutError):
+        return "timed out"
+    if isinstance(e, ConnectionRefusedError):
+        return "connection refused"
+    if isinstance(e, ConnectionResetError | BrokenPipeError):
+        return "connection reset by peer (did it die?)"
+    return f"{type(e).__name__}: {e}"
+
+
+def run_agent(config: AgentConfig, announce: bool = True) -> None:
+    """Run the agent until SIGTERM/SIGINT."""
+
+    async def main() -> None:
+        agent = Agent(config)
+        try:
+            runner = await agent.start()
+        except OSError as e:
+            raise NetbenchError(f"agent cannot listen on {config.host}:{config.port} or its data port "
+                                f"({e.strerror}); pick free ports with --port/--data-port") from None
+        if announce:
+            print(f"thunderops agent {config.node_id or ''} listening on {config.host}:{config.port} "
+                  f"(data port {agent.data_port}, gpus {agent.inventory['count']} {agent.inventory['source']})",
+                  flush=True)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        await agent.stop(runner)
+
+    asyncio.run(main())
+
+
+def _main(argv: list[str] | None = None) -> None:
+    """`python -m thunderops.agent` (the same options as `thunderops agent`, without loading the whole CLI)."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m thunderops.agent")
+    p.add_argument("--port", type=int, default=DEFAULT_PORT)
+    p.add_argument("--host", default="0.0.0.0")
+    p.add_argument("--data-port", type=int)
+    p.add_argument("--iperf-port", type=int)
+    p.add_argument("--token-file")
+    p.add_argument("--node-id", "--node", dest="node_id", default="")
+    p.add_argument("--deployment", default="")
+    p.add_argument("--advertise-host")
+    p.add_argument("--gpu", default=os.environ.get("THUNDEROPS_AGENT_GPU"))
+    p.add_argument("--gpus", type=int, default=int(os.environ.get("THUNDEROPS_AGENT_GPUS", "0") or 0))
+    p.add_argument("--link-mbps", type=float)
+    p.add_argument("--cloud", default="auto")
+    p.add_argument("--metadata-url")
+    a = p.parse_args(argv)
+    try:
+        cfg = AgentConfig(token=load_token(a.token_file), host=a.host, port=a.port, data_port=a.data_port,
+                          iperf_port=a.iperf_port, node_id=a.node_id, deployment=a.deployment, advertise_host=a.advertise_host,
+                          gpu=a.gpu, gpus=a.gpus, link_mbps=a.link_mbps, cloud=a.cloud, metadata_url=a.metadata_url)
+        run_agent(cfg)
+    except NetbenchError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(e.exit_code)
+
+
+if __name__ == "__main__":
+    _main()
