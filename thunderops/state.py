@@ -101,7 +101,7 @@ _NODE_COLUMNS = (
     "spot", "price_per_hour", "host", "status", "launched_at", "terminated_at", "engine_port", "kv_port",
     "agent_port", "error",
 )
-_DEPLOYMENT_ID = re.compile(r"^[a-z][a-z0-9-]{0,19}$")
+_DEPLOYMENT_ID = re.compile(r"^[a-z][a-z0-9]{0,15}$")
 
 
 def now_utc() -> str:
@@ -121,9 +121,10 @@ def default_db_path() -> Path:
 
 
 def check_deployment_id(dep_id: str) -> str:
-    """Deployment ids go into cloud cluster names: short, lower-case, start with a letter."""
+    """Deployment ids go into cloud cluster names (`to-<id>-...`): short, lower-case letters and digits, no '-'
+    (so a cluster name tells its deployment without ambiguity), starting with a letter."""
     if not _DEPLOYMENT_ID.match(dep_id):
-        raise StateError(f"deployment name {dep_id!r} is not valid: use 1-20 lower-case letters, digits or '-', "
+        raise StateError(f"deployment name {dep_id!r} is not valid: use 1-16 lower-case letters or digits, "
                          "starting with a letter (e.g. --name chat1)")
     return dep_id
 
