@@ -90,8 +90,11 @@ class Calibration:
     compute_eff: large GEMMs vs dense bf16 peak; attn_eff: prefill attention (flash) vs peak;
     memory_eff: streaming reads (weights, KV) vs HBM bandwidth; comm_eff: all-reduce bus bandwidth vs one
     direction of the intra-node link; gemm_m_half: GEMM rows at which compute efficiency is half its peak
-    (small-batch GEMMs run below peak even when compute-bound); step_overhead_s: fixed cost per engine step
-    (scheduling, sampling, launches); layer_overhead_s: per layer per step (kernel launches not hidden)."""
+    (small-batch GEMMs run below peak even when compute-bound); attn_len_half: prompt length at which
+    attention efficiency is half its peak; kernel_latency_s: fixed cost of every kernel (ramp-up and tail);
+    elementwise_scale: multiplier on the modelled elementwise traffic (norms, rotary, activation: fused
+    differently by each engine); step_overhead_s: fixed cost per engine step (scheduling, sampling, launches);
+    layer_overhead_s: per layer per step (what kernel latencies leave unexplained)."""
 
     gpu: str = "generic"
     compute_eff: float = 0.70
@@ -100,8 +103,11 @@ class Calibration:
     comm_eff: float = 0.75
     comm_latency_s: float = 15e-6
     gemm_m_half: float = 32.0
+    attn_len_half: float = 256.0
+    kernel_latency_s: float = 3e-6
+    elementwise_scale: float = 1.0
     step_overhead_s: float = 2.5e-3
-    layer_overhead_s: float = 15e-6
+    layer_overhead_s: float = 10e-6
     source: str = "datasheet defaults (thunderops.perf.Calibration)"
 
     def to_dict(self) -> dict:
@@ -153,13 +159,14 @@ def default_calibration(gpu_name: str) -> Calibration:
 
 @dataclass(frozen=True)
 class Op:
-    """One operator: FLOPs, bytes moved to/from HBM, and which efficiency applies ('gemm', 'attn', 'mem')."""
+    """One operator: FLOPs, bytes moved to/from HBM, and which efficiency applies ('gemm', 'attn', 'mem',
+    'elem'); `rows` is the GEMM M dimension or, for attention, the mean prompt length."""
 
     name: str
     flops: float
     bytes: float
     kind: str
-    rows: float = 0.0  # GEMM M dimension (tokens), for the small-batch efficiency ramp
+    rows: float = 0.0
 
 
 def layer_ops(
@@ -198,14 +205,15 @@ def layer_ops(
         ops.append(Op("down", 2 * T * inter * h, d * (inter * h + T * inter + T * h), "gemm", T))
     if attn_pairs > 0:
         # QK^T and PV over the causal half: 2 GEMMs x 2 FLOPs per MAC x pairs x head_dim per query head
-        ops.append(Op("attn_prefill", 4 * attn_pairs * q_heads * hd, 0.0, "attn"))
+        mean_len = 2 * attn_pairs / max(T, 1.0)
+        ops.append(Op("attn_prefill", 4 * attn_pairs * q_heads * hd, 0.0, "attn", mean_len))
     if kv_read_tokens > 0 or attn_query_tokens > 0:
         kv_bytes = kv_read_tokens * 2 * kv_heads * hd * d
         ops.append(Op("attn_decode", 4 * kv_read_tokens * q_heads * hd,
                       kv_bytes + attn_query_tokens * 2 * q_heads * hd * d, "mem"))
     # norms, residual adds, rotary, activation and the KV-cache write: memory-bound elementwise traffic
     elem = T * (10 * h + 3 * inter + 2 * (q_heads + kv_heads) * hd + 2 * kv_heads * hd)
-    ops.append(Op("elementwise", 0.0, d * elem, "mem"))
+    ops.append(Op("elementwise", 0.0, d * elem, "elem"))
     return ops
 
 
@@ -222,11 +230,19 @@ def op_time(op: Op, gpu: GpuSpec, cal: Calibration) -> float:
         ramp = op.rows / (op.rows + cal.gemm_m_half) if op.rows > 0 else 1.0
         comp = op.flops / (peak * cal.compute_eff * max(ramp, 1e-3))
     elif op.kind == "attn":
-        comp = op.flops / (peak * cal.attn_eff)
+        ramp = op.rows / (op.rows + cal.attn_len_half) if op.rows > 0 else 1.0
+        comp = op.flops / (peak * cal.attn_eff * max(ramp, 1e-3))
     else:
         comp = op.flops / (peak * cal.compute_eff)
-    mem = op.bytes / (gpu.memory_gbps * 1e9 * cal.memory_eff)
-    return max(comp, mem)
+    nbytes = op.bytes * (cal.elementwise_scale if op.kind == "elem" else 1.0)
+    mem = nbytes / (gpu.memory_gbps * 1e9 * cal.memory_eff)
+    return max(comp, mem) + (cal.kernel_latency_s if op.flops or op.bytes else 0.0)
+
+
+def layer_compute_time(m: ModelSpec, gpu: GpuSpec, tp: int, work: Work, cal: Calibration) -> float:
+    """One decoder layer on one of `tp` GPUs, without communication: what `thunderops calibrate` measures."""
+    ops = layer_ops(m, tp, work.tokens, work.attn_pairs, work.kv_read_tokens, work.decode_seqs)
+    return sum(op_time(op, gpu, cal) for op in ops) + cal.layer_overhead_s
 
 
 def allreduce_time(nbytes: float, tp: int, link_gbps_bidir: float, cal: Calibration) -> float:
@@ -391,8 +407,7 @@ class PerfModel:
         """Time for stage i to run its layers over `work` (compute + TP all-reduces; no overhead)."""
         m, s = self.model, layout.stages[i]
         cal = self.calibration_for(s.gpu)
-        ops = layer_ops(m, s.tp, work.tokens, work.attn_pairs, work.kv_read_tokens, work.decode_seqs)
-        per_layer = sum(op_time(op, s.gpu, cal) for op in ops) + cal.layer_overhead_s
+        per_layer = layer_compute_time(m, s.gpu, s.tp, work, cal)
         link = layout.tp_link_gbps if layout.tp_link_gbps is not None else s.gpu.intra_link_gbps
         per_layer += 2 * allreduce_time(work.tokens * m.hidden * m.dtype_bytes, s.tp, link, cal)
         t = s.layers * per_layer
