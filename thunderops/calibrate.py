@@ -41,6 +41,8 @@ PREFILL_SHAPES = ((1, 128), (1, 512), (1, 2048), (1, 8192), (4, 512), (8, 1024))
 DECODE_SHAPES = ((1, 512), (8, 1024), (32, 1024), (64, 2048), (128, 1024), (256, 512))  # (batch, context)
 GEMM_ROWS = (1, 16, 64, 256, 1024, 4096, 8192)
 ATTN_LENGTHS = (512, 1024, 2048, 4096, 8192)
+VLLM_EXTRA_KERNELS = 5  # fused add+norm x2, rotary, KV-cache write, SiLU x mul
+VLLM_STEP_OVERHEAD_S = 1.0e-3  # scheduler, sampling and input preparation per step (vLLM V1, CUDA graphs)
 
 
 class CalibrationError(UserError):
@@ -466,14 +468,34 @@ def annotate(measurements: list[dict], gpu: GpuSpec, cal: Calibration) -> dict:
     return summary
 
 
+def serving_calibration(bench: Calibration) -> Calibration:
+    """The calibration vLLM-served layers use: the fitted roofline efficiencies and kernel latency carry over;
+    the two parameters that describe our unfused PyTorch benchmark layer do not. vLLM fuses residual add +
+    RMSNorm, rotary, KV-cache write and SiLU x mul into about VLLM_EXTRA_KERNELS kernels beyond the modelled
+    operators, with about the modelled elementwise traffic."""
+    return replace(bench, elementwise_scale=1.0, layer_overhead_s=VLLM_EXTRA_KERNELS * bench.kernel_latency_s,
+                   step_overhead_s=VLLM_STEP_OVERHEAD_S)
+
+
+def bench_calibration(doc: dict) -> Calibration:
+    """The calibration that predicts this document's benchmark-layer measurements."""
+    return replace(Calibration.from_dict(doc["calibration"]), **doc.get("benchmark_layer", {}).get("params", {}))
+
+
 def build_document(measurements: list[dict], gpu: GpuSpec, device_name: str, meta: dict) -> dict:
     layer_models = [x["model"] for x in measurements if x["kind"].startswith("layer_")]
     if layer_models:
         assign_roles(measurements, meta.get("fit_model") or layer_models[0])
-    cal = fit(measurements, gpu)
-    summary = annotate(measurements, gpu, cal)
+    bench = fit(measurements, gpu)
+    summary = annotate(measurements, gpu, bench)
+    serving = serving_calibration(bench)
+    note = ("whole-layer measurements are of an unfused PyTorch layer (CUDA graphs); these two fitted values "
+            "describe it and replace the serving ones when predicting those measurements")
     return {"gpu": gpu.name, "device_name": device_name, "measured_at": datetime.now(UTC).isoformat(timespec="seconds"),
-            **meta, "calibration": cal.to_dict(), "errors": summary, "measurements": measurements}
+            **meta, "calibration": serving.to_dict(),
+            "benchmark_layer": {"params": {"elementwise_scale": bench.elementwise_scale,
+                                           "layer_overhead_s": bench.layer_overhead_s}, "note": note},
+            "errors": summary, "measurements": measurements}
 
 
 # ---------------------------------------------------------------------------------------------- entry points
@@ -544,7 +566,7 @@ def main(argv: list[str] | None = None) -> int:
             doc = json.loads(Path(args.refit).read_text())
             spec = get_gpu(args.gpu or doc["gpu"])
             meta = {k: v for k, v in doc.items() if k not in ("calibration", "errors", "measurements", "gpu",
-                                                               "device_name", "measured_at")}
+                                                               "device_name", "measured_at", "benchmark_layer")}
             doc = {**build_document(doc["measurements"], spec, doc.get("device_name", ""), meta),
                    "measured_at": doc.get("measured_at")}
         else:

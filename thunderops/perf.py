@@ -101,13 +101,13 @@ class Calibration:
     attn_eff: float = 0.45
     memory_eff: float = 0.80
     comm_eff: float = 0.75
-    comm_latency_s: float = 15e-6
+    comm_latency_s: float = 10e-6
     gemm_m_half: float = 32.0
     attn_len_half: float = 256.0
     kernel_latency_s: float = 3e-6
     elementwise_scale: float = 1.0
-    step_overhead_s: float = 2.5e-3
-    layer_overhead_s: float = 10e-6
+    step_overhead_s: float = 1.0e-3
+    layer_overhead_s: float = 15e-6
     source: str = "datasheet defaults (thunderops.perf.Calibration)"
 
     def to_dict(self) -> dict:
@@ -246,11 +246,12 @@ def layer_compute_time(m: ModelSpec, gpu: GpuSpec, tp: int, work: Work, cal: Cal
 
 
 def allreduce_time(nbytes: float, tp: int, link_gbps_bidir: float, cal: Calibration) -> float:
-    """Ring all-reduce of `nbytes` across `tp` GPUs: 2(tp-1)/tp x bytes over one link direction, plus latency."""
+    """Ring all-reduce of `nbytes` across `tp` GPUs: 2(tp-1)/tp x bytes over one link direction, plus a fixed
+    latency per call (small all-reduces are one-shot kernels in vLLM and NCCL's LL protocol)."""
     if tp <= 1 or nbytes <= 0:
         return 0.0
     bw = link_gbps_bidir / 2 * 1e9 * cal.comm_eff
-    return 2 * (tp - 1) / tp * nbytes / bw + 2 * (tp - 1) * cal.comm_latency_s
+    return 2 * (tp - 1) / tp * nbytes / bw + cal.comm_latency_s
 
 
 def link_time(nbytes: float, gbit_s: float, latency_s: float = 20e-6) -> float:
