@@ -52,7 +52,9 @@ SESSION_TTL_S = 300.0
 @dataclass
 class AgentConfig:
     """How one agent runs. `gpu`/`gpus` declare the inventory where nvidia-smi is absent (emulated nodes);
-    `link_mbps` paces the data path in both directions with a token bucket (an emulated slow NIC)."""
+    `link_mbps` paces the data path in both directions with a token bucket (an emulated slow NIC);
+    `peer_mbps` does so only for traffic with the given peer addresses (an emulated slow link between two
+    nodes, e.g. agents bound to different 127.0.0.x addresses)."""
 
     token: str
     host: str = "0.0.0.0"
@@ -65,6 +67,7 @@ class AgentConfig:
     gpu: str | None = None
     gpus: int = 0
     link_mbps: float | None = None
+    peer_mbps: dict[str, float] = field(default_factory=dict)
     cloud: str = "auto"  # aws | gcp | auto | none
     metadata_url: str | None = None  # base URL of the metadata service (tests point it at a double)
     metadata_timeout_s: float = 1.0
@@ -76,6 +79,9 @@ class AgentConfig:
             raise NetbenchError(f"--cloud must be aws, gcp, auto or none, got {self.cloud!r}")
         if self.link_mbps is not None and self.link_mbps <= 0:
             raise NetbenchError(f"--link-mbps must be positive, got {self.link_mbps}")
+        for peer, mbps in self.peer_mbps.items():
+            if not mbps > 0:
+                raise NetbenchError(f"--peer-mbps {peer}={mbps}: the rate must be positive Mbit/s")
         if self.gpus < 0:
             raise NetbenchError(f"--gpus must be >= 0, got {self.gpus}")
 
@@ -94,6 +100,20 @@ def load_token(token_file: str | Path | None = None) -> str:
     if not token:
         raise NetbenchError(f"no agent token: pass --token-file FILE or set {TOKEN_ENV}")
     return token
+
+
+def parse_peer_mbps(items: list[str]) -> dict[str, float]:
+    """`--peer-mbps IP=MBPS` (repeatable) into {IP: Mbit/s}."""
+    out = {}
+    for item in items:
+        peer, sep, rate = item.rpartition("=")
+        try:
+            out[peer] = float(rate)
+            if not sep or not peer:
+                raise ValueError
+        except ValueError:
+            raise NetbenchError(f"--peer-mbps {item!r}: use ADDRESS=MBPS, e.g. 10.0.0.7=400") from None
+    return out
 
 
 def new_token() -> str:
@@ -219,9 +239,12 @@ class _DataProtocol(asyncio.Protocol):
         self.mode: bytes | None = None
         self.session: SinkSession | None = None
         self.transport: asyncio.Transport | None = None
+        self.bucket: TokenBucket | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        peer = transport.get_extra_info("peername")
+        self.bucket = self.agent.rx_bucket_for(peer[0] if peer else "")
         sock = transport.get_extra_info("socket")
         if sock is not None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -257,8 +280,8 @@ class _DataProtocol(asyncio.Protocol):
             s.first = now
         s.last = now
         s.bytes += len(data)
-        if self.agent.rx_bucket is not None:
-            delay = self.agent.rx_bucket.debit(len(data))
+        if self.bucket is not None:
+            delay = self.bucket.debit(len(data))
             if delay > 0:
                 # Reading less makes TCP flow control slow the sender down: an emulated slow link.
                 self.transport.pause_reading()
@@ -274,13 +297,17 @@ class _DataProtocol(asyncio.Protocol):
 
 
 async def send_streams(host: str, port: int, session: str, streams: int, duration_s: float,
-                       bucket: TokenBucket | None = None, connect_timeout_s: float = 5.0) -> dict[str, Any]:
-    """Send zeros to a sink on `streams` parallel TCP connections for `duration_s`; bytes sent per stream."""
+                       bucket: TokenBucket | None = None, connect_timeout_s: float = 5.0,
+                       local_host: str | None = None) -> dict[str, Any]:
+    """Send zeros to a sink on `streams` parallel TCP connections for `duration_s`; bytes sent per stream.
+    `local_host` binds the source address (so a sink can tell which peer is sending)."""
     header = HEADER_MAGIC + b" S " + session.encode() + b"\n"
     sent = [0] * streams
 
     async def one(i: int) -> None:
-        reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), connect_timeout_s)
+        local_addr = (local_host, 0) if local_host else None
+        reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port, local_addr=local_addr),
+                                                connect_timeout_s)
         try:
             writer.transport.set_write_buffer_limits(high=256 * 1024)
             writer.write(header)
@@ -415,6 +442,8 @@ class Agent:
         self.sessions: dict[str, SinkSession] = {}
         self.rx_bucket = TokenBucket(config.link_mbps) if config.link_mbps else None
         self.tx_bucket = TokenBucket(config.link_mbps) if config.link_mbps else None
+        self.peer_rx = {p: TokenBucket(m) for p, m in config.peer_mbps.items()}
+        self.peer_tx = {p: TokenBucket(m) for p, m in config.peer_mbps.items()}
         self.inventory = gpu_inventory(config.gpu, config.gpus)
         self.data_port: int | None = None
         self.iperf_port = config.iperf_port if config.iperf_port is not None else config.port + 2
@@ -427,8 +456,11 @@ class Agent:
             "uptime_s": round(time.monotonic() - self.started, 3), "pid": os.getpid(),
             "gpus": self.inventory, "data_port": self.data_port, "iperf_port": self.iperf_port,
             "advertise_host": self.config.advertise_host, "iperf3": shutil.which("iperf3") is not None,
-            "link_mbps": self.config.link_mbps,
+            "link_mbps": self.config.link_mbps, "peer_mbps": self.config.peer_mbps,
         }
+
+    def rx_bucket_for(self, peer: str) -> TokenBucket | None:
+        return self.peer_rx.get(peer, self.rx_bucket)
 
     def expire_sessions(self) -> None:
         now = time.monotonic()
@@ -504,7 +536,9 @@ class Agent:
             if b.get("tool") == "iperf3":
                 res = await iperf3_client(host, port, streams, duration, timeout_s=duration + 15)
             else:
-                res = await send_streams(host, port, str(b.get("session", "")), streams, duration, self.tx_bucket)
+                local = None if self.config.host in ("0.0.0.0", "::", "") else self.config.host
+                res = await send_streams(host, port, str(b.get("session", "")), streams, duration,
+                                         self.peer_tx.get(host, self.tx_bucket), local_host=local)
                 res["tool"] = "builtin"
         except (TimeoutError, OSError, RuntimeError, ConnectionError) as e:
             return _error(502, f"sending to {host}:{port} failed: {_describe(e)}")
@@ -664,13 +698,14 @@ def _main(argv: list[str] | None = None) -> None:
     p.add_argument("--gpu", default=os.environ.get("THUNDEROPS_AGENT_GPU"))
     p.add_argument("--gpus", type=int, default=int(os.environ.get("THUNDEROPS_AGENT_GPUS", "0") or 0))
     p.add_argument("--link-mbps", type=float)
+    p.add_argument("--peer-mbps", action="append", default=[])
     p.add_argument("--cloud", default="auto")
     p.add_argument("--metadata-url")
     a = p.parse_args(argv)
     try:
         cfg = AgentConfig(token=load_token(a.token_file), host=a.host, port=a.port, data_port=a.data_port,
                           iperf_port=a.iperf_port, node_id=a.node_id, deployment=a.deployment, advertise_host=a.advertise_host,
-                          gpu=a.gpu, gpus=a.gpus, link_mbps=a.link_mbps, cloud=a.cloud, metadata_url=a.metadata_url)
+                          gpu=a.gpu, gpus=a.gpus, link_mbps=a.link_mbps, peer_mbps=parse_peer_mbps(a.peer_mbps), cloud=a.cloud, metadata_url=a.metadata_url)
         run_agent(cfg)
     except NetbenchError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -259,7 +259,8 @@ async def measure_async(endpoints: Sequence[AgentEndpoint], *, duration_s: float
         def pick_tool(ha: dict[str, Any], hb: dict[str, Any]) -> str:
             if tool != "auto":
                 return tool
-            both = ha.get("iperf3") and hb.get("iperf3") and not ha.get("link_mbps") and not hb.get("link_mbps")
+            emulated = any(h.get("link_mbps") or h.get("peer_mbps") for h in (ha, hb))
+            both = ha.get("iperf3") and hb.get("iperf3") and not emulated
             return "iperf3" if both else "builtin"
 
         async def one(i: int, j: int) -> PairResult:

@@ -23,15 +23,16 @@ def agent(
     gpu: Annotated[str | None, typer.Option(envvar="THUNDEROPS_AGENT_GPU", help="Declared GPU type where nvidia-smi is absent")] = None,
     gpus: Annotated[int, typer.Option(envvar="THUNDEROPS_AGENT_GPUS", help="Declared GPU count where nvidia-smi is absent")] = 0,
     link_mbps: Annotated[float | None, typer.Option(help="Emulate a slow link: pace this node's data path (Mbit/s)")] = None,
+    peer_mbps: Annotated[list[str] | None, typer.Option(help="Emulate a slow link to one peer: ADDRESS=MBPS (repeatable)")] = None,
     cloud: Annotated[str, typer.Option(help="Metadata service for preemption notices: aws, gcp, auto or none")] = "auto",
     metadata_url: Annotated[str | None, typer.Option(help="Base URL of the instance metadata service")] = None,
 ) -> None:
     """Run the node agent: health, GPU inventory, bandwidth/latency measurements, preemption notices."""
-    from thunderops.agent import AgentConfig, load_token, run_agent
+    from thunderops.agent import AgentConfig, load_token, parse_peer_mbps, run_agent
 
     cfg = AgentConfig(token=load_token(token_file), host=host, port=port, data_port=data_port, iperf_port=iperf_port,
                       node_id=node, deployment=deployment, advertise_host=advertise_host, gpu=gpu, gpus=gpus,
-                      link_mbps=link_mbps, cloud=cloud, metadata_url=metadata_url)
+                      link_mbps=link_mbps, peer_mbps=parse_peer_mbps(peer_mbps or []), cloud=cloud, metadata_url=metadata_url)
     run_agent(cfg)
 
 
