@@ -1,0 +1,217 @@
+"""The SkyPilot provider against FakeSkyCloud (the cloud side of SkyPilot's SDK): parallel launches, fallbacks
+within the budget, and fault injection at every step. The invariant everywhere: after `down`, the clusters
+that exist but should not == 0, and the store tells what happened."""
+
+from __future__ import annotations
+
+import pytest
+from fakes.fake_sky import FakeSkyCloud
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from provision_helpers import cheapest, max_concurrent_cost, plan_of
+
+from thunderops.errors import ProvisionError, StateError
+from thunderops.provision.skypilot import SkyPilotProvider
+from thunderops.provision.tasks import cluster_name, cluster_prefix
+from thunderops.state import Store
+
+
+@pytest.fixture
+def cloud(tmp_path) -> FakeSkyCloud:
+    return FakeSkyCloud(tmp_path / "fake-sky.json")
+
+
+def provider(cloud, **kw) -> SkyPilotProvider:
+    kw.setdefault("launch_timeout_s", 10)
+    kw.setdefault("cancel_grace_s", 5)
+    return SkyPilotProvider(Store(), cloud, **kw)
+
+
+def three_node_plan(**kw):
+    return plan_of([("a100", cheapest("A100-80GB", 1, cloud="gcp"), False),
+                    ("l4", cheapest("L4", 1, cloud="aws", spot=True), True),
+                    ("t4", cheapest("T4", 1, cloud="aws"), False)], **kw)
+
+
+def start(store: Store, dep: str, plan) -> None:
+    store.create_deployment(dep, provider="skypilot", model=plan.model, budget_per_hour=plan.budget_per_hour)
+    store.add_plan(dep, plan)
+
+
+def test_parallel_launch_records_intent_and_outcome_then_down_leaves_nothing(cloud):
+    p = provider(cloud)
+    plan = three_node_plan()
+    start(p.store, "d1", plan)
+    result = p.up("d1", plan)
+    assert result.ok, result.message
+    assert [n.instance_id for n in result.nodes] == ["a100", "l4", "t4"]
+    assert all(n.host and n.status == "ready" for n in result.nodes)
+    assert cloud.names() == {cluster_name("d1", i, 1) for i in ("a100", "l4", "t4")}
+    recs = p.store.nodes("d1")
+    assert {r.status for r in recs} == {"ready"} and all(r.launched_at for r in recs)
+    assert p.store.cost_per_hour("d1") == pytest.approx(plan.cost_per_hour)
+    assert p.store.deployment("d1").status == "up"
+    infra = {c["infra"] for c in cloud.read()["clusters"].values()}
+    assert any(i.startswith("gcp/us-central1/") for i in infra)
+    down = p.down("d1")
+    assert sorted(down.terminated) == sorted(r.cluster_name for r in recs) and down.unrecorded == []
+    assert cloud.names() == set()
+    assert {r.status for r in p.store.nodes("d1")} == {"terminated"}
+    assert p.down("d1").terminated == []  # idempotent
+    assert p.store.deployment("d1").status == "down"
+
+
+def test_capacity_failure_falls_back_to_next_offer_within_budget_and_stores_a_new_plan_version(cloud):
+    plan = three_node_plan(slack=5.0)
+    target = plan.instance("a100")
+    cloud.add_rule(f"{target.zone} {target.instance_type}", "capacity", times=1)
+    p = provider(cloud)
+    start(p.store, "d1", plan)
+    result = p.up("d1", plan)
+    assert result.ok, result.message
+    moved = result.plan.instance("a100")
+    assert (moved.region, moved.zone) != (target.region, target.zone) or moved.spot != target.spot
+    assert moved.gpu == target.gpu and moved.gpus == target.gpus
+    assert result.plan.cost_per_hour <= plan.budget_per_hour
+    assert p.store.plan_versions("d1") == [1, 2] and result.plan_version == 2
+    changed = p.store.events("d1", kind="plan-changed")[0].payload
+    assert changed == {"before": 1, "after": 2}
+    assert len(p.store.events("d1", kind="fallback")) == 1
+    assert cloud.names() == {n.cluster_name for n in result.nodes}
+    assert max_concurrent_cost(p.store.nodes("d1")) <= plan.budget_per_hour + 1e-9
+    p.down("d1")
+    assert cloud.names() == set()
+
+
+def test_fallbacks_stop_at_the_budget_then_give_up_and_tear_everything_down(cloud):
+    plan = three_node_plan(slack=0.05)  # room for a slightly dearer L4 spot zone or two, not more
+    l4 = plan.instance("l4")
+    cloud.add_rule("to-d1-l4-", "capacity", times=100)  # every attempt for this node fails
+    cloud.set(launch_delay_s=0.3)
+    p = provider(cloud, max_attempts=50)
+    start(p.store, "d1", plan)
+    result = p.up("d1", plan)
+    assert not result.ok and "l4" in result.message and "within" in result.message
+    assert cloud.names() == set()
+    assert p.store.deployment("d1").status == "failed"
+    assert p.store.nodes("d1", live_only=True) == []
+    tried = [r for r in p.store.nodes("d1") if r.instance_id == "l4"]
+    assert len(tried) >= 2  # it did fall back before giving up
+    others = plan.cost_per_hour - l4.price_per_hour
+    assert all(r.price_per_hour + others <= plan.budget_per_hour + 1e-9 for r in tried)
+    assert max_concurrent_cost(p.store.nodes("d1")) <= plan.budget_per_hour + 1e-9
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(slack=st.sampled_from([0.0, 0.05, 0.3, 2.0]),
+       failures=st.dictionaries(st.sampled_from(["a100", "l4", "t4"]),
+                                st.tuples(st.sampled_from(["capacity", "capacity_partial", "hang"]),
+                                          st.integers(1, 4)), max_size=3))
+def test_no_sequence_of_fallbacks_goes_above_the_budget(tmp_path_factory, slack, failures):
+    cloud = FakeSkyCloud(tmp_path_factory.mktemp("sky") / "fake-sky.json")
+    for inst, (action, times) in failures.items():
+        cloud.add_rule(f"to-d1-{inst}-", action, times=times)
+    p = SkyPilotProvider(Store(tmp_path_factory.mktemp("home") / "state.db"), cloud, launch_timeout_s=0.3,
+                         cancel_grace_s=2, max_attempts=20)
+    plan = three_node_plan(slack=slack)
+    start(p.store, "d1", plan)
+    result = p.up("d1", plan)
+    nodes = p.store.nodes("d1")
+    assert max_concurrent_cost(nodes) <= plan.budget_per_hour + 1e-9
+    assert result.ok or cloud.names() == set()
+    if result.ok:
+        assert result.plan.cost_per_hour <= plan.budget_per_hour + 1e-9
+        assert cloud.names() == {n.cluster_name for n in result.nodes}
+    p.down("d1")
+    assert cloud.names() == set()
+
+
+def test_keep_partial_keeps_the_nodes_that_came_up(cloud):
+    plan = three_node_plan()
+    cloud.add_rule("t4", "capacity", times=100)
+    p = provider(cloud, max_attempts=2)
+    start(p.store, "d1", plan)
+    result = p.up("d1", plan, keep_partial=True)
+    assert not result.ok
+    assert {n.instance_id for n in result.nodes} == {"a100", "l4"}
+    assert cloud.names() == {n.cluster_name for n in result.nodes}
+    p.down("d1")
+    assert cloud.names() == set()
+
+
+def test_a_hung_launch_is_cancelled_torn_down_and_replaced(cloud):
+    plan = three_node_plan(slack=5.0)
+    cloud.add_rule(cluster_name("d1", "t4", 1), "hang")
+    p = provider(cloud, launch_timeout_s=1.0)
+    start(p.store, "d1", plan)
+    result = p.up("d1", plan)
+    assert result.ok, result.message
+    assert cluster_name("d1", "t4", 1) not in cloud.names()
+    first = p.store.node(cluster_name("d1", "t4", 1))
+    assert first.status == "terminated" and "TimeoutError" in first.error
+    assert result.nodes[2].cluster_name == cluster_name("d1", "t4", 2)
+    p.down("d1")
+    assert cloud.names() == set()
+
+
+def test_sdk_exception_mid_parallel_launches_cancels_the_others_and_leaves_nothing(cloud):
+    plan = three_node_plan(slack=5.0)
+    cloud.add_rule(cluster_name("d1", "l4", 1), "error")  # the cluster is created, then the SDK raises
+    cloud.add_rule(cluster_name("d1", "a100", 1), "hang")  # still launching when the error comes
+    p = provider(cloud, launch_timeout_s=30)
+    start(p.store, "d1", plan)
+    result = p.up("d1", plan)
+    assert not result.ok and "SDK exploded" in result.message
+    assert cloud.names() == set()  # given up cleanly: nothing left, even before an explicit down
+    assert {r.status for r in p.store.nodes("d1")} == {"terminated"}
+    assert p.down("d1").terminated == []
+
+
+def test_a_half_made_cluster_after_a_capacity_error_is_torn_down(cloud):
+    plan = three_node_plan(slack=5.0)
+    cloud.add_rule(cluster_name("d1", "a100", 1), "capacity_partial")
+    p = provider(cloud)
+    start(p.store, "d1", plan)
+    assert p.up("d1", plan).ok
+    assert cluster_name("d1", "a100", 1) not in cloud.names()
+    assert cluster_name("d1", "a100", 1) in cloud.read()["downs"]
+
+
+def test_down_finds_clusters_the_store_never_recorded(cloud):
+    p = provider(cloud)
+    plan = three_node_plan()
+    start(p.store, "d1", plan)
+    assert p.up("d1", plan).ok
+    # a crash between launch and record: the cloud has a cluster of ours the store does not know
+    cloud.launch(cluster_name("d1", "ghost", 1), {"resources": {}}, lambda _s: None)
+    cloud.launch(cluster_name("zz", "ghost", 1), {"resources": {}}, lambda _s: None)  # deployment lost too
+    cloud.launch("someone-else", {"resources": {}}, lambda _s: None)  # not ours: left alone
+    down = p.down("d1")
+    assert down.unrecorded == [cluster_name("d1", "ghost", 1)]
+    assert cloud.names() == {cluster_name("zz", "ghost", 1), "someone-else"}
+    assert p.down("zz").unrecorded == [cluster_name("zz", "ghost", 1)]
+    assert p.down(None).terminated == []
+    assert cloud.names() == {"someone-else"}
+    assert cluster_prefix(None) == "to-"
+
+
+def test_missing_credentials_and_over_budget_plans_are_refused_before_any_launch(cloud):
+    cloud.set(enabled=["gcp"])
+    p = provider(cloud)
+    plan = three_node_plan()
+    start(p.store, "d1", plan)
+    with pytest.raises(ProvisionError, match=r"no credentials for aws.*sky check aws"):
+        p.up("d1", plan)
+    cloud.set(enabled=["gcp", "aws"])
+    plan.budget_per_hour = plan.cost_per_hour - 0.5
+    with pytest.raises(ProvisionError, match=r"above its budget"):
+        p.up("d1", plan)
+    assert cloud.read()["launches"] == []
+
+
+def test_unknown_deployment_is_a_one_line_error(cloud):
+    p = provider(cloud)
+    with pytest.raises(StateError, match="unknown deployment 'nope'"):
+        p.down("nope")
+    with pytest.raises(StateError):
+        p.status("nope")

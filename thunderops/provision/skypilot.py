@@ -1,0 +1,392 @@
+"""The SkyPilot provider: every plan instance becomes one SkyPilot cluster, launched in parallel.
+
+Money must not leak, so the order of things is fixed:
+1. intent is recorded in the state store (status `intent`, cluster name, $/h) before each launch;
+2. the launch runs with a timeout; its outcome (`ready` + host, or `failed` + error) is recorded after;
+3. a capacity/quota failure (or a hung launch) is torn down, then the node moves to the next-best offer
+   (same GPU type and count: another zone, region or cloud, or on-demand instead of spot) if the plan's total
+   $/h stays within the budget; any other failure, or no offer left, gives up: every launch in flight is
+   cancelled and every cluster of the deployment torn down (unless `keep_partial`).
+Cluster names are `to-<deployment>-<instance>-<attempt>`, so `down` finds clusters the store never heard of
+(a crash between launch and record) in SkyPilot's own cluster list and tears them down too.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import pandas as pd
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
+
+from thunderops.errors import ProvisionError
+from thunderops.plan import Instance, Plan
+from thunderops.provision import DownResult, Node, Ports, Provider, ProvisionResult
+from thunderops.provision.sky_adapter import CapacityError, Cluster, SkyCloud, get_sky_cloud
+from thunderops.provision.tasks import (
+    accelerator_names,
+    cluster_name,
+    cluster_prefix,
+    deployment_of,
+    engine_task,
+)
+from thunderops.state import Store, now_utc
+
+_AWS_ZONE_ID = re.compile(r"^[a-z]+\d-az\d+$")
+BUDGET_EPS = 1e-6  # $/h: float slack when comparing sums of prices with the budget
+
+
+class _GiveUp(Exception):
+    """A node cannot be brought up within the plan and budget."""
+
+
+@dataclass
+class _Slot:
+    """One plan instance being brought up: its current offer and launch attempt."""
+
+    original: Instance
+    current: Instance
+    attempt: int = 0
+    cluster: str = ""
+    tried: set[tuple] = field(default_factory=set)
+
+
+def offer_instance(original: Instance, row: pd.Series | dict, spot: bool) -> Instance:
+    """`original` moved to another catalog offer (same id, GPU type and count)."""
+    price = float(row["price_spot"] if spot else row["price_ondemand"])
+    return replace(original, cloud=str(row["cloud"]), region=str(row["region"]), zone=str(row["zone"] or ""),
+                   instance_type=str(row["instance_type"]), spot=spot, price_per_hour=price,
+                   network_gbps=None if pd.isna(row.get("network_gbps")) else float(row["network_gbps"]),
+                   source=str(row["source"]), as_of=str(row["as_of"]), host=None)
+
+
+def _key(inst: Instance) -> tuple:
+    return (inst.cloud, inst.region, inst.zone or "", inst.instance_type, bool(inst.spot))
+
+
+def fallback_candidates(inst: Instance, offers: pd.DataFrame, *, clouds: set[str] | None = None,
+                        regions: set[str] | None = None) -> list[Instance]:
+    """Every other offer for the same GPU type and GPUs per node, cheapest first. A spot node may fall back
+    to spot or on-demand; an on-demand node stays on-demand (it was chosen not to be preempted)."""
+    rows = offers[(offers["gpu"] == inst.gpu) & (offers["gpus_per_node"] == inst.gpus)]
+    if clouds:
+        rows = rows[rows["cloud"].isin(clouds)]
+    if regions:
+        rows = rows[rows["region"].isin(regions)]
+    out = []
+    for _, row in rows.iterrows():
+        if inst.spot and pd.notna(row["price_spot"]):
+            out.append(offer_instance(inst, row, True))
+        out.append(offer_instance(inst, row, False))
+    out.sort(key=lambda i: (i.price_per_hour, _key(i)))
+    return [i for i in out if _key(i) != _key(inst)]
+
+
+def sky_zone(inst: Instance) -> str:
+    """The zone to pin in SkyPilot. AWS catalogs list zone IDs (use1-az1), which SkyPilot maps to
+    account-specific names only with credentials, so for those we pin the region and let SkyPilot pick."""
+    return "" if inst.cloud == "aws" and _AWS_ZONE_ID.match(inst.zone or "") else (inst.zone or "")
+
+
+class ProgressView:
+    """Rich live table: one row per plan instance (offer, $/h, provisioning -> setup -> ready | failed)."""
+
+    COLORS = {"intent": "dim", "provisioning": "yellow", "setup": "cyan", "ready": "green", "failed": "red",
+              "terminated": "dim", "retrying": "magenta", "cancelled": "red"}
+
+    def __init__(self, console: Console | None) -> None:
+        self.console = console
+        self.rows: dict[str, dict[str, Any]] = {}
+        self._lock = threading.Lock()
+        self._live: Live | None = None
+
+    def __enter__(self) -> ProgressView:
+        if self.console is not None:
+            self._live = Live(self._table(), console=self.console, refresh_per_second=4, transient=False)
+            self._live.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._live is not None:
+            self._live.update(self._table())
+            self._live.__exit__(*exc)
+
+    def update(self, inst: Instance, status: str, note: str = "") -> None:
+        with self._lock:
+            row = self.rows.setdefault(inst.id, {"since": time.monotonic()})
+            row.update(offer=f"{inst.cloud}/{inst.region}/{inst.zone or '-'} {inst.instance_type}"
+                       f"{' spot' if inst.spot else ''}", price=inst.price_per_hour, status=status, note=note)
+            if self._live is not None:
+                self._live.update(self._table())
+
+    def _table(self) -> Table:
+        t = Table(title="provisioning", title_justify="left")
+        for col in ("node", "offer", "$/h", "status", "elapsed", "note"):
+            t.add_column(col)
+        for node, r in self.rows.items():
+            color = self.COLORS.get(r["status"], "")
+            t.add_row(node, r["offer"], f"{r['price']:.2f}", f"[{color}]{r['status']}[/]",
+                      f"{time.monotonic() - r['since']:.0f}s", r["note"][:60])
+        return t
+
+
+class SkyPilotProvider(Provider):
+    name = "skypilot"
+
+    def __init__(self, store: Store | None = None, cloud: SkyCloud | None = None, *, console: Console | None = None,
+                 launch_timeout_s: float = 1800.0, cancel_grace_s: float = 60.0, offers: pd.DataFrame | None = None,
+                 pip_spec: str | None = None, max_attempts: int = 6) -> None:
+        self.store = store or Store()
+        self.cloud = cloud or get_sky_cloud()
+        self.console = console
+        self.launch_timeout_s = launch_timeout_s
+        self.cancel_grace_s = cancel_grace_s
+        self._offers = offers
+        self.pip_spec = pip_spec
+        self.max_attempts = max_attempts
+
+    # -- checks -----------------------------------------------------------------------------------------
+    def check(self, plan: Plan) -> None:
+        """Before anything is launched: the plan fits its budget and every cloud in it has credentials."""
+        total = sum(i.price_per_hour for i in plan.instances)
+        if total > plan.budget_per_hour + BUDGET_EPS:
+            raise ProvisionError(f"plan costs {total:.2f} $/h, above its budget of {plan.budget_per_hour:.2f} $/h; "
+                                 "raise --budget or re-plan")
+        enabled = self.cloud.enabled_clouds()
+        missing = sorted({i.cloud for i in plan.instances} - enabled)
+        if missing:
+            raise ProvisionError(f"no credentials for {', '.join(missing)}: set them up and run "
+                                 f"`sky check {' '.join(missing)}` (or plan with --cloud {','.join(sorted(enabled)) or 'CLOUD'})")
+
+    def offers(self) -> pd.DataFrame:
+        if self._offers is None:
+            from thunderops.catalog import load_offers
+
+            self._offers = load_offers()
+        return self._offers
+
+    # -- up ---------------------------------------------------------------------------------------------
+    def up(self, deployment: str, plan: Plan, *, keep_partial: bool = False) -> ProvisionResult:
+        store = self.store
+        self.check(plan)
+        if not plan.instances:
+            raise ProvisionError("the plan has no instances to provision; re-plan with a larger --budget")
+        version = plan.version if plan.version in store.plan_versions(deployment) else store.add_plan(deployment, plan)
+        store.set_deployment_status(deployment, "provisioning")
+        store.add_event(deployment, "provision-start", f"launching {len(plan.instances)} node(s)",
+                        {"plan_version": version, "cost_per_hour": plan.cost_per_hour})
+        accel = accelerator_names(plan)
+        allowed_clouds = self.cloud.enabled_clouds()
+        if plan.inputs.get("clouds"):
+            allowed_clouds &= {str(c).lower() for c in plan.inputs["clouds"]}
+        regions = set(plan.inputs["regions"]) if plan.inputs.get("regions") else None
+        slots = {i.id: _Slot(i, i) for i in plan.instances}
+        lock = threading.Lock()
+        abort = threading.Event()
+        in_flight: set[str] = set()
+        nodes: dict[str, Node] = {}
+        errors: dict[str, str] = {}
+
+        def total_with(inst_id: str, candidate: Instance) -> float:
+            return sum(candidate.price_per_hour if s.original.id == inst_id else s.current.price_per_hour
+                       for s in slots.values())
+
+        def next_offer(slot: _Slot) -> Instance | None:
+            with lock:
+                for cand in fallback_candidates(slot.original, self.offers(), clouds=allowed_clouds, regions=regions):
+                    if _key(cand) in slot.tried:
+                        continue
+                    if total_with(slot.original.id, cand) <= plan.budget_per_hour + BUDGET_EPS:
+                        slot.current = cand
+                        return cand
+            return None
+
+        def bring_up(slot: _Slot, view: ProgressView) -> None:
+            while not abort.is_set():
+                inst = slot.current
+                slot.tried.add(_key(inst))
+                slot.attempt += 1
+                if slot.attempt > self.max_attempts:
+                    raise _GiveUp(f"{inst.id}: no offer came up after {self.max_attempts} attempts")
+                name = cluster_name(deployment, inst.id, slot.attempt)
+                slot.cluster = name
+                ports = Ports()
+                config = engine_task(plan, replace(inst, zone=sky_zone(inst)), deployment=deployment, node_id=name,
+                                     cluster=name, accelerator=accel.get(inst.id) if inst.gpu == slot.original.gpu
+                                     else None, ports=ports, pip_spec=self.pip_spec)
+                store.record_node_intent(
+                    deployment, name, inst.id, name, cloud=inst.cloud, region=inst.region, zone=inst.zone,
+                    instance_type=inst.instance_type, gpu=inst.gpu, gpus=inst.gpus, spot=inst.spot,
+                    price_per_hour=inst.price_per_hour, engine_port=ports.engine, kv_port=ports.kv,
+                    agent_port=ports.agent)
+                view.update(inst, "intent")
+                with lock:
+                    if abort.is_set():
+                        store.update_node(name, status="terminated", terminated_at=now_utc(), error="cancelled")
+                        return
+                    in_flight.add(name)
+                store.update_node(name, status="provisioning", launched_at=now_utc())
+                view.update(inst, "provisioning")
+                try:
+                    host = self._launch_with_timeout(name, config, lambda st, n=name, i=inst: self._stage(n, i, st, view))
+                except (CapacityError, TimeoutError) as e:
+                    why = f"{type(e).__name__}: {e}"
+                    self._teardown_failed(deployment, name, why)
+                    view.update(inst, "failed", why)
+                    if abort.is_set():
+                        return
+                    nxt = next_offer(slot)
+                    if nxt is None:
+                        raise _GiveUp(f"{inst.id}: {why}; no other {inst.gpus}x{inst.gpu} offer keeps the plan "
+                                      f"within {plan.budget_per_hour:.2f} $/h") from None
+                    store.add_event(deployment, "fallback", f"{inst.id}: {why}; trying {_key(nxt)}",
+                                    {"instance": inst.id, "from": list(_key(inst)), "to": list(_key(nxt)),
+                                     "price_per_hour": nxt.price_per_hour})
+                    view.update(nxt, "retrying", why)
+                    continue
+                except Exception as e:  # SDK or setup failure: not something another offer fixes
+                    why = f"{type(e).__name__}: {e}"
+                    self._teardown_failed(deployment, name, why)
+                    view.update(inst, "failed", why)
+                    raise _GiveUp(f"{inst.id}: {why}") from None
+                finally:
+                    with lock:
+                        in_flight.discard(name)
+                rec = store.update_node(name, status="ready", host=host or None)
+                nodes[inst.id] = Node.from_record(rec)
+                view.update(inst, "ready", host or "")
+                return
+
+        with ProgressView(self.console) as view, ThreadPoolExecutor(max_workers=len(slots)) as pool:
+            futures = {pool.submit(bring_up, s, view): s for s in slots.values()}
+            for fut in as_completed(futures):
+                slot = futures[fut]
+                try:
+                    fut.result()
+                except Exception as e:  # _GiveUp, or a bug: either way stop everything
+                    errors[slot.original.id] = str(e)
+                    if not abort.is_set():
+                        abort.set()
+                        with lock:
+                            flying = list(in_flight)
+                        for name in flying:
+                            self.cloud.cancel(name)
+
+        final = replace(plan, instances=[replace(s.current if s.original.id in nodes else s.original)
+                                         for s in slots.values()])
+        final.cost_per_hour = sum(i.price_per_hour for i in final.instances)
+        for inst in final.instances:
+            if inst.id in nodes:
+                inst.host = nodes[inst.id].host
+        if errors:
+            message = "; ".join(errors.values())
+            store.add_event(deployment, "provision-failed", message, {"errors": errors, "keep_partial": keep_partial})
+            if not keep_partial:
+                self.down(deployment)
+                nodes.clear()
+            store.set_deployment_status(deployment, "failed")
+            return ProvisionResult(deployment, final, version, list(nodes.values()), ok=False, message=message)
+        if any(_key(s.current) != _key(s.original) for s in slots.values()):
+            new_version = store.add_plan(deployment, final, reason="provisioning fallbacks")
+            store.add_event(deployment, "plan-changed", "offers replaced during provisioning",
+                            {"before": version, "after": new_version})
+            version = new_version
+        store.set_deployment_status(deployment, "up")
+        store.add_event(deployment, "provision-done", f"{len(nodes)} node(s) ready",
+                        {"plan_version": version, "cost_per_hour": final.cost_per_hour})
+        ordered = [nodes[i.id] for i in final.instances]
+        return ProvisionResult(deployment, final, version, ordered, ok=True)
+
+    def _stage(self, name: str, inst: Instance, stage: str, view: ProgressView) -> None:
+        if stage == "setup":
+            self.store.update_node(name, status="setup")
+        view.update(inst, stage)
+
+    def _launch_with_timeout(self, name: str, config: dict[str, Any], on_stage) -> str:
+        result: dict[str, Any] = {}
+        done = threading.Event()
+
+        def run() -> None:
+            try:
+                result["host"] = self.cloud.launch(name, config, on_stage)
+            except BaseException as e:  # handed to the caller below
+                result["error"] = e
+            finally:
+                done.set()
+
+        threading.Thread(target=run, name=f"launch-{name}", daemon=True).start()
+        if not done.wait(self.launch_timeout_s):
+            self.cloud.cancel(name)
+            done.wait(self.cancel_grace_s)
+            raise TimeoutError(f"launch did not finish within {self.launch_timeout_s:g} s")
+        if "error" in result:
+            raise result["error"]
+        return result["host"]
+
+    def _teardown_failed(self, deployment: str, name: str, why: str) -> None:
+        """A failed launch may still have left machines behind: tear the cluster down, then record it."""
+        self.store.update_node(name, status="failed", error=why[:500])
+        self.cloud.down(name)
+        self.store.update_node(name, status="terminated", terminated_at=now_utc())
+
+    # -- status / down ----------------------------------------------------------------------------------
+    def clusters(self, deployment: str | None) -> dict[str, Cluster]:
+        """SkyPilot's own view: every cluster of the deployment (or all of thunderops')."""
+        return {c.name: c for c in self.cloud.clusters(cluster_prefix(deployment))}
+
+    def status(self, deployment: str) -> list[Node]:
+        recs = self.store.nodes(deployment)
+        live = [r for r in recs if r.live]
+        seen = self.clusters(deployment) if live else {}
+        out = []
+        for r in recs:
+            node = Node.from_record(r)
+            if r.live and r.cluster_name not in seen and r.status == "ready":
+                node.status = "missing"  # the cloud no longer has it: preempted or deleted outside thunderops
+            out.append(node)
+        return out
+
+    def down(self, deployment: str | None) -> DownResult:
+        store = self.store
+        clusters = self.clusters(deployment)
+        if deployment is None:
+            deps = {d.id for d in store.deployments() if d.provider in ("", self.name)}
+        else:
+            if not store.has_deployment(deployment) and not clusters:
+                store.deployment(deployment)  # raises the one-line unknown-deployment error
+            deps = {deployment} if store.has_deployment(deployment) else set()
+        recorded = {r.cluster_name: r for d in deps for r in store.nodes(d) if r.live}
+        targets = sorted(set(clusters) | set(recorded))
+        result = DownResult(deployment)
+        for name in targets:
+            if name in recorded:
+                store.update_node(recorded[name].id, status="terminating")
+        with ThreadPoolExecutor(max_workers=max(1, min(16, len(targets)))) as pool:
+            outcomes = {name: pool.submit(self.cloud.down, name) for name in targets}
+        for name, fut in outcomes.items():
+            try:
+                fut.result()
+            except Exception as e:  # keep going: one stuck cluster must not keep the others up
+                result.failed[name] = f"{type(e).__name__}: {e}"
+                continue
+            result.terminated.append(name)
+            if name in recorded:
+                store.update_node(recorded[name].id, status="terminated", terminated_at=now_utc())
+            else:
+                result.unrecorded.append(name)
+        for d in sorted(deps):
+            store.add_event(d, "down", f"terminated {len([n for n in result.terminated if deployment_of(n) == d])} "
+                            "cluster(s)", {"terminated": [n for n in result.terminated if deployment_of(n) == d],
+                                           "unrecorded": [n for n in result.unrecorded if deployment_of(n) == d],
+                                           "failed": result.failed})
+            if not any(deployment_of(n) == d for n in result.failed):
+                store.set_deployment_status(d, "down")
+        return result
+
+
