@@ -1,0 +1,149 @@
+"""The scheduler: which instances to rent under a $/h budget (or which of your own GPUs to use), how they form
+model replicas, each replica's phase and parallelism, and the routing between prefill and decode replicas.
+
+`plan(...)` is the entry point (also `thunderops.plan`). `solve(...)` returns our plan with the baselines'.
+Modules: procure (offers -> pool), inventory (your GPUs), topology (links), parallel (per-group layouts),
+route (the routing LP), harness (shared evaluation), search (tabu), baselines, reschedule.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+from thunderops.errors import PlanError
+from thunderops.perf import PerfModel
+from thunderops.plan import SLO, Plan
+from thunderops.scheduler.baselines import BASELINES, all_baselines
+from thunderops.scheduler.harness import Harness
+from thunderops.scheduler.inventory import Inventory, load_inventory
+from thunderops.scheduler.procure import build_pool, check_budget
+from thunderops.scheduler.search import SearchConfig, Tabu, designate, greedy_groups
+from thunderops.scheduler.topology import Topology, load_bandwidth
+from thunderops.specs import get_model
+from thunderops.workload import Workload, get_workload
+
+__all__ = ["plan", "solve", "PlanResult", "SearchConfig", "BASELINES"]
+
+
+@dataclass
+class PlanResult:
+    plan: Plan
+    baselines: dict[str, Plan] = field(default_factory=dict)
+    seconds: float = 0.0
+    evaluations: int = 0
+    harness: Harness | None = field(default=None, repr=False)
+
+
+def make_slo(slo: SLO | None, slo_ttft: float | None, slo_tpot: float | None, attainment: float | None) -> SLO:
+    base = slo or SLO()
+    return SLO(slo_ttft if slo_ttft is not None else base.ttft_s,
+               slo_tpot if slo_tpot is not None else base.tpot_s,
+               attainment if attainment is not None else base.attainment)
+
+
+def solve(
+    budget: float | None = None,
+    model: str = "llama-30b",
+    workload: str | Workload = "conversation",
+    *,
+    rate: float | None = None,
+    slo: SLO | None = None,
+    slo_ttft: float | None = None,
+    slo_tpot: float | None = None,
+    attainment: float | None = None,
+    clouds: str | list[str] | None = None,
+    regions: str | list[str] | None = None,
+    spot: bool | None = None,
+    inventory: str | Path | Inventory | None = None,
+    bandwidth: str | Path | dict | None = None,
+    offers: str | Path | pd.DataFrame | None = None,
+    seed: int = 0,
+    time_limit: float = 60.0,
+    search: SearchConfig | None = None,
+    perf: PerfModel | None = None,
+    progress: Callable[[float, str], None] | None = None,
+) -> PlanResult:
+    """Plan a deployment and the baselines in the same harness. See `plan` for the arguments."""
+    t0 = time.perf_counter()
+    spec = get_model(model)
+    perf = perf or PerfModel(spec)
+    wl = get_workload(workload) if isinstance(workload, str) else workload
+    if rate is not None:
+        wl = wl.with_rate(rate)
+    slo = make_slo(slo, slo_ttft, slo_tpot, attainment)
+    overrides: dict = {}
+    if inventory is not None:
+        inv = inventory if isinstance(inventory, Inventory) else load_inventory(inventory)
+        pool, overrides = list(inv.instances), dict(inv.links)
+    else:
+        if budget is None:
+            raise PlanError("give a budget in $/h (--budget 13.54), or an --inventory of GPUs you already have")
+        if isinstance(offers, pd.DataFrame):
+            table = offers
+        else:
+            from thunderops.catalog import load_offers
+
+            table = load_offers(offers, clouds=clouds, regions=regions, spot=True if spot else None)
+        check_budget(table, perf, budget, spot)
+        pool = build_pool(table, perf, budget, spot)
+    if bandwidth is not None:
+        overrides.update(bandwidth if isinstance(bandwidth, dict) else load_bandwidth(bandwidth))
+    h = Harness(pool, perf, wl, slo, Topology(overrides), budget=budget, rate=rate)
+    cfg = search or SearchConfig(time_limit=time_limit)
+    if inventory is not None and budget is not None:
+        cheapest = min(i.price_per_hour for i in pool)
+        if cheapest > budget:
+            raise PlanError(f"budget {budget:g} $/h is below the cheapest inventory node ({cheapest:g} $/h)")
+
+    base = all_baselines(h, seed, SearchConfig(max_iters=min(80, cfg.max_iters), patience=20,
+                                               time_limit=cfg.time_limit / 4))
+    starts = list(base.values())
+    if inventory is not None:  # everything you own, bandwidth-aware groups, best phase cut
+        everything = [designate(h, greedy_groups(h, range(len(pool))))]
+        if h.budget is None or everything[0].cost <= h.budget:
+            starts += everything
+    starts = [s for s in starts if s.goodput > 0] or starts
+    if not starts:
+        raise PlanError(f"no instance can hold {spec.name} within the inputs; add GPUs or pick a smaller model")
+    best = Tabu(h, cfg, seed=seed, progress=progress).run(starts)
+    best = max([best, *starts], key=lambda e: e.score)
+    if best.goodput <= 0:
+        raise PlanError(f"no plan meets the SLO (TTFT {slo.ttft_s:g} s, TPOT {slo.tpot_s:g} s at "
+                        f"{slo.attainment:.0%}) for {spec.name}; relax --slo-ttft/--slo-tpot or raise the budget")
+    inputs = {
+        "model": spec.name, "workload": wl.name, "rate": rate, "budget_per_hour": budget,
+        "slo": {"ttft_s": slo.ttft_s, "tpot_s": slo.tpot_s, "attainment": slo.attainment},
+        "clouds": clouds, "regions": regions, "spot": spot,
+        "inventory": str(inventory) if isinstance(inventory, str | Path) else (inventory.source if inventory else None),
+        "bandwidth": str(bandwidth) if isinstance(bandwidth, str | Path) else None,
+        "seed": seed, "time_limit": cfg.time_limit,
+    }
+    plans = {name: h.to_plan(ev, strategy=name, inputs=inputs) for name, ev in base.items()}
+    ours = h.to_plan(best, strategy="thunderops", inputs=inputs)
+    ours.inputs["baselines"] = {
+        name: {"goodput_rps": p.predicted.goodput_rps, "cost_per_hour": p.cost_per_hour, "gpus": p.total_gpus}
+        for name, p in plans.items()}
+    if rate is not None:
+        ours.inputs["rate_met"] = bool(best.goodput >= rate * (1 - 1e-6))
+    if progress:
+        progress(1.0, f"done: {best.goodput:.2f} req/s at {best.cost:.2f} $/h")
+    return PlanResult(ours, plans, time.perf_counter() - t0, h.evaluations, h)
+
+
+def plan(budget: float | None = None, model: str = "llama-30b", workload: str | Workload = "conversation",
+         **kwargs) -> Plan:
+    """Find a deployment plan.
+
+    budget: $/h for all instances (required with offers; optional with an inventory). model: a name from
+    `thunderops catalog models` or a HF config.json. workload: `coding`, `conversation` or a trace CSV.
+    Keywords: rate (req/s: the cheapest plan serving it), slo / slo_ttft / slo_tpot / attainment, clouds,
+    regions, spot (True: spot prices only, False: on-demand only, None: either), inventory (YAML of your GPUs),
+    bandwidth (JSON/CSV of Gbps between instances), offers (a catalog path or DataFrame), seed, time_limit (s),
+    search (SearchConfig), progress (callback(fraction, message)).
+    """
+    return solve(budget, model, workload, **kwargs).plan

@@ -1,0 +1,158 @@
+"""Baselines in the same harness as our search: same pool (offers or inventory), budget, perf model and LP.
+
+- `vllm`: the best single instance type, colocated replicas of uniform TP.
+- `distserve`: the best single instance type, phase-split (prefill and decode groups, best split by the LP).
+- `hexgen`: heterogeneous instances, colocated replicas with asymmetric parallelism (mixed-GPU pipelines),
+  found by the same tabu search restricted to colocated groups.
+- `melange`: the heterogeneous mix that maximises capacity under the budget (or, with a target rate, the
+  cheapest that serves it) by an integer program (scipy's HiGHS MILP); one colocated replica per instance unit.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy.optimize import Bounds, LinearConstraint, milp
+
+from thunderops.scheduler.harness import Evaluation, Harness, State, canon
+from thunderops.scheduler.search import SearchConfig, Tabu, designate, fits_alone, greedy_groups
+
+BASELINES = ("vllm", "distserve", "hexgen", "melange")
+
+
+def templates(h: Harness) -> dict[tuple, list[int]]:
+    """Instances grouped by kind (instance type, place, pricing), cheapest kinds first, copies in pool order."""
+    out: dict[tuple, list[int]] = {}
+    for k, inst in enumerate(h.pool):
+        key = (inst.instance_type, inst.cloud, inst.region, inst.zone, inst.spot, inst.price_per_hour)
+        out.setdefault(key, []).append(k)
+    return out
+
+
+def _affordable(h: Harness, insts: list[int]) -> list[int]:
+    """The longest prefix of these instances within the budget."""
+    out, spent = [], 0.0
+    for i in insts:
+        p = h.pool[i].price_per_hour
+        if h.budget is not None and spent + p > h.budget + 1e-9:
+            break
+        out.append(i)
+        spent += p
+    return out
+
+
+def _merge_pairs(groups: list[tuple]) -> list[tuple]:
+    """Uniform TP twice as wide: merge consecutive groups pairwise (an odd one stays as it is)."""
+    return [groups[k] + groups[k + 1] if k + 1 < len(groups) else groups[k] for k in range(0, len(groups), 2)]
+
+
+def _homogeneous(h: Harness, phase_split: bool) -> Evaluation | None:
+    """Best single instance kind: as many copies as affordable (with a rate, the fewest that serve it)."""
+    best: Evaluation | None = None
+    for insts in templates(h).values():
+        avail = _affordable(h, insts)
+        if not avail:
+            continue
+        counts = [len(avail)]
+        if h.rate is not None:  # fewest copies that meet the rate (goodput grows with copies)
+            lo, hi = 1, len(avail)
+            while lo < hi:
+                mid = (lo + hi) // 2
+                if _homog_eval(h, avail[:mid], phase_split).goodput >= h.rate:
+                    hi = mid
+                else:
+                    lo = mid + 1
+            counts = sorted({lo, len(avail)})
+        for m in counts:
+            ev = _homog_eval(h, avail[:m], phase_split)
+            if ev is not None and (best is None or ev.score > best.score):
+                best = ev
+    return best
+
+
+def _homog_eval(h: Harness, insts: list[int], phase_split: bool) -> Evaluation | None:
+    groups = greedy_groups(h, insts)
+    if not groups:
+        return None
+    options = [groups]
+    if len(groups) >= 2:
+        options.append(_merge_pairs(groups))
+    # DistServe is phase-split by design (colocated only when there is a single replica)
+    evs = [designate(h, g, phase_split, require_split=True) if phase_split
+           else h.evaluate(canon((u, "colocated") for u in g)) for g in options]
+    return max(evs, key=lambda e: e.score)
+
+
+def vllm(h: Harness) -> Evaluation | None:
+    return _homogeneous(h, phase_split=False)
+
+
+def distserve(h: Harness) -> Evaluation | None:
+    return _homogeneous(h, phase_split=True)
+
+
+def melange(h: Harness) -> Evaluation | None:
+    """Integer program over instance kinds whose single instance holds replicas (one per unit)."""
+    kinds = []
+    for insts in templates(h).values():
+        i0 = insts[0]
+        units = h.units_of[i0]
+        if not fits_alone(h, (units[0],)):
+            continue
+        cap = h.config((units[0],), "colocated").capacity * len(units)
+        if cap > 0:
+            kinds.append((insts, cap, h.pool[i0].price_per_hour))
+    if not kinds:
+        return None
+    cap = np.array([k[1] for k in kinds])
+    price = np.array([k[2] for k in kinds])
+    upper = np.array([len(k[0]) for k in kinds], dtype=float)
+    cons = []
+    if h.rate is not None:
+        c = price
+        cons.append(LinearConstraint(cap[None, :], lb=h.rate, ub=np.inf))
+        if h.budget is not None:
+            cons.append(LinearConstraint(price[None, :], lb=0, ub=h.budget))
+    else:
+        c = -cap + 1e-6 * price
+        cons.append(LinearConstraint(price[None, :], lb=0, ub=h.budget if h.budget is not None else np.inf))
+    res = milp(c, constraints=cons, integrality=np.ones(len(kinds)), bounds=Bounds(0, upper))
+    if res.x is None:  # the rate is out of reach: take the largest capacity the budget buys
+        if h.rate is None:
+            return None
+        res = milp(-cap, constraints=cons[1:], integrality=np.ones(len(kinds)), bounds=Bounds(0, upper))
+        if res.x is None:
+            return None
+    groups = []
+    for (insts, _, _), n in zip(kinds, np.rint(res.x).astype(int), strict=True):
+        for i in insts[:n]:
+            groups += [((u,), "colocated") for u in h.units_of[i]]
+    return h.evaluate(canon(groups)) if groups else None
+
+
+def hexgen(h: Harness, seed: int = 0, start: list[Evaluation] | None = None, cfg: SearchConfig | None = None) -> Evaluation | None:
+    """Heterogeneous colocated replicas: the tabu search with phase splitting switched off."""
+    starts = [e for e in (start or []) if e is not None and all(ph == "colocated" for _, ph in e.state)]
+    if not starts:
+        base = vllm(h) or melange(h)
+        if base is None:
+            return None
+        starts = [base]
+    c = cfg or SearchConfig(max_iters=80, patience=20)
+    c = SearchConfig(**{**c.__dict__, "phase_split": False})
+    return Tabu(h, c, seed=seed).run(starts)
+
+
+def all_baselines(h: Harness, seed: int = 0, cfg: SearchConfig | None = None) -> dict[str, Evaluation]:
+    out: dict[str, Evaluation] = {}
+    for name, fn in (("vllm", vllm), ("distserve", distserve), ("melange", melange)):
+        ev = fn(h)
+        if ev is not None:
+            out[name] = ev
+    ev = hexgen(h, seed, [out.get("melange"), out.get("vllm")], cfg)
+    if ev is not None:
+        out["hexgen"] = ev
+    return out
+
+
+def colocated_state(groups: list[tuple]) -> State:
+    return canon((g, "colocated") for g in groups)

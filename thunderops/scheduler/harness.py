@@ -1,0 +1,300 @@
+"""The evaluation harness every strategy shares (our search and the baselines): a pool of instances, how each is
+cut into units, the lower level (parallel configs + routing LP) and the conversion of a solution into a Plan.
+
+A *state* is a tuple of groups; a group is `(units, phase)` with `units` a sorted tuple of `(instance index,
+slot)`. An instance's GPUs are cut into equal units (the smallest TP block that holds a replica on its own, or the
+whole instance when none does); instances with no unit in any group are not rented.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter, defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from thunderops.perf import PerfModel
+from thunderops.plan import SLO, Group, Instance, Plan, Prediction, Route, Stage
+from thunderops.scheduler import route as lp
+from thunderops.scheduler.parallel import GroupConfig, ParallelPlanner, valid_tps
+from thunderops.scheduler.topology import Topology
+from thunderops.specs import get_gpu
+from thunderops.workload import Workload
+
+Unit = tuple[int, int]
+GroupT = tuple[tuple[Unit, ...], str]
+State = tuple[GroupT, ...]
+
+KV_COMPRESSION = 0.25  # 4-bit KV for transfer only (ThunderServe): a quarter of the bf16 bytes
+TTFT_STEPS = 40  # the TTFT left after a KV transfer is rounded down to 1/TTFT_STEPS of the target (memo key)
+
+
+def canon(groups: Iterable[tuple[Iterable[Unit], str]]) -> State:
+    """Canonical, hashable form: units sorted in each group, empty groups dropped, groups sorted."""
+    out = [(tuple(sorted(u)), ph) for u, ph in groups if u]
+    return tuple(sorted(out))
+
+
+@dataclass
+class Evaluation:
+    state: State
+    score: float
+    goodput: float  # requests/s at the SLO (perf model + routing LP)
+    cost: float  # $/h of the instances the state uses
+    configs: list[GroupConfig] = field(default_factory=list)
+    solution: lp.RouteSolution | None = None
+    roles: dict[str, list[int]] = field(default_factory=dict)  # phase -> group indices in LP order
+
+
+class Harness:
+    """Pool + models + objective. `budget` is $/h (None: no limit); `rate` switches the objective to the
+    cheapest plan that serves it."""
+
+    def __init__(self, pool: list[Instance], perf: PerfModel, workload: Workload, slo: SLO,
+                 topology: Topology | None = None, budget: float | None = None, rate: float | None = None,
+                 granularity: str = "auto") -> None:
+        self.pool = pool
+        if granularity == "auto":  # single GPUs where the search space stays small, else replica-sized blocks
+            granularity = "gpu" if sum(i.gpus for i in pool) <= 16 else "replica"
+        if granularity not in ("gpu", "replica"):
+            raise ValueError(f"granularity must be auto, gpu or replica, got {granularity!r}")
+        self.granularity = granularity
+        self.perf, self.workload, self.slo = perf, workload, slo
+        self.topo = topology or Topology()
+        self.budget, self.rate = budget, rate
+        self.parallel = ParallelPlanner(perf, workload, slo)
+        self._pre: dict[tuple, float] = {}
+        self._unit_memo: dict[tuple[str, int], int] = {}
+        self.unit_gpus = [self._unit_size(i) for i in pool]
+        self.units_of = [[(k, s) for s in range(inst.gpus // self.unit_gpus[k])] for k, inst in enumerate(pool)]
+        self._bw: dict[tuple[int, int], float] = {}
+        self._pair: dict[tuple[tuple[int, ...], tuple[int, ...]], tuple[float, float]] = {}
+        self.mean_prompt = workload.mean_prompt
+        self.q_prompt = workload.percentile("prompt", slo.attainment * 100)
+        self.evaluations = 0
+
+    # ------------------------------------------------------------------ units and groups
+
+    def _unit_size(self, inst: Instance) -> int:
+        key = (inst.gpu, inst.gpus)
+        if self.granularity == "gpu":
+            return 1
+        if key not in self._unit_memo:
+            size = inst.gpus
+            spec = get_gpu(inst.gpu)
+            for t in valid_tps(self.perf.model.heads, inst.gpus):
+                if inst.gpus % t == 0 and self.perf.split_layers([(spec, t)], "decode") is not None:
+                    size = t
+                    break
+            self._unit_memo[key] = size
+        return self._unit_memo[key]
+
+    def cost(self, state: State) -> float:
+        return sum(self.pool[i].price_per_hour for i in self.instances_of(state))
+
+    @staticmethod
+    def instances_of(state: State) -> list[int]:
+        return sorted({u[0] for units, _ in state for u in units})
+
+    def parts(self, units: tuple[Unit, ...]) -> tuple[tuple[tuple[str, int], ...], float, list[int]]:
+        """(GPU, GPUs) per instance in pipeline order, the slowest link between them, and the instance order."""
+        counts = Counter(u[0] for u in units)
+        order = sorted(counts, key=lambda k: (self.pool[k].gpu, -counts[k], k))
+        parts = tuple((self.pool[k].gpu, counts[k] * self.unit_gpus[k]) for k in order)
+        link = min((self.gbps(a, b) for a, b in zip(order, order[1:], strict=False)), default=math.inf)
+        return parts, link, order
+
+    def config(self, units: tuple[Unit, ...], phase: str) -> GroupConfig:
+        parts, link, _ = self.parts(units)
+        return self.parallel.configs(parts, link)[phase]
+
+    def configs(self, units: tuple[Unit, ...]) -> dict[str, GroupConfig]:
+        parts, link, _ = self.parts(units)
+        return self.parallel.configs(parts, link)
+
+    def gbps(self, a: int, b: int) -> float:
+        key = (a, b) if a <= b else (b, a)
+        v = self._bw.get(key)
+        if v is None:
+            v = self._bw[key] = self.topo.gbps(self.pool[a], self.pool[b])
+        return v
+
+    def pair_links(self, src: tuple[int, ...], dst: tuple[int, ...]) -> tuple[float, float, float, float]:
+        """KV transfer between two groups: requests/s the link carries raw and compressed, and the transfer
+        time of a prompt at the attainment quantile, raw and compressed. The slowest instance pair bounds it
+        (every stage's KV crosses some such pair). Compression is pointless without a network hop."""
+        key = (src, dst)
+        hit = self._pair.get(key)
+        if hit is not None:
+            return hit
+        bw = min(self.gbps(a, b) for a in src for b in dst)
+        mean = max(1, int(self.mean_prompt))
+        t_raw = self.perf.kv_transfer_time(int(self.q_prompt), bw, 1.0)
+        cap_raw = 1.0 / self.perf.kv_transfer_time(mean, bw, 1.0)
+        if set(src) == set(dst):
+            out = (cap_raw, 0.0, t_raw, float("inf"))
+        else:
+            out = (cap_raw, 1.0 / self.perf.kv_transfer_time(mean, bw, KV_COMPRESSION), t_raw,
+                   self.perf.kv_transfer_time(int(self.q_prompt), bw, KV_COMPRESSION))
+        self._pair[key] = out
+        return out
+
+    def prefill_capacity(self, units: tuple[Unit, ...], transfer_s: float) -> float:
+        """Prefill capacity (requests/s) when each request's KV transfer takes `transfer_s` of the TTFT target."""
+        ttft = self.slo.ttft_s
+        step = ttft / TTFT_STEPS
+        left = int((ttft - transfer_s) / step) * step if transfer_s < ttft else 0.0
+        if left <= 0:
+            return 0.0
+        cfg = self.config(units, "prefill")
+        if cfg.layout is None or cfg.capacity <= 0:
+            return 0.0
+        key = (cfg.layout, round(left, 9))
+        hit = self._pre.get(key)
+        if hit is None:
+            slo = SLO(left, self.slo.tpot_s, self.slo.attainment)
+            hit = self._pre[key] = self.perf.capacity(cfg.layout, "prefill", self.workload, slo)
+        return hit
+
+    # ------------------------------------------------------------------ scoring
+
+    def problem(self, state: State) -> tuple[lp.RouteProblem, list[GroupConfig], dict[str, list[int]]]:
+        configs = [self.config(units, ph) for units, ph in state]
+        roles: dict[str, list[int]] = defaultdict(list)
+        for k, (_, ph) in enumerate(state):
+            roles[ph].append(k)
+        insts = [tuple(sorted({u[0] for u in units})) for units, _ in state]
+        P, D = roles["prefill"], roles["decode"]
+        raw, comp = np.zeros((len(P), len(D))), np.zeros((len(P), len(D)))
+        pre_raw, pre_comp = np.zeros((len(P), len(D))), np.zeros((len(P), len(D)))
+        for a, i in enumerate(P):
+            if configs[i].capacity <= 0:
+                continue
+            for b, j in enumerate(D):
+                if configs[j].capacity > 0:
+                    raw[a, b], comp[a, b], t_raw, t_comp = self.pair_links(insts[i], insts[j])
+                    pre_raw[a, b] = self.prefill_capacity(state[i][0], t_raw)
+                    pre_comp[a, b] = self.prefill_capacity(state[i][0], t_comp) if comp[a, b] > 0 else 0.0
+        prob = lp.RouteProblem(
+            np.array([configs[i].capacity for i in P]), np.array([configs[j].capacity for j in D]),
+            np.array([configs[c].capacity for c in roles["colocated"]]), raw, comp, pre_raw, pre_comp)
+        return prob, configs, dict(roles)
+
+    def bound(self, state: State) -> float:
+        """A quick upper bound on goodput (no LP): prefill and decode sides each capped by their links."""
+        prob, _, _ = self.problem(state)
+        total = float(prob.colocated.sum())
+        if len(prob.prefill) and len(prob.decode):
+            pr, pc = prob.pair_prefill()
+            link = np.maximum(np.minimum(prob.link_raw, pr), np.minimum(prob.link_comp, pc))
+            p = np.minimum(np.maximum(pr, pc).max(axis=1), link.sum(axis=1)).sum()
+            d = np.minimum(prob.decode, link.sum(axis=0)).sum()
+            total += min(p, d)
+        return total
+
+    def objective(self, goodput: float, cost: float) -> float:
+        """Higher is better. With a target rate: meeting it first, then cheaper; else more goodput, then cheaper."""
+        if self.budget is not None and cost > self.budget + 1e-9:
+            return -math.inf
+        if self.rate is not None:
+            if goodput >= self.rate * (1 - 1e-6):
+                return 1e9 - cost
+            return goodput - 1e-6 * cost
+        return goodput - 1e-6 * cost
+
+    def evaluate(self, state: State) -> Evaluation:
+        self.evaluations += 1
+        cost = self.cost(state)
+        if self.budget is not None and cost > self.budget + 1e-9:
+            return Evaluation(state, -math.inf, 0.0, cost)
+        prob, configs, roles = self.problem(state)
+        sol = lp.solve(prob)
+        return Evaluation(state, self.objective(sol.total, cost), sol.total, cost, configs, sol, roles)
+
+    # ------------------------------------------------------------------ plans
+
+    def to_plan(self, ev: Evaluation, strategy: str = "thunderops", inputs: dict | None = None) -> Plan:
+        """The Plan of an evaluated state: instances, groups with stages and GPU ids, balanced routing."""
+        state = ev.state
+        used = self.instances_of(state)
+        instances = [self.pool[i] for i in used]
+        groups: list[Group] = []
+        gid = [f"g{k}" for k in range(len(state))]
+        for k, ((units, ph), cfg) in enumerate(zip(state, ev.configs, strict=True)):
+            _, _, order = self.parts(units)
+            stages: list[Stage] = []
+            li = 0
+            lay = cfg.layout
+            by_inst = defaultdict(list)
+            for inst, slot in units:
+                g = self.unit_gpus[inst]
+                by_inst[inst].extend(range(slot * g, slot * g + g))
+            for pos, inst in enumerate(order):
+                ids = sorted(by_inst[inst])
+                tp = cfg.tps[pos] if cfg.tps else len(ids)
+                for s in range(len(ids) // tp):
+                    layers = lay.stages[li].layers if lay is not None else 0
+                    stages.append(Stage(self.pool[inst].id, self.pool[inst].gpu, tp, layers, ids[s * tp:(s + 1) * tp]))
+                    li += 1
+            groups.append(Group(gid[k], ph, stages))
+        routing: list[Route] = []
+        goodput = ev.goodput
+        if ev.solution is not None and goodput > 0:
+            prob, _, roles = self.problem(state)
+            target = min(self.rate, goodput) if self.rate else goodput
+            sol = lp.balance(prob, target * (1 - 1e-9))
+            P, D, C = roles.get("prefill", []), roles.get("decode", []), roles.get("colocated", [])
+            tot = sol.total or 1.0
+            for a, i in enumerate(P):
+                for b, j in enumerate(D):
+                    if sol.raw[a, b] > 0:
+                        routing.append(Route(gid[i], gid[j], float(sol.raw[a, b] / tot), 1.0))
+                    if sol.comp[a, b] > 0:
+                        routing.append(Route(gid[i], gid[j], float(sol.comp[a, b] / tot), KV_COMPRESSION))
+            for c, i in enumerate(C):
+                if sol.colocated[c] > 0:
+                    routing.append(Route(gid[i], gid[i], float(sol.colocated[c] / tot), 1.0))
+        plan = Plan(
+            model=self.perf.model.name,
+            budget_per_hour=float(self.budget) if self.budget is not None else round(sum(i.price_per_hour for i in self.pool), 4),
+            cost_per_hour=round(ev.cost, 4),
+            instances=instances,
+            groups=groups,
+            routing=routing,
+            predicted=self.predict(ev, groups),
+            inputs=dict(inputs or {}),
+            bandwidth_gbps=self.topo.matrix(instances),
+            strategy=strategy,
+        )
+        return plan
+
+    def predict(self, ev: Evaluation, groups: list[Group]) -> Prediction:
+        """Model prediction: goodput from the LP; latencies at light load (prefill pass + KV transfer for TTFT,
+        one decode step at batch 1 for TPOT), weighted over replicas by capacity."""
+        if ev.goodput <= 0:
+            return Prediction(method="model")
+        wl = self.workload
+        p50, p90 = wl.percentile("prompt", 50), wl.percentile("prompt", 90)
+        ctx = int(wl.mean_prompt + wl.mean_output / 2)
+        ttft50, ttft90, tpot = [], [], []
+        weights_p, weights_d = [], []
+        for (_, ph), cfg in zip(ev.state, ev.configs, strict=True):
+            if cfg.layout is None or cfg.capacity <= 0:
+                continue
+            if ph in ("prefill", "colocated"):
+                ttft50.append(self.perf.prefill_time(cfg.layout, [int(p50)]))
+                ttft90.append(self.perf.prefill_time(cfg.layout, [int(p90)]))
+                weights_p.append(cfg.capacity)
+            if ph in ("decode", "colocated"):
+                tpot.append(self.perf.decode_step_time(cfg.layout, 1, ctx))
+                weights_d.append(cfg.capacity)
+        def avg(xs, w):
+            return (float(np.average(xs, weights=w)) if xs else 0.0)
+        return Prediction(
+            goodput_rps=round(ev.goodput, 4),
+            tokens_per_s=round(ev.goodput * wl.mean_output, 1),
+            ttft_p50=round(avg(ttft50, weights_p), 4), ttft_p90=round(avg(ttft90, weights_p), 4),
+            tpot_p50=round(avg(tpot, weights_d), 5), tpot_p90=round(max(tpot, default=0.0), 5),
+            slo_attainment=self.slo.attainment, method="model")

@@ -1,0 +1,84 @@
+"""Lower level, part 1: the parallel configuration of one group (one model replica).
+
+A group is some GPUs of one or more instances. Inside an instance its GPUs run tensor-parallel stages; across
+instances (and optionally inside one) the stages form a pipeline, with layers split in proportion to stage speed
+within memory (`PerfModel.split_layers`). Each phase gets its own best configuration and capacity (requests/s at
+the SLO). Results are memoised by group *composition* (GPU types, GPUs per instance, slowest pipeline link), so
+identical groups anywhere in the search cost one evaluation.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass
+
+from thunderops.perf import Layout, PerfModel
+from thunderops.plan import SLO
+from thunderops.scheduler.topology import intra_node_gbps
+from thunderops.specs import GpuSpec, get_gpu
+from thunderops.workload import Workload
+
+PHASES = ("prefill", "decode", "colocated")
+
+
+@dataclass(frozen=True)
+class GroupConfig:
+    """Best layout of a group for one phase: `tps[i]` is the TP of the stages cut from the group's i-th
+    instance (that instance contributes gpus_i / tps[i] stages)."""
+
+    phase: str
+    capacity: float  # requests/s at the SLO (0.0: does not fit or cannot meet the SLO)
+    layout: Layout | None
+    tps: tuple[int, ...]
+
+
+def valid_tps(model_heads: int, max_tp: int) -> list[int]:
+    """TP degrees a vLLM engine accepts for this model (they must divide the attention heads)."""
+    return [t for t in range(1, max_tp + 1) if model_heads % t == 0 and (t & (t - 1)) == 0]
+
+
+class ParallelPlanner:
+    """Per-phase best configuration of groups, memoised by composition."""
+
+    def __init__(self, perf: PerfModel, workload: Workload, slo: SLO, max_combos: int = 4,
+                 kv_ttft_share: float = 0.0) -> None:
+        self.perf, self.workload, self.slo = perf, workload, slo
+        # prefill replicas leave this share of the TTFT target to the KV transfer that follows them
+        self.prefill_slo = SLO(slo.ttft_s * (1 - kv_ttft_share), slo.tpot_s, slo.attainment)
+        self.max_combos = max_combos
+        self._memo: dict[tuple, dict[str, GroupConfig]] = {}
+        self.evaluations = 0
+
+    def stage_options(self, gpus: int) -> list[int]:
+        """TP choices for an instance contributing `gpus` GPUs: the widest valid TP that divides it (one stage
+        per TP block), and the next narrower (more pipeline stages, less all-reduce over slow links)."""
+        opts = [t for t in valid_tps(self.perf.model.heads, gpus) if gpus % t == 0]
+        return sorted(opts, reverse=True)[:2]
+
+    def configs(self, parts: tuple[tuple[str, int], ...], pp_link_gbps: float) -> dict[str, GroupConfig]:
+        """parts: (GPU name, GPUs) per instance, in pipeline order; pp_link_gbps: slowest link between them."""
+        key = (parts, round(pp_link_gbps, 3) if math.isfinite(pp_link_gbps) else pp_link_gbps)
+        hit = self._memo.get(key)
+        if hit is not None:
+            return hit
+        self.evaluations += 1
+        specs: list[GpuSpec] = [get_gpu(g) for g, _ in parts]
+        per_part = [self.stage_options(n) for _, n in parts]
+        combos = list(itertools.islice(itertools.product(*per_part), self.max_combos))
+        best = {ph: GroupConfig(ph, 0.0, None, ()) for ph in PHASES}
+        for tps in combos:
+            stages = [(spec, t) for spec, (_, n), t in zip(specs, parts, tps, strict=True) for _ in range(n // t)]
+            if len(stages) > self.perf.model.layers:
+                continue
+            # stages inside one instance hop over its GPU link; across instances over the network
+            link = pp_link_gbps if len(parts) > 1 else min(intra_node_gbps(s) for s in specs)
+            for ph in PHASES:
+                layout = self.perf.split_layers(stages, ph, link)
+                if layout is None:
+                    continue
+                cap = self.perf.capacity(layout, ph, self.workload, self.prefill_slo if ph == "prefill" else self.slo)
+                if cap > best[ph].capacity:
+                    best[ph] = GroupConfig(ph, cap, layout, tuple(tps))
+        self._memo[key] = best
+        return best

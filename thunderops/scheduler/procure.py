@@ -1,0 +1,107 @@
+"""Procurement: turn catalog offers into a pool of instances the search may rent, under a $/h budget.
+
+The catalog has hundreds of offers; most are dominated (the same GPU and node size dearer elsewhere). We keep the
+cheapest few per (GPU, GPUs per node, spot) and, of each, as many copies as the budget could pay for (capped),
+cheapest first, so "rent one more of these" is always "take the next idle copy".
+"""
+
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+
+from thunderops.errors import PlanError
+from thunderops.perf import PerfModel
+from thunderops.plan import Instance
+from thunderops.scheduler.parallel import valid_tps
+from thunderops.specs import get_gpu
+
+
+def _slug(name: str) -> str:
+    return "".join(c for c in name.lower() if c.isalnum())
+
+
+def min_nodes_for_replica(perf: PerfModel, gpu: str, gpus_per_node: int, max_nodes: int = 8) -> int | None:
+    """Fewest nodes of this kind that hold one replica (TP inside a node, PP across), or None."""
+    spec = get_gpu(gpu)
+    tps = [t for t in valid_tps(perf.model.heads, gpus_per_node) if gpus_per_node % t == 0]
+    if not tps:
+        return None
+    for n in range(1, max_nodes + 1):
+        for t in sorted(tps, reverse=True):
+            stages = [(spec, t)] * (n * gpus_per_node // t)
+            if len(stages) <= perf.model.layers and perf.split_layers(stages, "decode") is not None:
+                return n
+    return None
+
+
+def prune_offers(offers: pd.DataFrame, spot: bool | None, keep: int = 2) -> pd.DataFrame:
+    """One row per (offer, pricing) with a `price` column; the cheapest `keep` per (GPU, GPUs/node, spot).
+
+    spot=True: spot prices only; False: on-demand only; None: both (spot rows where a spot price exists)."""
+    frames = []
+    if spot is not True:
+        od = offers.copy()
+        od["spot"], od["price"] = False, od["price_ondemand"]
+        frames.append(od)
+    if spot is not False:
+        sp = offers[offers["price_spot"].notna()].copy()
+        sp["spot"], sp["price"] = True, sp["price_spot"]
+        frames.append(sp)
+    df = pd.concat(frames, ignore_index=True)
+    df = df[df["price"] > 0].sort_values(["price", "cloud", "region", "zone", "instance_type"], kind="stable")
+    return df.groupby(["gpu", "gpus_per_node", "spot"], sort=False).head(keep).reset_index(drop=True)
+
+
+def build_pool(offers: pd.DataFrame, perf: PerfModel, budget: float, spot: bool | None = None, keep: int = 2,
+               max_copies: int = 64, max_nodes_per_replica: int = 4) -> list[Instance]:
+    """Instances the search may rent: for each kept offer that can form a replica from at most
+    `max_nodes_per_replica` of its nodes, copies up to what the budget pays for (at most `max_copies`)."""
+    pruned = prune_offers(offers, spot, keep)
+    pool: list[Instance] = []
+    counters: dict[str, int] = {}
+    usable: dict[tuple[str, int], int | None] = {}
+    for row in pruned.itertuples(index=False):
+        key = (row.gpu, int(row.gpus_per_node))
+        if key not in usable:
+            usable[key] = min_nodes_for_replica(perf, row.gpu, int(row.gpus_per_node), max_nodes_per_replica)
+        if usable[key] is None or row.price * usable[key] > budget + 1e-9:
+            continue
+        copies = min(max_copies, int(math.floor(budget / row.price + 1e-9)))
+        for _ in range(copies):
+            stem = f"{_slug(row.gpu)}x{int(row.gpus_per_node)}{'-spot' if row.spot else ''}"
+            counters[stem] = counters.get(stem, 0) + 1
+            pool.append(Instance(
+                id=f"{stem}-{counters[stem]}", cloud=row.cloud, region=row.region, zone=row.zone or "",
+                instance_type=row.instance_type, gpu=row.gpu, gpus=int(row.gpus_per_node), spot=bool(row.spot),
+                price_per_hour=float(row.price),
+                network_gbps=None if pd.isna(row.network_gbps) else float(row.network_gbps),
+                source=row.source, as_of=row.as_of,
+            ))
+    return pool
+
+
+def cheapest_replica_cost(offers: pd.DataFrame, perf: PerfModel, spot: bool | None = None) -> float | None:
+    """$/h of the cheapest single replica any one offer can form (None when the model fits nowhere)."""
+    best = None
+    pruned = prune_offers(offers, spot, keep=1)
+    for row in pruned.itertuples(index=False):
+        n = min_nodes_for_replica(perf, row.gpu, int(row.gpus_per_node), max_nodes=8)
+        if n is not None and (best is None or n * row.price < best):
+            best = n * row.price
+    return best
+
+
+def check_budget(offers: pd.DataFrame, perf: PerfModel, budget: float, spot: bool | None) -> None:
+    """Raise a one-line PlanError when no offer can host the model, or the budget cannot pay for a replica."""
+    if not budget > 0:
+        raise PlanError(f"budget must be a positive $/h figure, got {budget}")
+    cheapest = cheapest_replica_cost(offers, perf, spot)
+    if cheapest is None:
+        gpus = ", ".join(sorted(offers["gpu"].unique()))
+        raise PlanError(f"{perf.model.name} ({perf.model.weight_bytes / 1e9:.0f} GB) fits no offered GPU even on "
+                        f"8 nodes ({gpus}); widen --clouds/--regions or pick a smaller model")
+    if cheapest > budget + 1e-9:
+        raise PlanError(f"budget {budget:g} $/h is too small for one replica of {perf.model.name}; "
+                        f"the cheapest feasible budget is {math.ceil(cheapest * 100) / 100:.2f} $/h")

@@ -1,0 +1,275 @@
+"""Upper level: a bandwidth-aware greedy start, a phase designation scan, and a tabu search over procurement,
+grouping and phases.
+
+Moves: flip a group's phase; move a unit to another (or a new) group; swap units of two groups; merge two groups;
+split one; rent an idle instance (new group, or joined to a group); give an instance back; replace an instance by
+another offer. Each iteration samples a neighbourhood, ranks it by a cheap bound, evaluates the best few exactly
+(parallel configs + routing LP), and moves to the best non-tabu one (a tabu move is taken when it beats the best
+found: aspiration). Recently touched units/instances stay tabu for `tenure` iterations. It stops after `patience`
+non-improving iterations, `max_iters`, or the time limit. Deterministic for a seed (unless the time limit cuts).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import numpy as np
+
+from thunderops.scheduler.harness import Evaluation, Harness, State, Unit, canon
+
+Progress = Callable[[float, str], None]
+
+
+@dataclass
+class SearchConfig:
+    max_iters: int = 300
+    patience: int = 40
+    neighbours: int = 24
+    exact: int = 4  # neighbours evaluated exactly per iteration
+    tenure: int = 7
+    time_limit: float = 60.0
+    elite: int = 5
+    phase_split: bool = True  # False: colocated groups only (HexGen-style)
+    procure: bool = True  # False: no renting or giving back instances (fixed set)
+    heterogeneous_groups: bool = True
+
+
+# ------------------------------------------------------------------------------ greedy start
+
+
+def fits_alone(h: Harness, units: tuple[Unit, ...]) -> bool:
+    return any(c.capacity > 0 for c in h.configs(units).values())
+
+
+def greedy_groups(h: Harness, instances: Iterable[int]) -> list[tuple[Unit, ...]]:
+    """Group the units of these instances: units that hold a replica alone form their own group; the rest are
+    clustered greedily by bandwidth (same instance first, then the fastest link) until the group fits."""
+    insts = sorted(instances)
+    groups: list[tuple[Unit, ...]] = []
+    loose: list[Unit] = []
+    for i in insts:
+        for u in h.units_of[i]:
+            if fits_alone(h, (u,)):
+                groups.append((u,))
+            else:
+                loose.append(u)
+    while loose:
+        grp = [loose.pop(0)]
+        while not fits_alone(h, tuple(grp)) and loose:
+            members = {u[0] for u in grp}
+            k = max(range(len(loose)), key=lambda k: (min(h.gbps(m, loose[k][0]) for m in members), -k))
+            grp.append(loose.pop(k))
+        if fits_alone(h, tuple(grp)):
+            groups.append(tuple(grp))
+        elif groups:  # leftovers that never fit join the best-connected group as extra pipeline stages
+            members = [{u[0] for u in g} for g in groups]
+            k = max(range(len(groups)), key=lambda k: min(h.gbps(m, grp[0][0]) for m in members[k]))
+            groups[k] = groups[k] + tuple(grp)
+    return groups
+
+
+def designate(h: Harness, groups: list[tuple[Unit, ...]], phase_split: bool = True,
+              require_split: bool = False) -> Evaluation:
+    """Best phase designation for fixed groups: all colocated, or the best cut of the groups ordered by
+    prefill-to-decode capacity ratio (first k prefill, the rest decode), checked with the routing LP."""
+    cands: list[State] = [] if require_split and len(groups) >= 2 else [canon((g, "colocated") for g in groups)]
+    if phase_split and len(groups) >= 2:
+        cfgs = [h.configs(g) for g in groups]
+        ratio = [(c["prefill"].capacity + 1e-12) / (c["decode"].capacity + 1e-12) for c in cfgs]
+        order = sorted(range(len(groups)), key=lambda k: (-ratio[k], k))
+        for k in range(1, len(groups)):
+            pre = {order[m] for m in range(k)}
+            cands.append(canon((g, "prefill" if n in pre else "decode") for n, g in enumerate(groups)))
+    return best_of(h, cands)
+
+
+def best_of(h: Harness, states: list[State], exact: int = 6) -> Evaluation:
+    """Rank by the cheap bound, evaluate the top few exactly, return the best."""
+    uniq = list(dict.fromkeys(states))
+    if len(uniq) > exact:
+        ranked = sorted(uniq, key=lambda s: -h.objective(h.bound(s), h.cost(s)))
+        uniq = ranked[:exact]
+    evs = [h.evaluate(s) for s in uniq]
+    return max(evs, key=lambda e: e.score)
+
+
+# ------------------------------------------------------------------------------ tabu search
+
+
+class Tabu:
+    def __init__(self, h: Harness, cfg: SearchConfig, seed: int = 0, progress: Progress | None = None) -> None:
+        self.h, self.cfg = h, cfg
+        self.rng = np.random.default_rng(seed)
+        self.progress = progress
+        self.phases = ("prefill", "decode", "colocated") if cfg.phase_split else ("colocated",)
+        # one template per kind of instance: renting "one more" takes its next idle copy
+        self.templates: dict[tuple, list[int]] = defaultdict(list)
+        for k, inst in enumerate(h.pool):
+            self.templates[(inst.instance_type, inst.cloud, inst.region, inst.zone, inst.spot,
+                            inst.price_per_hour)].append(k)
+        self.template_keys = list(self.templates)
+        self.elites: dict[State, Evaluation] = {}
+
+    def _pick(self, seq):
+        return seq[int(self.rng.integers(len(seq)))]
+
+    def _idle(self, used: set[int], exclude_template: tuple | None = None) -> int | None:
+        keys = [k for k in self.template_keys if k != exclude_template]
+        if not keys:
+            return None
+        key = self._pick(keys)
+        for i in self.templates[key]:
+            if i not in used:
+                return i
+        return None
+
+    def _template(self, i: int) -> tuple:
+        inst = self.h.pool[i]
+        return (inst.instance_type, inst.cloud, inst.region, inst.zone, inst.spot, inst.price_per_hour)
+
+    def neighbour(self, state: State) -> tuple[State, tuple] | None:
+        """One random move: (new state, tabu attributes)."""
+        groups = [list(u) for u, _ in state]
+        phases = [ph for _, ph in state]
+        used = {u[0] for g in groups for u in g}
+        kinds = ["flip", "move", "swap", "merge", "split"]
+        if self.cfg.procure:
+            kinds += ["add", "add", "remove", "replace"]
+        kind = self._pick(kinds) if groups else "add"
+        n = len(groups)
+        if kind == "flip" and n and len(self.phases) > 1:
+            k = int(self.rng.integers(n))
+            phases[k] = self._pick([p for p in self.phases if p != phases[k]])
+            attrs = (("g", groups[k][0]),)
+        elif kind == "move" and n:
+            k = int(self.rng.integers(n))
+            u = groups[k].pop(int(self.rng.integers(len(groups[k]))))
+            dest = int(self.rng.integers(n + 1))
+            if dest == n or dest == k:
+                groups.append([u])
+                phases.append(phases[k])
+            else:
+                groups[dest].append(u)
+            attrs = (("u", u),)
+        elif kind == "swap" and n >= 2:
+            a, b = self.rng.choice(n, 2, replace=False)
+            ia, ib = int(self.rng.integers(len(groups[a]))), int(self.rng.integers(len(groups[b])))
+            ua, ub = groups[a][ia], groups[b][ib]
+            if self.h.pool[ua[0]].gpu == self.h.pool[ub[0]].gpu and self.h.unit_gpus[ua[0]] == self.h.unit_gpus[ub[0]]:
+                return None
+            groups[a][ia], groups[b][ib] = ub, ua
+            attrs = (("u", ua), ("u", ub))
+        elif kind == "merge" and n >= 2:
+            a, b = sorted(int(x) for x in self.rng.choice(n, 2, replace=False))
+            groups[a] += groups.pop(b)
+            phases.pop(b)
+            attrs = (("g", groups[a][0]),)
+        elif kind == "split" and n:
+            multi = [k for k in range(n) if len(groups[k]) >= 2]
+            if not multi:
+                return None
+            k = self._pick(multi)
+            insts = sorted({u[0] for u in groups[k]})
+            if len(insts) >= 2:  # split off one instance's units
+                cut = self._pick(insts)
+                part = [u for u in groups[k] if u[0] == cut]
+            else:
+                part = groups[k][len(groups[k]) // 2:]
+            groups[k] = [u for u in groups[k] if u not in part]
+            groups.append(part)
+            phases.append(self._pick(self.phases))
+            attrs = (("g", part[0]),)
+        elif kind == "add":
+            i = self._idle(used)
+            if i is None:
+                return None
+            units = list(self.h.units_of[i])
+            if n and (not fits_alone(self.h, (units[0],)) and self.rng.random() < 0.7):
+                k = int(self.rng.integers(n))
+                groups[k] += units
+            else:
+                ph = self._pick(self.phases)
+                for u in units:
+                    groups.append([u])
+                    phases.append(ph)
+            attrs = (("i", i),)
+        elif kind == "remove" and used:
+            i = self._pick(sorted(used))
+            groups = [[u for u in g if u[0] != i] for g in groups]
+            attrs = (("i", i),)
+        elif kind == "replace" and used:
+            i = self._pick(sorted(used))
+            j = self._idle(used, exclude_template=self._template(i))
+            if j is None:
+                return None
+            home = next(k for k, g in enumerate(groups) if any(u[0] == i for u in g))
+            groups = [[u for u in g if u[0] != i] for g in groups]
+            groups[home] += list(self.h.units_of[j])
+            attrs = (("i", i), ("i", j))
+        else:
+            return None
+        new = canon(zip(groups, phases, strict=True))
+        if not new or new == state:
+            return None
+        if self.h.budget is not None and self.h.cost(new) > self.h.budget + 1e-9:
+            return None
+        return new, attrs
+
+    def _remember(self, ev: Evaluation) -> None:
+        if ev.score == -math.inf:
+            return
+        self.elites[ev.state] = ev
+        if len(self.elites) > self.cfg.elite:
+            worst = min(self.elites.values(), key=lambda e: e.score)
+            del self.elites[worst.state]
+
+    def run(self, starts: list[Evaluation]) -> Evaluation:
+        cfg, h = self.cfg, self.h
+        t0 = time.perf_counter()
+        for ev in starts:
+            self._remember(ev)
+        best = cur = max(starts, key=lambda e: e.score)
+        tabu: dict[tuple, int] = {}
+        stall = 0
+        seen: dict[State, Evaluation] = {ev.state: ev for ev in starts}
+        for it in range(cfg.max_iters):
+            elapsed = time.perf_counter() - t0
+            if self.progress:
+                self.progress(max(it / cfg.max_iters, stall / cfg.patience, elapsed / cfg.time_limit),
+                              f"iteration {it}, best {best.goodput:.2f} req/s at {best.cost:.2f} $/h")
+            if elapsed > cfg.time_limit or stall >= cfg.patience:
+                break
+            moves: dict[State, tuple] = {}
+            for _ in range(cfg.neighbours):
+                mv = self.neighbour(cur.state)
+                if mv is not None and mv[0] not in moves:
+                    moves[mv[0]] = mv[1]
+            if not moves:
+                stall += 1
+                continue
+            ranked = sorted(moves, key=lambda s: -(seen[s].score if s in seen else h.objective(h.bound(s), h.cost(s))))
+            chosen: Evaluation | None = None
+            for s in ranked[:cfg.exact]:
+                ev = seen.get(s) or h.evaluate(s)
+                seen[s] = ev
+                self._remember(ev)
+                is_tabu = any(tabu.get(a, -1) >= it for a in moves[s])
+                if is_tabu and ev.score <= best.score:
+                    continue
+                if chosen is None or ev.score > chosen.score:
+                    chosen = ev
+            if chosen is None:
+                stall += 1
+                continue
+            for a in moves[chosen.state]:
+                tabu[a] = it + cfg.tenure
+            cur = chosen
+            if cur.score > best.score + 1e-9 * max(1.0, abs(best.score)):
+                best, stall = cur, 0
+            else:
+                stall += 1
+        return best
