@@ -249,7 +249,7 @@ def _ec2(region="us-east-1"):
 
 def test_aws_spot_request_pagination_and_newest_price_wins():
     client = _ec2()
-    t0 = dt.datetime(2026, 11, 1, tzinfo=dt.timezone.utc)
+    t0 = dt.datetime(2026, 11, 1, tzinfo=dt.UTC)
     with Stubber(client) as stub:
         expected = {"InstanceTypes": ["g6.xlarge", "p5.48xlarge"], "ProductDescriptions": ["Linux/UNIX"],
                     "StartTime": ANY}
@@ -317,7 +317,9 @@ def test_gcp_accelerator_types_request_over_real_http(tmp_path):
     """compute_v1's real REST client with anonymous credentials, talking to a local HTTP server."""
     from google.auth.credentials import AnonymousCredentials
     from google.cloud import compute_v1
-    from google.cloud.compute_v1.services.accelerator_types.transports.rest import AcceleratorTypesRestTransport
+    from google.cloud.compute_v1.services.accelerator_types.transports.rest import (
+        AcceleratorTypesRestTransport,
+    )
 
     body = {"items": {
         "zones/us-central1-a": {"acceleratorTypes": [{"name": "nvidia-tesla-a100", "zone": "us-central1-a"},

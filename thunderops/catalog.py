@@ -506,7 +506,10 @@ class RefreshResult:
 
 
 def skypilot_catalog_url() -> str:
-    """SkyPilot's hosted catalog for the schema version it reads (sky.skylet.constants)."""
+    """SkyPilot's hosted catalog for the schema version it reads (sky.skylet.constants), or a mirror of it
+    named by `$THUNDEROPS_SKYPILOT_CATALOG_URL` (the directory holding `<cloud>/vms.csv`)."""
+    if mirror := os.environ.get("THUNDEROPS_SKYPILOT_CATALOG_URL"):
+        return mirror
     from sky.skylet import constants
 
     return f"{constants.HOSTED_CATALOG_DIR_URL}/{constants.CATALOG_SCHEMA_VERSION}"
