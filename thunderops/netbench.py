@@ -417,20 +417,21 @@ def save_heatmap(result: NetbenchResult, path: str | Path) -> Path:
             if i != j and b in bw.get(a, {}):
                 m[i, j] = bw[a][b]
     fig, ax = plt.subplots(figsize=(1.2 * n + 2.5, 1.0 * n + 1.5))
-    cmap = matplotlib.colormaps["viridis"].copy()
-    cmap.set_bad("#cccccc")
-    im = ax.imshow(np.ma.masked_invalid(m), cmap=cmap)
+    cmap = matplotlib.colormaps["viridis"].with_extremes(bad="#cccccc")
+    im = ax.imshow(np.ma.masked_invalid(m), cmap=cmap, vmin=0)
     ax.set_xticks(range(n), result.nodes, rotation=45, ha="right")
     ax.set_yticks(range(n), result.nodes)
     finite = m[np.isfinite(m)]
     hi = finite.max() if finite.size else 1.0
     for i in range(n):
         for j in range(n):
-            text = "-" if i == j else ("?" if math.isnan(m[i, j]) else f"{m[i, j]:.2f}")
+            intra = result.intra.get(result.nodes[i], {}).get("gbps") if i == j else None
+            text = (f"{intra:.0f}\nNCCL" if intra else "-") if i == j else \
+                ("?" if math.isnan(m[i, j]) else f"{m[i, j]:.2f}")
             ax.text(j, i, text, ha="center", va="center",
                     color="black" if i == j or math.isnan(m[i, j]) or m[i, j] > 0.6 * hi else "white")
     fig.colorbar(im, ax=ax, label="Gbit/s")
-    ax.set_title("measured bandwidth (grey: unknown)")
+    ax.set_title("measured bandwidth, Gbit/s (grey: unknown; diagonal: GPU-to-GPU)")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp.png")
