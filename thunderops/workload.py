@@ -19,6 +19,7 @@ import numpy as np
 from thunderops.errors import WorkloadError, suggest
 from thunderops.specs import catalog_dir, norm
 
+MAX_TOKENS = 10_000_000  # per request; anything larger is a broken trace (and would overflow int64 sums)
 PRESET_ALIASES = {"code": "coding", "coding": "coding", "conv": "conversation", "conversation": "conversation",
                   "chat": "conversation"}
 
@@ -166,8 +167,9 @@ def load_trace(path: Path) -> Workload:
                 except (ValueError, TypeError):
                     raise WorkloadError(f"{path}:{lineno}: bad number or timestamp in {dict(row)}; "
                                         "expected an ISO time or seconds and two integers") from None
-                if p < 1 or o < 1 or not np.isfinite(t):
-                    raise WorkloadError(f"{path}:{lineno}: token counts must be >= 1 and the time finite")
+                if not (1 <= p <= MAX_TOKENS and 1 <= o <= MAX_TOKENS) or not np.isfinite(t):
+                    raise WorkloadError(f"{path}:{lineno}: token counts must be between 1 and {MAX_TOKENS:,} "
+                                        "and the time finite")
                 times.append(t)
                 prompts.append(p)
                 outputs.append(o)
@@ -181,6 +183,8 @@ def load_trace(path: Path) -> Workload:
     arrival = np.asarray(times)[order]
     arrival = arrival - arrival[0]
     span = float(arrival[-1])
+    if not np.isfinite(span):
+        raise WorkloadError(f"{path}: timestamps span more than a float can hold; use seconds or ISO times")
     if span <= 0:
         raise WorkloadError(f"{path}: all requests share one timestamp; a trace needs a time span")
     prompt = np.asarray(prompts, dtype=np.int64)[order]
