@@ -14,10 +14,11 @@ from dataclasses import dataclass, field
 from thunderops.errors import ProvisionError
 from thunderops.plan import Plan
 
-# Default ports on every node. A node holding several engines (several groups on one instance) uses
-# engine + k and kv + k for its k-th engine (k = 0, 1, ... in plan order).
-ENGINE_PORT = 8000
-KV_PORT = 5600  # vLLM NIXL side channel (VLLM_NIXL_SIDE_CHANNEL_PORT)
+# Default ports on every node (those of thunderops.serve.vllm.EngineOptions and thunderops.agent). A node
+# holding several engines (several groups on one instance) uses engine + k and kv + k for its k-th engine
+# (k = 0, 1, ... in plan order); the agent also uses agent + 1 (data) and agent + 2 (iperf3).
+ENGINE_PORT = 8100
+KV_PORT = 9100  # vLLM NIXL side channel (VLLM_NIXL_SIDE_CHANNEL_PORT) = engine port + 1000
 AGENT_PORT = 8790
 
 

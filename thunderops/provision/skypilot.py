@@ -25,6 +25,7 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
+from thunderops.agent import deployment_token
 from thunderops.errors import ProvisionError
 from thunderops.plan import Instance, Plan
 from thunderops.provision import DownResult, Node, Ports, Provider, ProvisionResult
@@ -182,6 +183,7 @@ class SkyPilotProvider(Provider):
         store.add_event(deployment, "provision-start", f"launching {len(plan.instances)} node(s)",
                         {"plan_version": version, "cost_per_hour": plan.cost_per_hour})
         accel = accelerator_names(plan)
+        token = deployment_token(deployment)
         allowed_clouds = self.cloud.enabled_clouds()
         if plan.inputs.get("clouds"):
             allowed_clouds &= {str(c).lower() for c in plan.inputs["clouds"]}
@@ -219,7 +221,8 @@ class SkyPilotProvider(Provider):
                 ports = Ports()
                 config = engine_task(plan, replace(inst, zone=sky_zone(inst)), deployment=deployment, node_id=name,
                                      cluster=name, accelerator=accel.get(inst.id) if inst.gpu == slot.original.gpu
-                                     else None, ports=ports, pip_spec=self.pip_spec)
+                                     else None, ports=ports, pip_spec=self.pip_spec,
+                                     agent_token=token)
                 store.record_node_intent(
                     deployment, name, inst.id, name, cloud=inst.cloud, region=inst.region, zone=inst.zone,
                     instance_type=inst.instance_type, gpu=inst.gpu, gpus=inst.gpus, spot=inst.spot,

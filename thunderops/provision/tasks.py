@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import json
 import re
 import shlex
 from dataclasses import dataclass, field
@@ -26,6 +25,7 @@ from thunderops.provision import Ports
 
 TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
 ENGINES_MARKER = "# @engines"
+ROUTER_MARKER = "# @router"
 ROUTER_PORT = 8080
 _INFRA_PART = re.compile(r"^[A-Za-z0-9][^/\x00-\x1f]*$")  # Vast regions read like "Texas, US, NA"
 
@@ -37,6 +37,7 @@ class EngineLaunch:
     argv: list[str]
     env: dict[str, str] = field(default_factory=dict)
     name: str = "engine"
+    port: int = 0
 
 
 def slug(text: str, n: int = 12) -> str:
@@ -77,49 +78,23 @@ def infra(cloud: str, region: str, zone: str = "") -> str:
     return "/".join(parts)
 
 
-def node_ports(plan: Plan, instance_id: str, base: Ports | None = None) -> list[int]:
-    """Ports a node opens: one engine and one KV port per engine it runs, and the agent's."""
-    base = base or Ports()
-    k = max(1, len(engine_groups(plan, instance_id)))
-    return sorted({*(base.engine + i for i in range(k)), *(base.kv + i for i in range(k)), base.agent})
-
-
-def engine_groups(plan: Plan, instance_id: str) -> list:
-    """Groups whose engine runs on this instance (a pipeline's engine runs where its first stage is)."""
-    return [g for g in plan.groups if g.stages and g.stages[0].instance == instance_id]
+def node_ports(launches: list[EngineLaunch], base: Ports) -> list[int]:
+    """Ports a node opens: each engine's HTTP and KV (NIXL side channel) port, and the agent's three."""
+    ports = {base.agent, base.agent + 1, base.agent + 2}
+    for e in launches:
+        ports.add(e.port)
+        ports.add(e.port + (base.kv - base.engine))
+    return sorted(ports)
 
 
 def engine_launches(plan: Plan, instance_id: str, ports: Ports) -> list[EngineLaunch]:
-    """The engine processes of one node. The serving step owns the vLLM command line
-    (`thunderops.serve.vllm.engine_launches`); until it is there, a plain `vllm serve` per group."""
-    try:
-        from thunderops.serve import vllm as serve_vllm  # type: ignore[attr-defined]
+    """The engine processes of one node: the serving step's `vllm serve` commands of the groups whose
+    engine runs here (a pipeline's engine runs where its first stage is)."""
+    from thunderops.serve.vllm import EngineOptions, engine_commands
 
-        build = serve_vllm.engine_launches
-    except (ImportError, AttributeError):
-        build = None
-    if build is not None:
-        out = []
-        for e in build(plan, instance_id, ports):
-            argv = list(getattr(e, "argv", e))
-            out.append(EngineLaunch([str(a) for a in argv], {str(k): str(v) for k, v in getattr(e, "env", {}).items()},
-                                    str(getattr(e, "name", "engine"))))
-        return out
-    from thunderops.specs import get_model
-
-    model = get_model(plan.model)
-    out = []
-    for k, g in enumerate(engine_groups(plan, instance_id)):
-        first = g.stages[0]
-        argv = ["vllm", "serve", model.hf_id, "--port", str(ports.engine + k),
-                "--tensor-parallel-size", str(first.tp), "--pipeline-parallel-size", str(g.pp)]
-        if g.phase != "colocated":
-            argv += ["--kv-transfer-config", json.dumps({"kv_connector": "NixlConnector", "kv_role": "kv_both"})]
-        env = {"VLLM_NIXL_SIDE_CHANNEL_PORT": str(ports.kv + k)}
-        if first.gpu_ids:
-            env["CUDA_VISIBLE_DEVICES"] = ",".join(str(i) for i in first.gpu_ids)
-        out.append(EngineLaunch(argv, env, f"engine-{g.id}"))
-    return out
+    opts = EngineOptions(base_port=ports.engine, nixl_port_offset=ports.kv - ports.engine)
+    return [EngineLaunch(list(c.argv), dict(c.env), f"engine-{c.group}", c.port)
+            for c in engine_commands(plan, opts) if c.instance == instance_id]
 
 
 def engine_script_lines(launches: list[EngineLaunch]) -> list[str]:
@@ -135,9 +110,11 @@ def engine_script_lines(launches: list[EngineLaunch]) -> list[str]:
 
 def engine_task(plan: Plan, instance: Instance, *, deployment: str, node_id: str, cluster: str,
                 accelerator: str | None = None, ports: Ports | None = None, pip_spec: str | None = None,
-                launches: list[EngineLaunch] | None = None) -> dict[str, Any]:
-    """The SkyPilot task config (a dict, ready for `sky.Task.from_yaml_config`) for one plan instance."""
+                launches: list[EngineLaunch] | None = None, agent_token: str | None = None) -> dict[str, Any]:
+    """The SkyPilot task config (a dict, ready for `sky.Task.from_yaml_config`) for one plan instance.
+    `agent_token` goes into SkyPilot's `secrets:` (redacted in its displays), never into `envs:`."""
     ports = ports or Ports()
+    launches = engine_launches(plan, instance.id, ports) if launches is None else launches
     cfg = copy.deepcopy(_template("engine"))
     cfg["name"] = cluster
     res = cfg["resources"]
@@ -145,42 +122,63 @@ def engine_task(plan: Plan, instance: Instance, *, deployment: str, node_id: str
     res["instance_type"] = instance.instance_type
     res["accelerators"] = {accelerator or instance.gpu: int(instance.gpus)}
     res["use_spot"] = bool(instance.spot)
-    res["ports"] = node_ports(plan, instance.id, ports)
+    res["ports"] = node_ports(launches, ports)
     res["labels"] = {"thunderops-deployment": deployment, "thunderops-instance": slug(instance.id, 40)}
     envs = cfg["envs"]
     envs.update(THUNDEROPS_DEPLOYMENT=deployment, THUNDEROPS_NODE=node_id, THUNDEROPS_INSTANCE=instance.id,
                 THUNDEROPS_MODEL=plan.model, THUNDEROPS_AGENT_PORT=str(ports.agent),
-                THUNDEROPS_ENGINE_PORT=str(ports.engine), THUNDEROPS_KV_PORT=str(ports.kv),
-                VLLM_NIXL_SIDE_CHANNEL_PORT=str(ports.kv))
+                THUNDEROPS_AGENT_GPU=instance.gpu, THUNDEROPS_AGENT_GPUS=str(int(instance.gpus)))
     if pip_spec:
         envs["THUNDEROPS_PIP_SPEC"] = pip_spec
-    launches = engine_launches(plan, instance.id, ports) if launches is None else launches
-    cfg["run"] = _fill_engines(cfg["run"], engine_script_lines(launches))
+    if agent_token is not None:
+        cfg["secrets"] = {"THUNDEROPS_AGENT_TOKEN": agent_token}
+    cfg["run"] = _fill_lines(cfg["run"], engine_script_lines(launches))
     return cfg
 
 
+def router_argv(plan: Plan, *, deployment: str, port: int = ROUTER_PORT, ports: Ports | None = None) -> list[str]:
+    """`thunderops serve router` for the plan, each group's engine URL from its (provisioned) host."""
+    from thunderops.serve.vllm import EngineOptions, engine_commands
+
+    ports = ports or Ports()
+    opts = EngineOptions(base_port=ports.engine, nixl_port_offset=ports.kv - ports.engine)
+    argv = ["thunderops", "serve", "router", "--plan", "~/thunderops/plan.json", "--host", "0.0.0.0",
+            "--port", str(int(port))]
+    for c in engine_commands(plan, opts):
+        argv += ["--endpoint", f"{c.group}={c.url}"]
+    return argv
+
+
 def router_task(plan: Plan, *, deployment: str, plan_path: str | Path, port: int = ROUTER_PORT,
-                pip_spec: str | None = None) -> dict[str, Any]:
-    """The SkyPilot task config for the router, placed in the cloud/region of the plan's first instance."""
+                pip_spec: str | None = None, api_key: str | None = None) -> dict[str, Any]:
+    """The SkyPilot task config for the router, in the cloud/region of the plan's first instance. The plan
+    travels as a file mount; `api_key` goes into `secrets:` as THUNDEROPS_API_KEY."""
     cfg = copy.deepcopy(_template("router"))
     cfg["name"] = f"{cluster_prefix(deployment)}router-1"
     first = plan.instances[0] if plan.instances else None
-    cfg["resources"]["infra"] = infra(first.cloud, first.region) if first and first.cloud != "local" else None
-    if cfg["resources"]["infra"] is None:
+    if first and first.cloud != "local":
+        cfg["resources"]["infra"] = infra(first.cloud, first.region)
+    else:
         del cfg["resources"]["infra"]
     cfg["resources"]["ports"] = [int(port)]
     cfg["resources"]["labels"] = {"thunderops-deployment": deployment}
     cfg["file_mounts"] = {"~/thunderops/plan.json": str(plan_path)}
-    cfg["envs"].update(THUNDEROPS_DEPLOYMENT=deployment, THUNDEROPS_ROUTER_PORT=str(int(port)))
+    cfg["envs"].update(THUNDEROPS_DEPLOYMENT=deployment)
     if pip_spec:
         cfg["envs"]["THUNDEROPS_PIP_SPEC"] = pip_spec
+    if api_key is not None:
+        cfg["secrets"] = {"THUNDEROPS_API_KEY": api_key}
+    # '~' must expand, so the plan path word is left unquoted (it is our constant, not a value from the plan)
+    words = [w if w == "~/thunderops/plan.json" else shlex.quote(w)
+             for w in router_argv(plan, deployment=deployment, port=port)]
+    cfg["run"] = _fill_lines(cfg["run"], [" ".join(words)], ROUTER_MARKER)
     return cfg
 
 
-def _fill_engines(run: str, lines: list[str]) -> str:
+def _fill_lines(run: str, lines: list[str], marker: str = ENGINES_MARKER) -> str:
     out = []
     for line in run.splitlines():
-        if line.strip().startswith(ENGINES_MARKER):
+        if line.strip().startswith(marker):
             out.extend(lines)
         else:
             out.append(line)

@@ -1,0 +1,183 @@
+"""SkyPilot task templates: rendering escapes every value (no YAML or shell injection), every rendered task
+loads with SkyPilot's own `sky.Task.from_yaml_config`, and SkyPilot's optimizer, reading our catalog exported
+into a temp SKY_RUNTIME_DIR, picks the same instance and $/h as the plan for each node."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import yaml
+from provision_helpers import cheapest, plan_of
+
+from thunderops.catalog import export_skypilot, load_offers
+from thunderops.provision import Ports
+from thunderops.provision.skypilot import sky_zone
+from thunderops.provision.tasks import (
+    EngineLaunch,
+    accelerator_names,
+    cluster_name,
+    deployment_of,
+    engine_task,
+    render,
+    router_task,
+)
+
+EVIL = ["$(touch PWNED)", "`touch PWNED`", "a'b\"c", "x; touch PWNED", "new\nline: {evil: [1]}", "--flag=*"]
+
+
+def _stub(bindir: Path, name: str) -> None:
+    """An executable that records its argv (and one env var) as JSON, then exits."""
+    path = bindir / name
+    path.write_text(f"#!{sys.executable}\nimport json, os, sys\n"
+                    f"with open(os.environ['RECORD_DIR'] + '/{name}.json', 'a') as f:\n"
+                    "    f.write(json.dumps({'argv': sys.argv[1:], 'K': os.environ.get('K')}) + '\\n')\n")
+    path.chmod(path.stat().st_mode | stat.S_IEXEC)
+
+
+def _run_script(script: str, envs: dict, tmp_path: Path) -> dict[str, list]:
+    bindir, home, rec = tmp_path / "bin", tmp_path / "home", tmp_path / "rec"
+    for d in (bindir, home, rec):
+        d.mkdir(parents=True, exist_ok=True)
+    for name in ("thunderops", "vllm", "python3"):
+        _stub(bindir, name)
+    env = {"PATH": f"{bindir}:/usr/bin:/bin", "HOME": str(home), "RECORD_DIR": str(rec),
+           **{k: str(v) for k, v in envs.items()}}
+    proc = subprocess.run(["bash", "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert not list(tmp_path.rglob("PWNED")), "shell injection: a value was executed"
+    return {p.stem: [json.loads(line) for line in p.read_text().splitlines()] for p in rec.glob("*.json")}
+
+
+def test_rendering_escapes_every_value_for_yaml_and_shell(tmp_path):
+    plan = plan_of([("i0", cheapest("A100-80GB", 1, cloud="gcp"), False)])
+    evil_engine = EngineLaunch(["vllm", "serve", *EVIL], {"K": "v; touch PWNED $(touch PWNED)"}, "g0; touch PWNED", 8100)
+    inst = plan.instances[0]
+    inst.id = "i0'; touch PWNED; '"
+    cfg = engine_task(plan, inst, deployment="d1", node_id="n$(touch PWNED)", cluster=cluster_name("d1", inst.id),
+                      pip_spec="thunderops[serve]; touch PWNED", launches=[evil_engine], agent_token="s3cr'et")
+    text = render(cfg)
+    assert yaml.safe_load(text) == cfg  # YAML round trip: nothing broke out of its value
+    assert cfg["secrets"] == {"THUNDEROPS_AGENT_TOKEN": "s3cr'et"} and "s3cr'et" not in json.dumps(cfg["envs"])
+    assert cfg["name"] == cluster_name("d1", inst.id) and deployment_of(cfg["name"]) == "d1"
+    rec = _run_script(cfg["run"], cfg["envs"], tmp_path)
+    assert rec["vllm"] == [{"argv": ["serve", *EVIL], "K": "v; touch PWNED $(touch PWNED)"}]
+    assert rec["thunderops"][0]["argv"][:4] == ["agent", "--node", "n$(touch PWNED)", "--deployment"]
+    rec = _run_script(cfg["setup"], cfg["envs"], tmp_path / "setup")
+    assert rec["python3"][-1]["argv"] == ["-m", "pip", "install", "thunderops[serve]; touch PWNED"]
+
+
+def test_router_task_quotes_its_command_and_mounts_the_plan(tmp_path):
+    plan = plan_of([("p0", cheapest("L4", 1, cloud="aws"), False)])
+    plan.instances[0].host = "10.0.0.7"
+    plan_path = tmp_path / "plan with space'.json"
+    cfg = router_task(plan, deployment="d1", plan_path=plan_path, port=8080, api_key="k")
+    assert yaml.safe_load(render(cfg)) == cfg
+    assert cfg["file_mounts"] == {"~/thunderops/plan.json": str(plan_path)}
+    rec = _run_script(cfg["run"], cfg["envs"], tmp_path)
+    argv = rec["thunderops"][0]["argv"]
+    assert argv[:3] == ["serve", "router", "--plan"] and argv[3].endswith("/home/thunderops/plan.json")
+    assert argv[argv.index("--endpoint") + 1] == "g0=http://10.0.0.7:8100"
+
+
+def test_engine_task_runs_the_serving_steps_vllm_commands_and_opens_their_ports():
+    row = cheapest("A10G", 4, cloud="aws")
+    plan = plan_of([("i0", row, False)])
+    cfg = engine_task(plan, plan.instances[0], deployment="d1", node_id="n1", cluster="to-d1-i0-1",
+                      accelerator="A10G")
+    assert "vllm serve" in cfg["run"] and "--tensor-parallel-size 4" in cfg["run"]
+    p = Ports()
+    assert set(cfg["resources"]["ports"]) >= {p.engine, p.kv, p.agent, p.agent + 1, p.agent + 2}
+    assert cfg["resources"]["accelerators"] == {"A10G": 4}
+    assert cfg["resources"]["infra"] == f"aws/{row['region']}/{row['zone']}"
+
+
+_SKY_CHECK = textwrap.dedent("""
+    import json, sys
+    import sky, sky.check
+    enabled = [sky.CLOUD_REGISTRY.from_str(c) for c in json.loads(sys.argv[2])]
+    # as SkyPilot's own tests do: mark clouds enabled, skip the credential checks
+    sky.check.get_cached_enabled_clouds_or_refresh = lambda *a, **k: enabled
+    sky.check.check_capability = lambda *a, **k: None
+    out = []
+    for item in json.load(open(sys.argv[1])):
+        task = sky.Task.from_yaml_config(item["config"])
+        if not item["optimize"]:
+            out.append({"name": task.name})
+            continue
+        with sky.Dag() as dag:
+            dag.add(task)
+        sky.Optimizer.optimize(dag, quiet=True)
+        r = task.best_resources
+        out.append({"name": task.name, "cloud": str(r.cloud).lower(), "region": r.region, "zone": r.zone,
+                    "instance_type": r.instance_type, "spot": r.use_spot, "cost": r.get_cost(3600)})
+    print("RESULT " + json.dumps(out))
+""")
+
+
+def _write_common_catalog(runtime: Path) -> None:
+    """SkyPilot also reads common/accelerators.csv (accelerator -> clouds); derive it from the export where
+    the export does not write it, so nothing is downloaded."""
+    import pandas as pd
+
+    base = runtime / ".sky" / "catalogs" / "v8"
+    path = base / "common" / "accelerators.csv"
+    if path.exists():
+        return
+    names = {"aws": "AWS", "gcp": "GCP", "azure": "Azure", "lambda": "Lambda", "nebius": "Nebius", "oci": "OCI",
+             "vast": "Vast", "cudo": "Cudo"}
+    rows: dict[str, set[str]] = {}
+    for vms in base.glob("*/vms.csv"):
+        for acc in pd.read_csv(vms)["AcceleratorName"].dropna().unique():
+            rows.setdefault(str(acc), set()).add(names.get(vms.parent.name, vms.parent.name))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame([{"AcceleratorName": a, "Clouds": ",".join(sorted(c))} for a, c in sorted(rows.items())]).to_csv(
+        path, index=False)
+
+
+@pytest.mark.slow
+def test_every_task_validates_in_skypilot_and_its_optimizer_picks_the_plans_instance_and_price(tmp_path):
+    offers = load_offers()
+    rows = []
+    for cloud in sorted(offers["cloud"].unique()):
+        one = offers[(offers["cloud"] == cloud) & (offers["gpus_per_node"] == 1)]
+        if one.empty:
+            continue
+        rows.append((f"{cloud}od", one.iloc[0], False))
+        spot = one[one["price_spot"].notna()].sort_values("price_spot")
+        if not spot.empty:
+            rows.append((f"{cloud}sp", spot.iloc[0], True))
+    plan = plan_of(rows)
+    accel = accelerator_names(plan)
+    items = []
+    for inst in plan.instances:
+        cfg = engine_task(plan, inst.__class__(**{**inst.__dict__, "zone": sky_zone(inst)}), deployment="d1",
+                          node_id=inst.id, cluster=cluster_name("d1", inst.id), accelerator=accel[inst.id],
+                          agent_token="t")
+        items.append({"config": yaml.safe_load(render(cfg)), "optimize": True})
+    items.append({"config": yaml.safe_load(render(router_task(plan, deployment="d1", plan_path=tmp_path))),
+                  "optimize": False})
+    runtime = tmp_path / "sky-runtime"
+    export_skypilot(runtime)
+    _write_common_catalog(runtime)
+    (tmp_path / "items.json").write_text(json.dumps(items))
+    env = dict(os.environ, SKY_RUNTIME_DIR=str(runtime), HOME=str(tmp_path / "home"))
+    proc = subprocess.run([sys.executable, "-c", _SKY_CHECK, str(tmp_path / "items.json"),
+                           json.dumps(sorted({i.cloud for i in plan.instances}))],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.split("RESULT ", 1)[1])
+    assert len(result) == len(plan.instances) + 1
+    assert len({i.cloud for i in plan.instances}) >= 6
+    for inst, got in zip(plan.instances, result, strict=False):
+        want = (inst.cloud, inst.region, inst.instance_type, inst.spot)
+        assert (got["cloud"], got["region"], got["instance_type"], got["spot"]) == want, inst.id
+        if sky_zone(inst):
+            assert got["zone"] == inst.zone, inst.id
+        assert got["cost"] == pytest.approx(inst.price_per_hour, rel=1e-6), inst.id
