@@ -181,7 +181,8 @@ def load_trace(path: Path) -> Workload:
         raise WorkloadError(f"{path}: a trace needs at least 2 requests, found {len(times)}")
     order = np.argsort(np.asarray(times), kind="stable")
     arrival = np.asarray(times)[order]
-    arrival = arrival - arrival[0]
+    with np.errstate(over="ignore"):  # an overflowing span is reported just below
+        arrival = arrival - arrival[0]
     span = float(arrival[-1])
     if not np.isfinite(span):
         raise WorkloadError(f"{path}: timestamps span more than a float can hold; use seconds or ISO times")
