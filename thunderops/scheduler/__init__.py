@@ -116,7 +116,8 @@ def solve(
         raise PlanError(f"no plan meets the SLO (TTFT {slo.ttft_s:g} s, TPOT {slo.tpot_s:g} s at "
                         f"{slo.attainment:.0%}) for {spec.name}; relax --slo-ttft/--slo-tpot or raise the budget")
     inputs = {
-        "model": spec.name, "workload": wl.name, "rate": rate, "budget_per_hour": budget,
+        "model": spec.name, "workload": wl.name, "workload_source": wl.source if wl.trace is not None else None,
+        "rate": rate, "budget_per_hour": budget,
         "slo": {"ttft_s": slo.ttft_s, "tpot_s": slo.tpot_s, "attainment": slo.attainment},
         "clouds": clouds, "regions": regions, "spot": spot,
         "inventory": str(inventory) if isinstance(inventory, str | Path) else (inventory.source if inventory else None),

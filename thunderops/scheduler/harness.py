@@ -66,6 +66,7 @@ class Harness:
         self.budget, self.rate = budget, rate
         self.parallel = ParallelPlanner(perf, workload, slo)
         self._pre: dict[tuple, float] = {}
+        self.fixed: dict[tuple[Unit, ...], dict[str, GroupConfig]] = {}
         self._unit_memo: dict[tuple[str, int], int] = {}
         self.unit_gpus = [self._unit_size(i) for i in pool]
         self.units_of = [[(k, s) for s in range(inst.gpus // self.unit_gpus[k])] for k, inst in enumerate(pool)]
@@ -107,12 +108,20 @@ class Harness:
         return parts, link, order
 
     def config(self, units: tuple[Unit, ...], phase: str) -> GroupConfig:
-        parts, link, _ = self.parts(units)
-        return self.parallel.configs(parts, link)[phase]
+        return self.configs(units)[phase]
 
     def configs(self, units: tuple[Unit, ...]) -> dict[str, GroupConfig]:
+        fixed = self.fixed.get(units)
+        if fixed is not None:
+            return fixed
         parts, link, _ = self.parts(units)
         return self.parallel.configs(parts, link)
+
+    def fix_layout(self, units: tuple[Unit, ...], layout) -> None:
+        """Pin a group's layout (weights already loaded): every phase uses it, capacities from the perf model."""
+        caps = {ph: self.perf.capacity(layout, ph, self.workload, self.slo) if self.perf.fits(layout) else 0.0
+                for ph in ("prefill", "decode", "colocated")}
+        self.fixed[tuple(sorted(units))] = {ph: GroupConfig(ph, c, layout, ()) for ph, c in caps.items()}
 
     def gbps(self, a: int, b: int) -> float:
         key = (a, b) if a <= b else (b, a)
@@ -239,23 +248,7 @@ class Harness:
                     stages.append(Stage(self.pool[inst].id, self.pool[inst].gpu, tp, layers, ids[s * tp:(s + 1) * tp]))
                     li += 1
             groups.append(Group(gid[k], ph, stages))
-        routing: list[Route] = []
-        goodput = ev.goodput
-        if ev.solution is not None and goodput > 0:
-            prob, _, roles = self.problem(state)
-            target = min(self.rate, goodput) if self.rate else goodput
-            sol = lp.balance(prob, target * (1 - 1e-9))
-            P, D, C = roles.get("prefill", []), roles.get("decode", []), roles.get("colocated", [])
-            tot = sol.total or 1.0
-            for a, i in enumerate(P):
-                for b, j in enumerate(D):
-                    if sol.raw[a, b] > 0:
-                        routing.append(Route(gid[i], gid[j], float(sol.raw[a, b] / tot), 1.0))
-                    if sol.comp[a, b] > 0:
-                        routing.append(Route(gid[i], gid[j], float(sol.comp[a, b] / tot), KV_COMPRESSION))
-            for c, i in enumerate(C):
-                if sol.colocated[c] > 0:
-                    routing.append(Route(gid[i], gid[i], float(sol.colocated[c] / tot), 1.0))
+        routing = self.routing(ev, gid)
         plan = Plan(
             model=self.perf.model.name,
             budget_per_hour=float(self.budget) if self.budget is not None else round(sum(i.price_per_hour for i in self.pool), 4),
@@ -269,6 +262,28 @@ class Harness:
             strategy=strategy,
         )
         return plan
+
+    def routing(self, ev: Evaluation, gid: list[str]) -> list[Route]:
+        """Routing fractions: the LP spreads the target rate (or the goodput) evenly over the replicas.
+        A colocated replica's route names it as both prefill and decode."""
+        routing: list[Route] = []
+        if ev.solution is None or ev.goodput <= 0:
+            return routing
+        prob, _, roles = self.problem(ev.state)
+        target = min(self.rate, ev.goodput) if self.rate else ev.goodput
+        sol = lp.balance(prob, target * (1 - 1e-9))
+        P, D, C = roles.get("prefill", []), roles.get("decode", []), roles.get("colocated", [])
+        tot = sol.total or 1.0
+        for a, i in enumerate(P):
+            for b, j in enumerate(D):
+                if sol.raw[a, b] > 0:
+                    routing.append(Route(gid[i], gid[j], float(sol.raw[a, b] / tot), 1.0))
+                if sol.comp[a, b] > 0:
+                    routing.append(Route(gid[i], gid[j], float(sol.comp[a, b] / tot), KV_COMPRESSION))
+        for c, i in enumerate(C):
+            if sol.colocated[c] > 0:
+                routing.append(Route(gid[i], gid[i], float(sol.colocated[c] / tot), 1.0))
+        return routing
 
     def predict(self, ev: Evaluation, groups: list[Group]) -> Prediction:
         """Model prediction: goodput from the LP; latencies at light load (prefill pass + KV transfer for TTFT,

@@ -9,7 +9,6 @@ identical groups anywhere in the search cost one evaluation.
 
 from __future__ import annotations
 
-import itertools
 import math
 from dataclasses import dataclass
 
@@ -56,29 +55,52 @@ class ParallelPlanner:
         opts = [t for t in valid_tps(self.perf.model.heads, gpus) if gpus % t == 0]
         return sorted(opts, reverse=True)[:2]
 
-    def configs(self, parts: tuple[tuple[str, int], ...], pp_link_gbps: float) -> dict[str, GroupConfig]:
-        """parts: (GPU name, GPUs) per instance, in pipeline order; pp_link_gbps: slowest link between them."""
+    def configs(self, parts: tuple[tuple[str, int], ...], pp_link_gbps: float) -> PhaseConfigs:
+        """parts: (GPU name, GPUs) per instance, in pipeline order; pp_link_gbps: slowest link between them.
+        Returns a lazy phase -> GroupConfig mapping (a phase is costed on first use)."""
         key = (parts, round(pp_link_gbps, 3) if math.isfinite(pp_link_gbps) else pp_link_gbps)
         hit = self._memo.get(key)
-        if hit is not None:
-            return hit
+        if hit is None:
+            hit = self._memo[key] = PhaseConfigs(self, parts, pp_link_gbps)
+        return hit
+
+    def best(self, parts: tuple[tuple[str, int], ...], pp_link_gbps: float, phase: str) -> GroupConfig:
         self.evaluations += 1
         specs: list[GpuSpec] = [get_gpu(g) for g, _ in parts]
         per_part = [self.stage_options(n) for _, n in parts]
-        combos = list(itertools.islice(itertools.product(*per_part), self.max_combos))
-        best = {ph: GroupConfig(ph, 0.0, None, ()) for ph in PHASES}
-        for tps in combos:
+        # the widest TP everywhere, and the next narrower everywhere (more pipeline stages)
+        combos = list(dict.fromkeys(tuple(o[min(k, len(o) - 1)] for o in per_part) for k in range(2)))
+        best = GroupConfig(phase, 0.0, None, ())
+        slo = self.prefill_slo if phase == "prefill" else self.slo
+        # stages inside one instance hop over its GPU link; across instances over the network
+        link = pp_link_gbps if len(parts) > 1 else min(intra_node_gbps(s) for s in specs)
+        for tps in combos[:self.max_combos]:
             stages = [(spec, t) for spec, (_, n), t in zip(specs, parts, tps, strict=True) for _ in range(n // t)]
             if len(stages) > self.perf.model.layers:
                 continue
-            # stages inside one instance hop over its GPU link; across instances over the network
-            link = pp_link_gbps if len(parts) > 1 else min(intra_node_gbps(s) for s in specs)
-            for ph in PHASES:
-                layout = self.perf.split_layers(stages, ph, link)
-                if layout is None:
-                    continue
-                cap = self.perf.capacity(layout, ph, self.workload, self.prefill_slo if ph == "prefill" else self.slo)
-                if cap > best[ph].capacity:
-                    best[ph] = GroupConfig(ph, cap, layout, tuple(tps))
-        self._memo[key] = best
+            layout = self.perf.split_layers(stages, phase, link)
+            if layout is None:
+                continue
+            cap = self.perf.capacity(layout, phase, self.workload, slo)
+            if cap > best.capacity:
+                best = GroupConfig(phase, cap, layout, tuple(tps))
         return best
+
+
+class PhaseConfigs(dict):
+    """phase -> GroupConfig, computed on first access."""
+
+    def __init__(self, planner: ParallelPlanner, parts: tuple, link: float) -> None:
+        super().__init__()
+        self._args = (planner, parts, link)
+
+    def __missing__(self, phase: str) -> GroupConfig:
+        planner, parts, link = self._args
+        cfg = self[phase] = planner.best(parts, link, phase)
+        return cfg
+
+    def values(self):  # every phase, costing the missing ones
+        return [self[ph] for ph in PHASES]
+
+    def items(self):
+        return [(ph, self[ph]) for ph in PHASES]

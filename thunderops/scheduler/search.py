@@ -35,14 +35,15 @@ class SearchConfig:
     elite: int = 5
     phase_split: bool = True  # False: colocated groups only (HexGen-style)
     procure: bool = True  # False: no renting or giving back instances (fixed set)
-    heterogeneous_groups: bool = True
+    moves: tuple[str, ...] | None = None  # restrict the move kinds (e.g. ("flip",) for light rescheduling)
 
 
 # ------------------------------------------------------------------------------ greedy start
 
 
 def fits_alone(h: Harness, units: tuple[Unit, ...]) -> bool:
-    return any(c.capacity > 0 for c in h.configs(units).values())
+    cfgs = h.configs(units)
+    return any(cfgs[ph].capacity > 0 for ph in ("decode", "prefill", "colocated"))  # cheapest phases first
 
 
 def greedy_groups(h: Harness, instances: Iterable[int]) -> list[tuple[Unit, ...]]:
@@ -139,6 +140,10 @@ class Tabu:
         kinds = ["flip", "move", "swap", "merge", "split"]
         if self.cfg.procure:
             kinds += ["add", "add", "remove", "replace"]
+        if self.cfg.moves is not None:
+            kinds = [k for k in kinds if k in self.cfg.moves]
+        if not kinds:
+            return None
         kind = self._pick(kinds) if groups else "add"
         n = len(groups)
         if kind == "flip" and n and len(self.phases) > 1:

@@ -1,0 +1,122 @@
+"""`thunderops plan`: find the GPU mix, groups, phases, parallelism and routing under a $/h budget."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from thunderops.cli.app import app, console, err_console, print_json
+
+
+def _split(value: str | None) -> list[str] | None:
+    return [v.strip() for v in value.split(",") if v.strip()] if value else None
+
+
+@app.command("plan")
+def plan_cmd(
+    budget: Annotated[float | None, typer.Option(help="$/h for all instances (optional with --inventory)")] = None,
+    model: Annotated[str, typer.Option(help="Model name (`thunderops catalog models`) or a HF config.json")] = "llama-30b",
+    workload: Annotated[str, typer.Option(help="coding, conversation, or a trace CSV")] = "conversation",
+    rate: Annotated[float | None, typer.Option(help="Target req/s: find the cheapest plan that serves it")] = None,
+    slo_ttft: Annotated[float | None, typer.Option(help="Time-to-first-token target, s (default 2)")] = None,
+    slo_tpot: Annotated[float | None, typer.Option(help="Time-per-output-token target, s (default 0.1)")] = None,
+    attainment: Annotated[float | None, typer.Option(help="Share of requests that must meet the SLO (default 0.9)")] = None,
+    clouds: Annotated[str | None, typer.Option(help="Comma-separated clouds to rent from")] = None,
+    regions: Annotated[str | None, typer.Option(help="Comma-separated regions")] = None,
+    spot: Annotated[bool | None, typer.Option("--spot/--no-spot", help="Spot only / on-demand only (default: either)")] = None,
+    inventory: Annotated[Path | None, typer.Option(help="YAML of GPUs you already have (see docs/scheduler.md)")] = None,
+    bandwidth: Annotated[Path | None, typer.Option(help="Measured Gbps between instances (JSON or CSV)")] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the plan as JSON")] = False,
+    out: Annotated[Path | None, typer.Option(help="Write the plan JSON here")] = None,
+    compare: Annotated[bool, typer.Option(help="Show the baselines' plans side by side")] = False,
+    seed: Annotated[int, typer.Option(help="Search seed (same seed, same plan)")] = 0,
+    time_limit: Annotated[float, typer.Option(help="Search time limit, s")] = 60.0,
+) -> None:
+    """Plan a deployment: instances to rent, model replicas with phase and parallelism, routing, predicted goodput."""
+    from thunderops.scheduler import solve
+
+    quiet = json_out or not console.is_terminal
+    with Progress(TextColumn("[bold]searching"), BarColumn(), TextColumn("{task.description}"),
+                  TimeElapsedColumn(), console=err_console, transient=True, disable=quiet) as bar:
+        task = bar.add_task("", total=1.0)
+
+        def progress(fraction: float, message: str) -> None:
+            bar.update(task, completed=min(1.0, fraction), description=message)
+
+        result = solve(budget, model, workload, rate=rate, slo_ttft=slo_ttft, slo_tpot=slo_tpot,
+                       attainment=attainment, clouds=_split(clouds), regions=_split(regions), spot=spot,
+                       inventory=inventory, bandwidth=bandwidth, seed=seed, time_limit=time_limit,
+                       progress=progress)
+    plan = result.plan
+    if out is not None:
+        plan.save(out)
+    if json_out:
+        data = plan.to_dict()
+        if compare:
+            data = {"plan": data, "baselines": {k: p.to_dict() for k, p in result.baselines.items()}}
+        print_json(data)
+        return
+    render(plan)
+    render_comparison(plan, result.baselines, detailed=compare)
+    console.print(f"searched {result.evaluations} candidates in {result.seconds:.1f} s"
+                  + (f"; plan written to {out}" if out else ""), highlight=False)
+
+
+def render(plan) -> None:
+    """Instances, groups, routing and the prediction, as Rich tables."""
+    inst = Table(title=f"instances ({plan.cost_per_hour:.2f} $/h of {plan.budget_per_hour:.2f} $/h budget)")
+    for col in ("id", "cloud", "region", "type", "GPUs", "pricing", "$/h", "price source"):
+        inst.add_column(col, justify="right" if col in ("GPUs", "$/h") else "left")
+    for i in plan.instances:
+        inst.add_row(i.id, i.cloud, i.region + (f"/{i.zone}" if i.zone else ""), i.instance_type,
+                     f"{i.gpus}x{i.gpu}", "spot" if i.spot else "on-demand", f"{i.price_per_hour:.3f}",
+                     f"{i.source} ({i.as_of})" if i.as_of else i.source)
+    console.print(inst)
+    grp = Table(title="replicas (groups)")
+    for col in ("group", "phase", "GPUs", "TP", "PP", "layers", "stages"):
+        grp.add_column(col)
+    for g in plan.groups:
+        stages = ", ".join(f"{s.instance}[{','.join(map(str, s.gpu_ids))}]" for s in g.stages)
+        grp.add_row(g.id, g.phase, str(g.gpus), "/".join(str(s.tp) for s in g.stages), str(g.pp),
+                    "/".join(map(str, g.layer_split)), stages)
+    console.print(grp)
+    rt = Table(title="routing (share of requests)")
+    for col in ("prefill", "decode", "share", "KV transfer"):
+        rt.add_column(col)
+    for r in sorted(plan.routing, key=lambda r: -r.fraction):
+        kv = "in place" if r.prefill == r.decode else ("raw" if r.kv_compression >= 1 else
+                                                       f"compressed x{r.kv_compression:g}")
+        rt.add_row(r.prefill, r.decode, f"{r.fraction:.1%}", kv)
+    console.print(rt)
+    p = plan.predicted
+    slo = plan.inputs.get("slo", {})
+    console.print(
+        f"predicted ({p.method}): goodput [bold]{p.goodput_rps:.2f} req/s[/] ({p.tokens_per_s:.0f} output tok/s) "
+        f"at {slo.get('attainment', 0):.0%} within TTFT {slo.get('ttft_s')} s / TPOT {slo.get('tpot_s')} s; "
+        f"light-load TTFT p50 {p.ttft_p50:.3f} s p90 {p.ttft_p90:.3f} s, TPOT p50 {p.tpot_p50 * 1000:.1f} ms; "
+        f"{plan.cost_per_hour:.2f} $/h for the instances above", highlight=False)
+    if plan.inputs.get("rate") and not plan.inputs.get("rate_met", True):
+        err_console.print(f"[yellow]warning:[/] no plan within the budget serves {plan.inputs['rate']} req/s; "
+                          "this is the most goodput it buys", highlight=False)
+
+
+def render_comparison(plan, baselines: dict, detailed: bool = False) -> None:
+    table = Table(title="same budget, same performance model")
+    for col in ("strategy", "goodput req/s", "$/h", "GPUs", "req/s per $/h", "vs ours"):
+        table.add_column(col, justify="left" if col == "strategy" else "right")
+    rows = [("thunderops (ours)", plan)] + [(k, p) for k, p in baselines.items()]
+    ours = plan.predicted.goodput_rps
+    for name, p in rows:
+        g = p.predicted.goodput_rps
+        table.add_row(name, f"{g:.2f}", f"{p.cost_per_hour:.2f}", str(p.total_gpus),
+                      f"{g / p.cost_per_hour:.3f}" if p.cost_per_hour else "-",
+                      f"{ours / g:.2f}x" if g > 0 else "-")
+    console.print(table)
+    if detailed:
+        for name, p in baselines.items():
+            console.rule(f"baseline: {name}")
+            render(p)
