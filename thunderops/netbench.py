@@ -381,8 +381,8 @@ def render_table(result: NetbenchResult) -> Any:
     """A Rich table: Gbit/s (and round trip in ms) per pair; '?' marks unknown, the diagonal is NCCL."""
     from rich.table import Table
 
-    t = Table(title=f"bandwidth Gbit/s (rtt ms) - {result.streams} streams x {result.duration_s:g}s; "
-                    "diagonal: GPU-to-GPU (NCCL)")
+    t = Table(title=f"Gbit/s (rtt ms), {result.streams} streams x {result.duration_s:g}s",
+              caption="? unknown; diagonal: GPU-to-GPU via NCCL")
     t.add_column("from \\ to")
     for n in result.nodes:
         t.add_column(n, justify="right")
@@ -481,13 +481,14 @@ def _change_lines(changes: Any) -> list[str]:
 
 def measure_and_finalize(deployment: str, *, store: Any = None, endpoints: Sequence[AgentEndpoint] | None = None,
                          threshold: float = 0.1, png: str | Path | None = None, console: Any = None,
-                         **measure_kwargs: Any) -> FinalizeOutcome:
+                         finalize_options: dict[str, Any] | None = None, **measure_kwargs: Any) -> FinalizeOutcome:
     """Measure the deployment's links, re-plan on them (`thunderops.scheduler.finalize`: parallel configs and
     routing on the measured matrix; a search restricted to the provisioned nodes if goodput drops more than
     `threshold`), store the new plan version with events, and print what changed and why when `console` is given.
+    `finalize_options` go to the scheduler's finalize (e.g. time_limit, seed); the rest to `measure`.
 
     `thunderops up` calls this between provisioning and serving. Unknown pairs keep the plan's figures."""
-    from thunderops.scheduler import finalize
+    from thunderops.scheduler.reschedule import finalize
     from thunderops.state import Store
 
     store = store or Store()
@@ -498,8 +499,8 @@ def measure_and_finalize(deployment: str, *, store: Any = None, endpoints: Seque
     measured = result.bandwidth_gbps()
     bw = merge_bandwidth(plan.bandwidth_gbps, measured)
     if measured:
-        new_plan, changes = finalize(plan, bw, threshold=threshold)
-        new_plan.bandwidth_gbps = bw
+        new_plan, changes = finalize(plan, bw, threshold=threshold, **(finalize_options or {}))
+        new_plan.bandwidth_gbps = new_plan.bandwidth_gbps or bw
         lines = _change_lines(changes) or ["no change: the plan holds on the measured links"]
         reason = "finalize: re-planned on measured bandwidth"
     else:

@@ -1,0 +1,100 @@
+"""Finalize on measured links: four real agents on 127.0.0.2-5, one emulated slow link, a hand-built
+2-prefill x 2-decode plan in a real state store; measure_and_finalize must move KV routing off that link."""
+
+from __future__ import annotations
+
+import pytest
+from rich.console import Console
+from test_agent import AgentProcs
+
+from thunderops.agent import deployment_token
+from thunderops.netbench import measure_and_finalize
+from thunderops.plan import Group, Instance, Plan, Route, Stage
+from thunderops.state import Store
+
+reschedule = pytest.importorskip("thunderops.scheduler.reschedule", reason="scheduler.finalize has not landed")
+
+HOSTS = {"p1": "127.0.0.2", "p2": "127.0.0.3", "d1": "127.0.0.4", "d2": "127.0.0.5"}
+SLOW_MBPS = 200
+
+
+@pytest.fixture
+def agents():
+    procs = AgentProcs()
+    try:
+        yield procs
+    finally:
+        procs.stop_all()
+
+
+def two_by_two_plan() -> Plan:
+    """LLaMA-30B on four 2xA100 nodes: p1, p2 prefill, d1, d2 decode, requests spread evenly, 10 Gbps assumed."""
+    insts = [Instance(id=n, cloud="aws", region="us-east-1", zone="us-east-1a", instance_type="p4de-2gpu",
+                      gpu="A100-80GB", gpus=2, spot=False, price_per_hour=8.2, network_gbps=10.0,
+                      source="test", as_of="2026-11-01", host=h) for n, h in HOSTS.items()]
+    groups = [Group(f"g{n}", "prefill" if n.startswith("p") else "decode", [Stage(n, "A100-80GB", 2, 60, [0, 1])])
+              for n in HOSTS]
+    routing = [Route(p, d, 0.25) for p in ("gp1", "gp2") for d in ("gd1", "gd2")]
+    return Plan(model="LLaMA-30B", budget_per_hour=40.0, cost_per_hour=32.8, instances=insts, groups=groups,
+                routing=routing,
+                inputs={"workload": "conversation", "rate": 1.0, "slo": {"ttft_s": 5.0, "tpot_s": 0.1,
+                                                                         "attainment": 0.9}},
+                bandwidth_gbps={a: {b: 10.0 for b in HOSTS if b != a} for a in HOSTS})
+
+
+def share(plan: Plan, a: str, b: str) -> float:
+    """Fraction of requests whose KV cache crosses the a<->b link (prefill on one, decode on the other)."""
+    where = {g.id: set(g.instances) for g in plan.groups}
+    total = 0.0
+    for r in plan.routing:
+        if r.prefill == r.decode:
+            continue
+        p, d = where[r.prefill], where[r.decode]
+        if (a in p and b in d) or (b in p and a in d):
+            total += r.fraction
+    return total
+
+
+def test_finalize_moves_kv_routing_off_the_measured_slow_link(agents, thunderops_home):
+    plan = two_by_two_plan()
+    # What the scheduler does on the assumed 10 Gbps links: the prefill->decode link it leans on most is
+    # the one we make slow, so a plan that ignored the measurement would keep sending KV over it.
+    nominal, _ = reschedule.finalize(plan, plan.bandwidth_gbps)
+    if not any(r.prefill != r.decode for r in nominal.routing):
+        pytest.skip("the scheduler colocates this plan even on fast links; nothing to move")
+    plan.predicted = nominal.predicted
+    pairs = [(p, d) for p in ("p1", "p2") for d in ("d1", "d2")]
+    slow_p, slow_d = max(pairs, key=lambda pd: share(nominal, *pd))
+    assert share(nominal, slow_p, slow_d) >= 0.25
+
+    store = Store()
+    store.create_deployment("fin1", provider="local", model=plan.model, budget_per_hour=plan.budget_per_hour)
+    store.add_plan("fin1", plan, reason="hand-built 2P x 2D")
+    token = deployment_token("fin1")
+    for n, host in HOSTS.items():
+        extra = ("--peer-mbps", f"{HOSTS[slow_d]}={SLOW_MBPS}") if n == slow_p else ()
+        try:
+            a = agents.start(n, *extra, token=token, host=host)
+        except OSError as e:  # pragma: no cover - loopback aliases are standard on Linux
+            pytest.skip(f"cannot bind {host}: {e}")
+        store.record_node_intent("fin1", f"fin1-{n}", n, f"fin1-{n}", host=host, agent_port=a.port, status="ready")
+
+    console = Console(record=True, width=160)
+    out = measure_and_finalize("fin1", store=store, console=console, duration_s=0.5, streams=4, tool="builtin",
+                               nccl=False, finalize_options={"time_limit": 5.0})
+
+    slow = out.result.pair(slow_p, slow_d)
+    assert slow.known and abs(slow.gbps - SLOW_MBPS / 1000) <= 0.2 * SLOW_MBPS / 1000, slow
+    assert all(p.known and p.gbps > 3 * SLOW_MBPS / 1000 for p in out.result.pairs if p is not slow)
+    new = store.latest_plan("fin1")
+    assert (out.before_version, out.after_version) == (1, 2) and new.version == 2
+    assert share(new, slow_p, slow_d) < 0.05  # KV no longer crosses the slow link
+    assert abs(sum(r.fraction for r in new.routing) - 1.0) < 1e-6
+    assert new.bandwidth_gbps[slow_p][slow_d] == pytest.approx(slow.gbps, rel=0.01)
+    # what changed and why: printed, and in the events
+    text = console.export_text()
+    assert f"{slow_p} -> {slow_d}" in text and "measured" in text and "plan v1 -> v2" in text
+    kinds = [e.kind for e in store.events("fin1")]
+    assert kinds == ["netbench", "finalize"]
+    fin = store.events("fin1", kind="finalize")[0]
+    assert fin.payload["before"] == 1 and fin.payload["after"] == 2 and fin.payload["changes"] == out.changes
