@@ -44,6 +44,7 @@ def test_list_table_says_dollars_per_hour(thunderops_cli):
         (["catalog", "list", "--catalog", "/nonexistent/offers.csv"], "no such catalog"),
         (["catalog", "export-skypilot", "/tmp", "--cloud", "nocloud"], "unknown cloud"),
         (["catalog", "refresh", "--cloud", "ibmm"], "unknown cloud 'ibmm'"),
+        (["catalog", "export-skypilot", "/dev/null/x", "--cloud", "lambda"], "cannot write SkyPilot catalogs"),
     ],
 )
 def test_bad_input_exits_2_with_one_line(thunderops_cli, args, fragment):

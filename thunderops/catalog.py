@@ -477,17 +477,22 @@ def export_skypilot(runtime_dir: str | Path, offers: pd.DataFrame | None = None)
         raise CatalogError(f"cannot export cloud(s) {', '.join(unknown)} to SkyPilot; it knows "
                            f"{', '.join(SKYPILOT_CLOUDS)}")
     base = skypilot_catalog_dir(runtime_dir)
+    tables = {cloud: skypilot_rows(cloud, group) for cloud, group in offers.groupby("cloud")}
     written = []
-    for cloud, group in offers.groupby("cloud"):
-        path = base / cloud / "vms.csv"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(".vms.csv.tmp")
-        skypilot_rows(cloud, group).to_csv(tmp, index=False)
-        tmp.replace(path)
-        stale_md5 = base / ".meta" / cloud / "vms.csv.md5"
-        if stale_md5.exists():  # an md5 would mark the file as SkyPilot's own download, free to replace
-            stale_md5.unlink()
-        written.append(path)
+    try:
+        for cloud, table in tables.items():
+            path = base / cloud / "vms.csv"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(".vms.csv.tmp")
+            table.to_csv(tmp, index=False)
+            tmp.replace(path)
+            stale_md5 = base / ".meta" / cloud / "vms.csv.md5"
+            if stale_md5.exists():  # an md5 would mark the file as SkyPilot's own download, free to replace
+                stale_md5.unlink()
+            written.append(path)
+    except OSError as e:
+        raise CatalogError(f"{runtime_dir}: cannot write SkyPilot catalogs there ({e.strerror}); "
+                           "pass a writable directory") from None
     return written
 
 
@@ -654,13 +659,17 @@ def refresh(
         staged["gcp"], line = _refresh_gcp_accelerators(staged["gcp"], gcp_client, gcp_project)
         result.lines.append(line)
 
-    out.mkdir(parents=True, exist_ok=True)
-    for path in shipped_offers_dir().glob("*.csv"):  # start a refreshed dir from the full shipped set
-        if not (out / path.name).exists() and path.stem not in staged:
-            shutil.copyfile(path, out / path.name)
-    for cloud, offers in staged.items():
-        if offers:
-            write_offers(out / f"{cloud}.csv", offers)
-            result.changed.append(out / f"{cloud}.csv")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        for path in shipped_offers_dir().glob("*.csv"):  # start a refreshed dir from the full shipped set
+            if not (out / path.name).exists() and path.stem not in staged:
+                shutil.copyfile(path, out / path.name)
+        for cloud, offers in staged.items():
+            if offers:
+                write_offers(out / f"{cloud}.csv", offers)
+                result.changed.append(out / f"{cloud}.csv")
+    except OSError as e:
+        raise CatalogError(f"{out}: cannot write refreshed offers ({e.strerror}); set THUNDEROPS_HOME to a "
+                           "writable directory") from None
     result.lines.append(f"wrote {len(result.changed)} catalog file(s) to {out}")
     return result
