@@ -149,6 +149,7 @@ def test_bad_filters_say_what_to_do(kwargs, fragment):
         ({"as_of": "last week"}, "YYYY-MM-DD"),
         ({"source": ""}, "empty source"),
         ({"region": ""}, "empty region"),
+        ({"gpu": "H100\nH200"}, "line break"),
     ],
 )
 def test_bad_rows_name_file_and_line(tmp_path, changes, fragment):

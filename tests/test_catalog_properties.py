@@ -21,7 +21,8 @@ from thunderops.workload import load_trace
 
 SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
-junk = st.one_of(st.text(max_size=12), st.sampled_from(["", "nan", "inf", "-1", "0", "1e400", "1,5", '"', "\n"]))
+junk = st.one_of(st.text(max_size=12), st.sampled_from(["", "nan", "inf", "-1", "0", "1e400", "1,5", '"', "\n",
+                                                       "A\n100", "8\n"]))
 positive = st.floats(min_value=0.001, max_value=1e4, allow_nan=False).map(lambda x: f"{x:.4f}")
 maybe_positive = st.one_of(st.just(""), positive)
 

@@ -99,6 +99,9 @@ def _parse_row(raw: dict, where: str) -> dict:
         raise CatalogError(f"{where}: wrong number of fields; every row needs the {len(raw) - (None in raw)} "
                            "header columns (quote values that contain commas)")
     row: dict = {c: (raw.get(c) or "").strip() for c in _TEXT}
+    for col, value in row.items():
+        if any(ch < " " for ch in value):
+            raise CatalogError(f"{where}: {col} contains a line break or control character; put it on one line")
     for col in ("cloud", "region", "instance_type", "gpu", "source", "as_of"):
         if not row[col]:
             raise CatalogError(f"{where}: empty {col}; fill it in (source and as_of say where a price comes from)")
