@@ -295,6 +295,7 @@ class _Stats:
     mean_prompt: float
     mean_output: float
     prompt_grid: np.ndarray = field(repr=False)
+    output_grid: np.ndarray = field(repr=False)
 
 
 class PerfModel:
@@ -525,8 +526,9 @@ class PerfModel:
         key = (workload.prompt_quantiles, workload.output_quantiles)
         st = self._stats_cache.get(key)
         if st is None:
-            grid = np.interp(np.linspace(0, 100, 41), np.arange(101), workload.prompt_quantiles)
-            st = _Stats(workload.mean_prompt, workload.mean_output, np.maximum(1.0, grid))
+            grid = np.interp((np.arange(40) + 0.5) * 2.5, np.arange(101), workload.prompt_quantiles)  # midpoints
+            out = np.interp((np.arange(40) + 0.5) * 2.5, np.arange(101), workload.output_quantiles)
+            st = _Stats(workload.mean_prompt, workload.mean_output, np.maximum(1.0, grid), np.maximum(1.0, out))
             self._stats_cache[key] = st
         return st
 
@@ -563,17 +565,12 @@ class PerfModel:
 
     def _prefill_capacity(self, layout: Layout, workload: Workload, slo: SLO) -> float:
         es, es2, _, latency = self._prefill_service(layout, workload)
-        q = slo.attainment
-        lat_q = float(np.quantile(latency, q))
-        if lat_q >= slo.ttft_s:
+        miss = 1.0 - slo.attainment
+        if float(np.mean(latency > slo.ttft_s)) > miss:
             return 0.0
-        budget = slo.ttft_s - lat_q
 
         def ok(lam: float) -> bool:
-            rho = lam * es
-            if rho >= 1:
-                return False
-            return mg1_wait_quantile(lam, es, es2, q) <= budget
+            return lam * es < 1 and mg1_miss_probability(lam, es, es2, latency, slo.ttft_s) <= miss
 
         return _max_rate(ok, 1.0 / es)
 
@@ -601,45 +598,65 @@ class PerfModel:
         return n / (st.mean_output * self._decode_tpot(layout, n, ctx))
 
     def _colocated_capacity(self, layout: Layout, workload: Workload, slo: SLO) -> float:
+        """vLLM's chunked prefill: a waiting prompt rides in 'mixed' steps with the running sequences, in
+        chunks of up to (budget - N) tokens; other steps are pure decode. A prompt of P tokens costs
+        t_mix(P) (its mixed steps); per second that is lam*E[t_mix] of mixed time in lam*E[chunks] steps, the
+        rest pure decode steps of t_d: TPOT = 1 / (m + (1 - lam*E[t_mix]) / t_d). Prompts queue as M/G/1
+        with service t_mix (no coalescing of prompts into one step: conservative under load)."""
         st = self._stats(workload)
         ctx = st.mean_prompt + st.mean_output / 2
         kv_tokens = self.kv_capacity_tokens(layout)
-        pre = prefill_work(st.prompt_grid)
-        per_prompt = pre.scaled(1.0 / len(st.prompt_grid))
-        p_hi = float(np.quantile(st.prompt_grid, slo.attainment))
+        grid = st.prompt_grid[2::4]  # 10 prompt-length deciles
+        miss = 1.0 - slo.attainment
 
-        def tau_at(lam: float) -> tuple[float, float, float] | None:
-            """Fixed point of the step time: returns (tau, decode batch, prefill tokens per step)."""
+        def t_mix(n: float) -> tuple[np.ndarray, np.ndarray]:
+            room = max(1.0, self.max_batch_tokens - n)
+            chunks = np.maximum(1.0, np.ceil(grid / room))
+            times = np.array([k * self.mixed_step_time(layout, prefill_work([p / k]), n, n * ctx)
+                              for p, k in zip(grid, chunks, strict=True)])
+            return times, chunks
+
+        def state(lam: float) -> tuple[float, np.ndarray, float, float] | None:
+            """Fixed point: (mean TPOT, per-prompt mixed time over the grid, share of mixed steps, pure step)."""
             tau = self._decode_tpot(layout, 1, ctx)
-            for _ in range(40):
+            times, share, t_d = np.zeros_like(grid), 0.0, tau
+            for _ in range(30):
                 n = lam * st.mean_output * tau
-                chunk = lam * tau  # prompts started per step
-                new = self.mixed_step_time(layout, per_prompt.scaled(chunk), n, n * ctx)
-                if abs(new - tau) < 1e-6 * tau:
-                    tau = new
-                    break
+                if n > self.max_num_seqs * layout.pp or n >= self.max_batch_tokens:
+                    return None
+                times, chunks = t_mix(n)
+                busy = lam * float(times.mean())
+                if busy >= 1:
+                    return None
+                t_d = self._decode_tpot(layout, n, ctx)
+                mixed, pure = lam * float(chunks.mean()), (1 - busy) / t_d
+                new = 1.0 / (mixed + pure)
+                share = mixed / (mixed + pure)
+                done = abs(new - tau) < 1e-4 * tau
                 tau = new
+                if done:
+                    break
                 if tau > 10 * slo.tpot_s:
                     return None
-            n = lam * st.mean_output * tau
-            return tau, n, lam * tau * st.mean_prompt
+            return tau, times, share, t_d
 
         def ok(lam: float) -> bool:
-            r = tau_at(lam)
+            r = state(lam)
             if r is None:
                 return False
-            tau, n, chunk_tokens = r
-            if tau > slo.tpot_s or n > self.max_num_seqs or n * (st.mean_prompt + st.mean_output) > kv_tokens:
+            tau, times, share, t_d = r
+            n = lam * st.mean_output * tau
+            if tau > slo.tpot_s or n * (st.mean_prompt + st.mean_output) > kv_tokens:
                 return False
-            room = self.max_batch_tokens - n  # prefill tokens one step can take
-            if chunk_tokens >= room:
+            es, es2 = float(times.mean()), float((times**2).mean())
+            if lam * es >= 1:
                 return False
-            # a prompt is prefilled in chunks of up to `room` tokens, one per step, after waiting its turn
-            service = max(1.0, st.mean_prompt / room) * tau
-            rho = chunk_tokens / room
-            wait = mg1_wait_quantile(rho / service, service, service**2, slo.attainment)
-            return wait + math.ceil(p_hi / room) * tau <= slo.ttft_s
+            # a request's TPOT averages its steps; few steps with a mixed one among them can miss the target
+            t_m = float(np.average(times / np.maximum(1.0, np.ceil(grid / max(1.0, self.max_batch_tokens - n)))))
+            tpot_miss = tpot_miss_probability(st.output_grid - 1, share, t_m, t_d, slo.tpot_s)
+            return mg1_miss_probability(lam, es, es2, times, slo.ttft_s) + tpot_miss <= miss
 
+        per_prompt = prefill_work(st.prompt_grid).scaled(1.0 / len(st.prompt_grid))
         return _max_rate(ok, 1.0 / max(self.pass_time(layout, per_prompt), 1e-9))
 
 
@@ -657,6 +674,34 @@ def mg1_wait_quantile(lam: float, es: float, es2: float, q: float) -> float:
     return mean / rho * math.log(rho / (1 - q))
 
 
+def tpot_miss_probability(steps: np.ndarray, share: float, t_mixed: float, t_pure: float, target: float) -> float:
+    """Share of requests whose mean step time exceeds `target` when each of their `steps` decode steps is a
+    mixed one (time t_mixed) with probability `share`, else a pure one (t_pure): a binomial tail."""
+    from scipy.special import bdtr  # binomial CDF; scipy.special imports much faster than scipy.stats
+
+    steps = np.maximum(np.asarray(steps, dtype=float), 1.0)
+    if t_mixed <= target:
+        return 0.0 if t_pure <= target else 1.0
+    if t_pure > target:
+        return 1.0
+    allowed = np.floor(steps * (target - t_pure) / (t_mixed - t_pure))
+    return float(np.mean(1.0 - bdtr(allowed, steps, min(max(share, 0.0), 1.0))))
+
+
+def mg1_miss_probability(lam: float, es: float, es2: float, latency: np.ndarray, target: float) -> float:
+    """P(wait + latency > target) in an M/G/1 queue, the wait taken as 0 with probability 1 - rho and else
+    exponential with the Pollaczek-Khinchine mean; `latency` samples the requests' own service latencies."""
+    rho = lam * es
+    if rho >= 1:
+        return 1.0
+    if rho <= 0:
+        return float(np.mean(latency > target))
+    cond_mean = lam * es2 / (2 * (1 - rho)) / rho
+    slack = target - latency
+    p = np.where(slack < 0, 1.0, rho * np.exp(-np.maximum(slack, 0.0) / cond_mean))
+    return float(p.mean())
+
+
 def _max_rate(ok, hi: float) -> float:
     """Largest rate in (0, hi) for which ok(rate) holds, by bisection (ok is monotone: true then false)."""
     if not ok(hi * 1e-4):
@@ -668,7 +713,7 @@ def _max_rate(ok, hi: float) -> float:
             lo = mid
         else:
             hi = mid
-        if hi - lo < 1e-4 * lo:
+        if hi - lo < 1e-3 * lo:
             break
     return lo
 
