@@ -430,12 +430,14 @@ class Store:
         return sum(n.price_per_hour for n in self.nodes(dep_id) if n.status in ("provisioning", "setup", "ready"))
 
     # -- events -----------------------------------------------------------------------------------------
-    def add_event(self, dep_id: str, kind: str, message: str = "", payload: Mapping[str, Any] | None = None) -> int:
-        """Append an event (payload: JSON, e.g. {"before": plan_version, "after": plan_version})."""
+    def add_event(self, dep_id: str, kind: str, message: str = "", payload: Mapping[str, Any] | None = None,
+                  *, ts: str | None = None) -> int:
+        """Append an event (payload: JSON, e.g. {"before": plan_version, "after": plan_version}); `ts` (ISO UTC)
+        defaults to now (give it when recording something that happened earlier, e.g. a preemption)."""
         with self.transaction() as c:
             self._require(c, dep_id)
             cur = c.execute("INSERT INTO events (deployment, ts, kind, message, payload) VALUES (?, ?, ?, ?, ?)",
-                            (dep_id, now_utc(), kind, message, json.dumps(dict(payload or {}), default=str)))
+                            (dep_id, ts or now_utc(), kind, message, json.dumps(dict(payload or {}), default=str)))
             return int(cur.lastrowid or 0)
 
     def events(self, dep_id: str, kind: str | None = None) -> list[Event]:
