@@ -51,3 +51,7 @@ class ProvisionError(UserError):
 
 class NetbenchError(UserError):
     """A node agent or network benchmark that cannot run: no token, a bad host list, ports in use."""
+
+
+class ReportError(UserError):
+    """A report that cannot be made: an empty store, a bad --since, an unreadable plan file."""
