@@ -137,14 +137,16 @@ def _read_file(path: Path) -> list[dict]:
                                    f"{','.join(REQUIRED_COLUMNS)}")
             reader.fieldnames = header
             rows, seen = [], {}
+            end = reader.line_num
             for raw in reader:
-                where = f"{path}:{reader.line_num}"
+                line, end = end + 1, reader.line_num  # where the row starts (a quoted value may span lines)
+                where = f"{path}:{line}"
                 row = _parse_row(raw, where)
                 key = (row["cloud"], row["instance_type"], row["region"], row["zone"])
                 if key in seen:
                     raise CatalogError(f"{where}: duplicate offer {'/'.join(key[:3])} {key[3]} (also at line "
                                        f"{seen[key]}); keep one row per instance type, region and zone")
-                seen[key] = reader.line_num
+                seen[key] = line
                 rows.append(row)
             return rows
     except UnicodeDecodeError:
