@@ -53,7 +53,7 @@ def _torch():
     try:
         import torch
     except ImportError:
-        raise CalibrationError("thunderops calibrate needs PyTorch with CUDA (pip install 'thunderops[calibrate]') "
+        raise CalibrationError("thunderops calibrate needs PyTorch with CUDA (pip install torch) "
                                "on a machine with an NVIDIA GPU") from None
     if not torch.cuda.is_available():
         raise CalibrationError("thunderops calibrate needs an NVIDIA GPU, and torch sees none here; "
@@ -553,6 +553,22 @@ def write_document(doc: dict, out: str | Path) -> Path:
     return out
 
 
+def refit_file(path: str | Path, gpu: str | None = None) -> dict:
+    """Re-fit a calibration file's stored measurements (after a change to the model; no GPU needed)."""
+    try:
+        doc = json.loads(Path(path).read_text())
+        measurements = doc["measurements"]
+        spec = get_gpu(gpu or doc["gpu"])
+    except OSError as e:
+        raise CalibrationError(f"{path}: cannot read calibration file ({e.strerror})") from None
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise CalibrationError(f"{path}: not a calibration file with measurements ({e})") from None
+    meta = {k: v for k, v in doc.items() if k not in ("calibration", "errors", "measurements", "gpu",
+                                                       "device_name", "measured_at", "benchmark_layer")}
+    return {**build_document(measurements, spec, doc.get("device_name", ""), meta),
+            "measured_at": doc.get("measured_at")}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m thunderops.calibrate", description=__doc__.splitlines()[0])
     ap.add_argument("--model", action="append", help="model(s) whose layer shapes to measure (repeatable)")
@@ -563,12 +579,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     try:
         if args.refit:
-            doc = json.loads(Path(args.refit).read_text())
-            spec = get_gpu(args.gpu or doc["gpu"])
-            meta = {k: v for k, v in doc.items() if k not in ("calibration", "errors", "measurements", "gpu",
-                                                               "device_name", "measured_at", "benchmark_layer")}
-            doc = {**build_document(doc["measurements"], spec, doc.get("device_name", ""), meta),
-                   "measured_at": doc.get("measured_at")}
+            doc = refit_file(args.refit, args.gpu)
         else:
             doc = run_calibration(args.model, args.gpu, args.quick, log=lambda s: print(s, file=sys.stderr))
         from thunderops.perf import calibration_dir

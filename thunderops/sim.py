@@ -537,6 +537,17 @@ def requests_for(workload: Workload, rate: float | None, n: int, seed: int) -> R
     return workload.sample(n, seed=seed, rate=rate)
 
 
+def slo_of(plan: Plan, ttft_s: float | None = None, tpot_s: float | None = None,
+           attainment: float | None = None) -> SLO:
+    """The SLO to judge a plan by: explicit values, else what the plan was made for (plan.inputs['slo']),
+    else SLO()'s defaults."""
+    given = plan.inputs.get("slo") if isinstance(plan.inputs.get("slo"), dict) else {}
+    base = SLO()
+    return SLO(ttft_s if ttft_s is not None else float(given.get("ttft_s", base.ttft_s)),
+               tpot_s if tpot_s is not None else float(given.get("tpot_s", base.tpot_s)),
+               attainment if attainment is not None else float(given.get("attainment", base.attainment)))
+
+
 def simulate(plan: Plan, workload: Workload, slo: SLO, rate: float | None = None, n: int = 2000, seed: int = 0,
              perf: PerfModel | None = None, routing: list[Route] | None = None) -> SimResult:
     """Simulate `n` requests of `workload` (at `rate` req/s, default the workload's own) through `plan`."""
