@@ -10,6 +10,7 @@ from thunderops.errors import UserError
 # Each module registers its commands on `app` (one module per pipeline step).
 from thunderops.cli import catalog as _catalog  # noqa: E402,F401
 from thunderops.cli import workload as _workload  # noqa: E402,F401
+from thunderops.cli import perf as _perf  # noqa: E402,F401
 from thunderops.cli import plan as _plan  # noqa: E402,F401
 from thunderops.cli import netbench as _netbench  # noqa: E402,F401
 from thunderops.cli import serve as _serve  # noqa: E402,F401
