@@ -118,7 +118,8 @@ def agents():
 
 
 def test_health_needs_the_deployment_token(agents):
-    a = agents.start("n1", "--gpu", "A100-80GB", "--gpus", "2")
+    # no nvidia-smi on its PATH, as on an emulated node (on a GPU machine the real inventory would win)
+    a = agents.start("n1", "--gpu", "A100-80GB", "--gpus", "2", env={"PATH": "/nonexistent"})
     status, body = get(a.url + "/v1/health")
     assert status == 200
     assert body["node_id"] == "n1"

@@ -10,9 +10,8 @@ from test_agent import AgentProcs
 from thunderops.agent import deployment_token
 from thunderops.netbench import measure_and_finalize
 from thunderops.plan import Group, Instance, Plan, Route, Stage
+from thunderops.scheduler import reschedule
 from thunderops.state import Store
-
-reschedule = pytest.importorskip("thunderops.scheduler.reschedule", reason="scheduler.finalize has not landed")
 
 HOSTS = {"p1": "127.0.0.2", "p2": "127.0.0.3", "d1": "127.0.0.4", "d2": "127.0.0.5"}
 SLOW_MBPS = 200
@@ -60,8 +59,8 @@ def test_finalize_moves_kv_routing_off_the_measured_slow_link(agents, thunderops
     # What the scheduler does on the assumed 10 Gbps links: the prefill->decode link it leans on most is
     # the one we make slow, so a plan that ignored the measurement would keep sending KV over it.
     nominal, _ = reschedule.finalize(plan, plan.bandwidth_gbps)
-    if not any(r.prefill != r.decode for r in nominal.routing):
-        pytest.skip("the scheduler colocates this plan even on fast links; nothing to move")
+    assert any(r.prefill != r.decode for r in nominal.routing), \
+        "the scheduler now colocates this plan even on fast links: pick a plan it phase-splits"
     plan.predicted = nominal.predicted
     pairs = [(p, d) for p in ("p1", "p2") for d in ("d1", "d2")]
     slow_p, slow_d = max(pairs, key=lambda pd: share(nominal, *pd))
