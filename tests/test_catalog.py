@@ -221,9 +221,13 @@ def test_conversion_prices_gcp_vms_and_drops_what_it_must():
         _sky_row(AcceleratorName="A100", AcceleratorCount="2", Price="5.8", AvailabilityZone="us-central1-b"),
         _sky_row(AcceleratorName="T4", AcceleratorCount="1", Price="0.35"),
         _sky_row(AcceleratorName="B300", AcceleratorCount="8", Price="99"),
+        _sky_row(InstanceType="g2-standard-4", vCPUs="4", MemoryGiB="16", Price="0.15"),
+        _sky_row(AcceleratorName="L4", AcceleratorCount="1", Price="0.56", SpotPrice="0.2"),
     ]
     offers, dropped = offers_from_skypilot("gcp", rows, source="s", as_of="2026-11-01")
-    assert len(offers) == 1
+    assert [o["instance_type"] for o in offers] == ["a2-highgpu-2g", "g2-standard-4"]
+    l4 = offers[1]
+    assert float(l4["price_ondemand"]) == pytest.approx(0.71) and l4["price_spot"] == ""  # host has no spot price
     o = offers[0]
     assert (o["instance_type"], o["gpu"], o["gpus_per_node"]) == ("a2-highgpu-2g", "A100", 2)
     assert float(o["price_ondemand"]) == pytest.approx(7.3) and float(o["price_spot"]) == pytest.approx(2.5)

@@ -258,8 +258,8 @@ SKYPILOT_COLUMNS = {
 SKYPILOT_CLOUDS = list(SKYPILOT_COLUMNS)
 
 # SkyPilot's GCP accelerator -> {count: host VM} for the families whose host is priced separately and listed
-# in our sources (sky/catalog/gcp_catalog.py `_ACC_INSTANCE_TYPE_DICTS`). L4/T4/V100 ride on g2/n1 hosts,
-# which SkyPilot sizes per request; we do not offer them on GCP (docs/catalog.md).
+# in our sources (sky/catalog/gcp_catalog.py `_ACC_INSTANCE_TYPE_DICTS`; L4 on the smallest g2 per count).
+# T4/V100 ride on n1 hosts that SkyPilot sizes per request; we do not offer them on GCP (docs/catalog.md).
 GCP_HOSTS = {
     "A100": {1: "a2-highgpu-1g", 2: "a2-highgpu-2g", 4: "a2-highgpu-4g", 8: "a2-highgpu-8g", 16: "a2-megagpu-16g"},
     "A100-80GB": {1: "a2-ultragpu-1g", 2: "a2-ultragpu-2g", 4: "a2-ultragpu-4g", 8: "a2-ultragpu-8g"},
@@ -267,6 +267,7 @@ GCP_HOSTS = {
     "H100-MEGA": {8: "a3-megagpu-8g"},
     "H200": {8: "a3-ultragpu-8g"},
     "B200": {8: "a4-highgpu-8g"},
+    "L4": {1: "g2-standard-4", 2: "g2-standard-24", 4: "g2-standard-48", 8: "g2-standard-96"},  # smallest g2
 }
 
 # Node NIC in Gbps from vendor documentation (full nodes only; anything else stays empty = unknown).
@@ -368,7 +369,7 @@ def offers_from_skypilot(cloud: str, rows: Iterable[dict], *, source: str, as_of
         if cloud == "gcp":
             instance_type = GCP_HOSTS.get(acc, {}).get(int(count), "")
             if not instance_type:
-                dropped[f"gcp: {acc} x{int(count)} needs an n1/g2 host sized per request; not offered"] += 1
+                dropped[f"gcp: {acc} x{int(count)} needs an n1 host sized per request; not offered"] += 1
                 continue
             host = hosts.get((instance_type, r["Region"], zone))
             if host is None or _float(host.get("Price")) is None:
