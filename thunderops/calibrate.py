@@ -408,7 +408,8 @@ def fit(measurements: list[dict], gpu: GpuSpec, base: Calibration | None = None)
     Micro-benchmarks set the roofline efficiencies: streaming (GEMV-like GEMMs and the read benchmark) gives
     memory_eff and kernel_latency_s; all GEMMs give compute_eff and gemm_m_half; attention gives attn_eff
     and attn_len_half; all-reduce gives comm_eff and comm_latency_s. Whole-layer measurements marked
-    role='fit' (the first model's) set only elementwise_scale and layer_overhead_s; the other models' layers
+    role='fit' (the first model's) set only kv_read_eff (decode attention), elementwise_scale and
+    layer_overhead_s; the other models' layers
     (role='test') are held out and show how well the model predicts shapes it was not fitted on."""
     cal = replace(base or Calibration(gpu=gpu.name), gpu=gpu.name, layer_overhead_s=0.0)
     by = {k: [x for x in measurements if x["kind"] == k] for k in
@@ -420,6 +421,7 @@ def fit(measurements: list[dict], gpu: GpuSpec, base: Calibration | None = None)
     for _ in range(3 if by["gemm"] else 0):
         cal = _search(by["gemm"], gpu, cal, "compute_eff", np.arange(0.30, 1.001, 0.005))
         cal = _search(by["gemm"], gpu, cal, "gemm_m_half", [0.0, *np.geomspace(1, 2048, 45)])
+        cal = _search(by["gemm"], gpu, cal, "roofline_p", [1.5, 2, 2.5, 3, 4, 5, 6, 8, 12, 16, 100])
     for _ in range(3 if by["attn_prefill"] else 0):
         cal = _search(by["attn_prefill"], gpu, cal, "attn_eff", np.arange(0.10, 1.001, 0.005))
         cal = _search(by["attn_prefill"], gpu, cal, "attn_len_half", [0.0, *np.geomspace(8, 8192, 41)])
@@ -429,7 +431,10 @@ def fit(measurements: list[dict], gpu: GpuSpec, base: Calibration | None = None)
         cal = _search(big or by["allreduce"], gpu, cal, "comm_eff", np.arange(0.2, 1.001, 0.01))
         cal = _search(small or by["allreduce"], gpu, cal, "comm_latency_s", np.geomspace(1e-6, 1e-3, 61))
     layers = [x for x in by["layer_prefill"] + by["layer_decode"] if x.get("role", "fit") == "fit"]
+    decode_layers = [x for x in layers if x["kind"] == "layer_decode"]
     for _ in range(3 if layers else 0):
+        if decode_layers:
+            cal = _search(decode_layers, gpu, cal, "kv_read_eff", np.arange(0.30, 1.001, 0.01))
         cal = _search(layers, gpu, cal, "elementwise_scale", np.arange(0.5, 3.001, 0.02))
         cal = _search(layers, gpu, cal, "layer_overhead_s", [0.0, *np.geomspace(0.5e-6, 200e-6, 60)])
     return replace(cal, source=f"thunderops calibrate on {gpu.name}, {datetime.now(UTC).date().isoformat()}")

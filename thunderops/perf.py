@@ -92,6 +92,8 @@ class Calibration:
     direction of the intra-node link; gemm_m_half: GEMM rows at which compute efficiency is half its peak
     (small-batch GEMMs run below peak even when compute-bound); attn_len_half: prompt length at which
     attention efficiency is half its peak; kernel_latency_s: fixed cost of every kernel (ramp-up and tail);
+    kv_read_eff: decode attention's KV reads vs HBM bandwidth; roofline_p: sharpness of the roofline, an
+    operator taking (t_compute^p + t_memory^p)^(1/p) (p -> inf is the plain max);
     elementwise_scale: multiplier on the modelled elementwise traffic (norms, rotary, activation: fused
     differently by each engine); step_overhead_s: fixed cost per engine step (scheduling, sampling, launches);
     layer_overhead_s: per layer per step (what kernel latencies leave unexplained)."""
@@ -105,6 +107,8 @@ class Calibration:
     gemm_m_half: float = 32.0
     attn_len_half: float = 256.0
     kernel_latency_s: float = 3e-6
+    kv_read_eff: float = 0.75
+    roofline_p: float = 8.0
     elementwise_scale: float = 1.0
     step_overhead_s: float = 1.0e-3
     layer_overhead_s: float = 15e-6
@@ -210,7 +214,7 @@ def layer_ops(
     if kv_read_tokens > 0 or attn_query_tokens > 0:
         kv_bytes = kv_read_tokens * 2 * kv_heads * hd * d
         ops.append(Op("attn_decode", 4 * kv_read_tokens * q_heads * hd,
-                      kv_bytes + attn_query_tokens * 2 * q_heads * hd * d, "mem"))
+                      kv_bytes + attn_query_tokens * 2 * q_heads * hd * d, "kv"))
     # norms, residual adds, rotary, activation and the KV-cache write: memory-bound elementwise traffic
     elem = T * (10 * h + 3 * inter + 2 * (q_heads + kv_heads) * hd + 2 * kv_heads * hd)
     ops.append(Op("elementwise", 0.0, d * elem, "elem"))
@@ -235,8 +239,11 @@ def op_time(op: Op, gpu: GpuSpec, cal: Calibration) -> float:
     else:
         comp = op.flops / (peak * cal.compute_eff)
     nbytes = op.bytes * (cal.elementwise_scale if op.kind == "elem" else 1.0)
-    mem = nbytes / (gpu.memory_gbps * 1e9 * cal.memory_eff)
-    return max(comp, mem) + (cal.kernel_latency_s if op.flops or op.bytes else 0.0)
+    mem = nbytes / (gpu.memory_gbps * 1e9 * (cal.kv_read_eff if op.kind == "kv" else cal.memory_eff))
+    hi, lo = (comp, mem) if comp >= mem else (mem, comp)
+    if lo > 0 and cal.roofline_p < 60:  # smooth roofline: both limits cost where they are close
+        hi *= (1.0 + (lo / hi) ** cal.roofline_p) ** (1.0 / cal.roofline_p)
+    return hi + (cal.kernel_latency_s if op.flops or op.bytes else 0.0)
 
 
 def layer_compute_time(m: ModelSpec, gpu: GpuSpec, tp: int, work: Work, cal: Calibration) -> float:
