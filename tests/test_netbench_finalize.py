@@ -3,6 +3,9 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+
 import pytest
 from rich.console import Console
 from test_agent import AgentProcs
@@ -54,7 +57,9 @@ def share(plan: Plan, a: str, b: str) -> float:
     return total
 
 
-def test_finalize_moves_kv_routing_off_the_measured_slow_link(agents, thunderops_home):
+@pytest.fixture
+def slow_link_deployment(agents, thunderops_home):
+    """Deployment fin1: the hand-built plan as v1, four ready nodes whose agents emulate one slow link."""
     plan = two_by_two_plan()
     # What the scheduler does on the assumed 10 Gbps links: the prefill->decode link it leans on most is
     # the one we make slow, so a plan that ignored the measurement would keep sending KV over it.
@@ -77,23 +82,42 @@ def test_finalize_moves_kv_routing_off_the_measured_slow_link(agents, thunderops
         except OSError as e:  # pragma: no cover - loopback aliases are standard on Linux
             pytest.skip(f"cannot bind {host}: {e}")
         store.record_node_intent("fin1", f"fin1-{n}", n, f"fin1-{n}", host=host, agent_port=a.port, status="ready")
+    return store, slow_p, slow_d
 
+
+def check_finalized(store: Store, slow_p: str, slow_d: str, measured_gbps: float, changes: list[str]) -> None:
+    assert abs(measured_gbps - SLOW_MBPS / 1000) <= 0.2 * SLOW_MBPS / 1000, measured_gbps
+    new = store.latest_plan("fin1")
+    assert new.version == 2 and store.plan_versions("fin1") == [1, 2]
+    assert share(new, slow_p, slow_d) < 0.05  # KV no longer crosses the slow link
+    assert abs(sum(r.fraction for r in new.routing) - 1.0) < 1e-6
+    assert new.bandwidth_gbps[slow_p][slow_d] == pytest.approx(measured_gbps, rel=0.01)
+    assert [e.kind for e in store.events("fin1")] == ["netbench", "finalize"]
+    fin = store.events("fin1", kind="finalize")[0]
+    assert fin.payload["before"] == 1 and fin.payload["after"] == 2 and fin.payload["changes"] == changes
+    link = (f"{slow_p} -> {slow_d}", f"{slow_d} -> {slow_p}")
+    assert any(any(x in c for x in link) and "measured" in c for c in changes), changes
+
+
+def test_finalize_moves_kv_routing_off_the_measured_slow_link(slow_link_deployment):
+    store, slow_p, slow_d = slow_link_deployment
     console = Console(record=True, width=160)
     out = measure_and_finalize("fin1", store=store, console=console, duration_s=0.5, streams=4, tool="builtin",
                                nccl=False, finalize_options={"time_limit": 5.0})
-
     slow = out.result.pair(slow_p, slow_d)
-    assert slow.known and abs(slow.gbps - SLOW_MBPS / 1000) <= 0.2 * SLOW_MBPS / 1000, slow
+    assert slow.known
     assert all(p.known and p.gbps > 3 * SLOW_MBPS / 1000 for p in out.result.pairs if p is not slow)
-    new = store.latest_plan("fin1")
-    assert (out.before_version, out.after_version) == (1, 2) and new.version == 2
-    assert share(new, slow_p, slow_d) < 0.05  # KV no longer crosses the slow link
-    assert abs(sum(r.fraction for r in new.routing) - 1.0) < 1e-6
-    assert new.bandwidth_gbps[slow_p][slow_d] == pytest.approx(slow.gbps, rel=0.01)
-    # what changed and why: printed, and in the events
-    text = console.export_text()
-    assert f"{slow_p} -> {slow_d}" in text and "measured" in text and "plan v1 -> v2" in text
-    kinds = [e.kind for e in store.events("fin1")]
-    assert kinds == ["netbench", "finalize"]
-    fin = store.events("fin1", kind="finalize")[0]
-    assert fin.payload["before"] == 1 and fin.payload["after"] == 2 and fin.payload["changes"] == out.changes
+    assert (out.before_version, out.after_version) == (1, 2)
+    check_finalized(store, slow_p, slow_d, slow.gbps, out.changes)
+    text = console.export_text()  # what changed and why, for people
+    assert "measured" in text and "plan v1 -> v2" in text and out.png and out.png.exists()
+
+
+def test_cli_netbench_finalize(slow_link_deployment, thunderops_cli):
+    store, slow_p, slow_d = slow_link_deployment
+    r = subprocess.run([thunderops_cli, "netbench", "fin1", "--finalize", "--duration", "0.5", "--tool", "builtin",
+                        "--no-nccl", "--json"], capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert (out["before_version"], out["after_version"]) == (1, 2)
+    check_finalized(store, slow_p, slow_d, out["netbench"]["bandwidth_gbps"][slow_p][slow_d], out["changes"])
