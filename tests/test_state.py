@@ -137,6 +137,27 @@ def test_concurrent_writers_from_threads_lose_nothing():
     assert len({e.message for e in store.events("d1")}) == 80
 
 
+def test_a_v1_database_is_migrated_in_place_keeping_its_rows(thunderops_home):
+    import thunderops.state as state_mod
+
+    thunderops_home.mkdir(parents=True)
+    path = thunderops_home / "state.db"
+    conn = sqlite3.connect(path)
+    conn.executescript(state_mod.MIGRATIONS[0] + "; PRAGMA user_version = 1;")
+    conn.execute("INSERT INTO deployments (id, created_at, status) VALUES ('old', '2026-01-01T00:00:00+00:00', 'up')")
+    conn.execute("INSERT INTO nodes (id, deployment, instance_id, cluster_name, status, created_at) "
+                 "VALUES ('n1', 'old', 'i0', 'to-old-i0-1', 'ready', '2026-01-01T00:00:00+00:00')")
+    conn.commit()
+    conn.close()
+    store = Store(path)
+    assert store.node("n1").meta == {} and store.deployment("old").status == "up"
+    store.update_node("n1", meta={"pids": [1, 2]})
+    assert store.node("n1").meta == {"pids": [1, 2]}
+    conn = sqlite3.connect(path)
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION >= 2
+    conn.close()
+
+
 def test_migration_from_an_older_schema_and_refusal_of_a_newer_one(thunderops_home):
     thunderops_home.mkdir(parents=True)
     path = thunderops_home / "state.db"

@@ -89,6 +89,10 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX usage_deployment ON usage(deployment, ts);
     """,
+    # v2: provider-specific facts per node (JSON), e.g. the local provider's Ray node id and process ids.
+    """
+    ALTER TABLE nodes ADD COLUMN meta TEXT NOT NULL DEFAULT '{}';
+    """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -99,7 +103,7 @@ DEPLOYMENT_STATUSES = ("planned", "provisioning", "up", "failed", "down")
 _NODE_COLUMNS = (
     "deployment", "instance_id", "cluster_name", "cloud", "region", "zone", "instance_type", "gpu", "gpus",
     "spot", "price_per_hour", "host", "status", "launched_at", "terminated_at", "engine_port", "kv_port",
-    "agent_port", "error",
+    "agent_port", "error", "meta",
 )
 _DEPLOYMENT_ID = re.compile(r"^[a-z][a-z0-9]{0,15}$")
 
@@ -165,6 +169,7 @@ class NodeRecord:
     agent_port: int | None = None
     error: str = ""
     created_at: str = ""
+    meta: dict[str, Any] = field(default_factory=dict)
 
     @property
     def live(self) -> bool:
@@ -387,8 +392,7 @@ class Store:
         with self.transaction() as c:
             self._require(c, dep_id)
             cols = {"deployment": dep_id, "instance_id": instance_id, "cluster_name": cluster_name, **fields}
-            if "spot" in cols:
-                cols["spot"] = int(bool(cols["spot"]))
+            cols = _node_values(cols)
             names = ["id", "created_at", *cols]
             c.execute(f"INSERT INTO nodes ({', '.join(names)}) VALUES ({', '.join('?' * len(names))})",
                       (node_id, now_utc(), *cols.values()))
@@ -397,8 +401,7 @@ class Store:
     def update_node(self, node_id: str, **fields: Any) -> NodeRecord:
         """Change a node's columns (status, host, launched_at, ...) in one transaction."""
         _check_node_fields(fields)
-        if "spot" in fields:
-            fields["spot"] = int(bool(fields["spot"]))
+        fields = _node_values(fields)
         with self.transaction() as c:
             if c.execute("SELECT 1 FROM nodes WHERE id = ?", (node_id,)).fetchone() is None:
                 raise StateError(f"unknown node {node_id!r}")
@@ -489,6 +492,15 @@ def _check_node_fields(fields: Mapping[str, Any]) -> None:
         raise ValueError(f"node status {fields['status']!r} not in {NODE_STATUSES}")
 
 
+def _node_values(fields: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(fields)
+    if "spot" in out:
+        out["spot"] = int(bool(out["spot"]))
+    if "meta" in out:
+        out["meta"] = json.dumps(dict(out["meta"] or {}), default=str)
+    return out
+
+
 def _deployment(r: sqlite3.Row) -> Deployment:
     return Deployment(r["id"], r["created_at"], r["status"], r["provider"], r["model"], r["budget_per_hour"],
                       json.loads(r["meta"]))
@@ -497,4 +509,5 @@ def _deployment(r: sqlite3.Row) -> Deployment:
 def _node(r: sqlite3.Row) -> NodeRecord:
     d = dict(r)
     d["spot"] = bool(d["spot"])
+    d["meta"] = json.loads(d.get("meta") or "{}")
     return NodeRecord(**d)
