@@ -292,6 +292,12 @@ def decode_work(batch: float, total_context: float) -> Work:
     return Work(tokens=batch, kv_read_tokens=total_context, decode_seqs=batch, logit_rows=batch)
 
 
+def usable_memory_bytes(gpu: GpuSpec) -> float:
+    """Device memory as the CUDA runtime reports it (what vLLM multiplies by its utilization): datasheets'
+    'GB' of HBM are GiB, less about 1% the driver keeps (an H100 80GB reports 79.2 GiB)."""
+    return gpu.memory_gb * 2**30 * 0.99
+
+
 # ---------------------------------------------------------------------------------------------- the model
 
 
@@ -389,7 +395,7 @@ class PerfModel:
         self.check_layout(layout)
         cap = math.inf
         for i, s in enumerate(layout.stages):
-            free = s.gpu.memory_bytes * self.mem_util - self.stage_weight_bytes(layout, i) \
+            free = usable_memory_bytes(s.gpu) * self.mem_util - self.stage_weight_bytes(layout, i) \
                 - self.activation_reserve_bytes(s.tp)
             cap = min(cap, max(0.0, free) / self.kv_bytes_per_token_stage(layout, i))
         return int(cap)
@@ -511,7 +517,7 @@ class PerfModel:
             per_layer.append(t)
             # most layers this stage can hold with min_kv_tokens of KV
             emb = m.vocab * m.hidden * m.dtype_bytes * ((idx == 0) + (idx == len(stages) - 1)) / tp
-            free = gpu.memory_bytes * self.mem_util - self.activation_reserve_bytes(tp) - emb
+            free = usable_memory_bytes(gpu) * self.mem_util - self.activation_reserve_bytes(tp) - emb
             kv_layer = 2 * max(1.0, m.kv_heads / tp) * m.head_dim * m.dtype_bytes * self.min_kv_tokens
             cap.append(int(max(0.0, free) // (m.params_per_layer * m.dtype_bytes / tp + kv_layer)))
         if any(c < 1 for c in cap) or sum(cap) < m.layers:
@@ -686,7 +692,7 @@ def tpot_miss_probability(steps: np.ndarray, share: float, t_mixed: float, t_pur
     mixed one (time t_mixed) with probability `share`, else a pure one (t_pure): a binomial tail."""
     from scipy.special import bdtr  # binomial CDF; scipy.special imports much faster than scipy.stats
 
-    steps = np.maximum(np.asarray(steps, dtype=float), 1.0)
+    steps = np.maximum(np.rint(np.asarray(steps, dtype=float)), 1.0)
     if t_mixed <= target:
         return 0.0 if t_pure <= target else 1.0
     if t_pure > target:
