@@ -698,7 +698,7 @@ def tpot_miss_probability(steps: np.ndarray, share: float, t_mixed: float, t_pur
     if t_pure > target:
         return 1.0
     allowed = np.floor(steps * (target - t_pure) / (t_mixed - t_pure))
-    return float(np.mean(1.0 - bdtr(allowed, steps, min(max(share, 0.0), 1.0))))
+    return float(np.mean(1.0 - bdtr(allowed.astype(np.int64), steps.astype(np.int64), min(max(share, 0.0), 1.0))))
 
 
 def mg1_miss_probability(lam: float, es: float, es2: float, latency: np.ndarray, target: float) -> float:
