@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import threading
@@ -19,8 +20,10 @@ from test_agent import TOKEN, AgentProcs, free_port
 from thunderops.agent import deployment_token
 from thunderops.errors import NetbenchError, StateError
 from thunderops.netbench import (
+    AgentCallError,
     AgentEndpoint,
     NetbenchResult,
+    agent_get,
     endpoints_for_deployment,
     measure,
     parse_hosts,
@@ -96,6 +99,24 @@ def test_one_slow_link_between_otherwise_fast_nodes(agents):
         assert not r.unknown, r.message()
         assert _within(r.pair("x", "y").gbps, 0.3), r.pair("x", "y")
         assert r.pair("x", "z").gbps > 3 * 0.3 and r.pair("y", "z").gbps > 3 * 0.3
+
+
+@pytest.mark.skipif(shutil.which("iperf3") is None, reason="iperf3 is not installed here")
+def test_iperf3_where_both_nodes_have_it_builtin_where_a_link_is_emulated(agents):
+    a, b = agents.start("a"), agents.start("b")
+    c = agents.start("c", "--link-mbps", "300")
+    r = measure([a.endpoint(), b.endpoint(), c.endpoint()], duration_s=1, streams=2, nccl=False)  # tool=auto
+    assert not r.unknown, r.message()
+    ab = r.pair("a", "b")
+    assert ab.tool == "iperf3" and ab.gbps > 1 and ab.rtt_ms is not None  # rtt through the builtin echo
+    assert r.pair("a", "c").tool == "builtin" and _within(r.pair("a", "c").gbps, 0.3)
+
+
+def test_agent_get_for_pollers(agents):
+    a = agents.start("a")
+    assert agent_get(a.endpoint(), "/v1/preemption")["notice"] is False
+    with pytest.raises(AgentCallError, match="401"):
+        agent_get(a.endpoint("bad"), "/v1/health")
 
 
 # ---------------------------------------------------------------- failures: unknown, clear, no hang

@@ -164,8 +164,9 @@ class AgentCallError(Exception):
     """A failed call to an agent, already worded for people."""
 
 
-async def _call(http: aiohttp.ClientSession, ep: AgentEndpoint, method: str, path: str,
-                timeout_s: float = CALL_TIMEOUT_S, **kwargs: Any) -> dict[str, Any]:
+async def call_agent(http: aiohttp.ClientSession, ep: AgentEndpoint, method: str, path: str,
+                     timeout_s: float = CALL_TIMEOUT_S, **kwargs: Any) -> dict[str, Any]:
+    """One authenticated call to an agent; its JSON answer, or AgentCallError worded for people."""
     try:
         async with http.request(method, ep.url + path, headers={"Authorization": f"Bearer {ep.token}"},
                                 timeout=aiohttp.ClientTimeout(total=timeout_s, connect=min(3.0, timeout_s)),
@@ -194,31 +195,31 @@ async def _call(http: aiohttp.ClientSession, ep: AgentEndpoint, method: str, pat
 async def _measure_pair(http: aiohttp.ClientSession, a: AgentEndpoint, b: AgentEndpoint, b_health: dict[str, Any],
                         tool: str, duration_s: float, streams: int, rtt_samples: int) -> PairResult:
     res = PairResult(a.name, b.name, tool=tool)
-    sink = await _call(http, b, "POST", "/v1/sink", json={"tool": tool})
+    sink = await call_agent(http, b, "POST", "/v1/sink", json={"tool": tool})
     target = b_health.get("advertise_host") or b.host
     try:
         try:
-            rtt = await _call(http, a, "POST", "/v1/rtt",
+            rtt = await call_agent(http, a, "POST", "/v1/rtt",
                               json={"host": target, "port": sink.get("echo_port") or sink["port"],
                                     "session": sink["session"], "samples": rtt_samples})
             res.rtt_ms = rtt["rtt_ms"]
         except AgentCallError:
             if tool == "builtin":
                 raise  # the builtin sink also echoes: a failure here means the data path is down
-        sent = await _call(http, a, "POST", "/v1/send", timeout_s=duration_s + 20,
+        sent = await call_agent(http, a, "POST", "/v1/send", timeout_s=duration_s + 20,
                            json={"host": target, "port": sink["port"], "session": sink["session"],
                                  "streams": streams, "duration_s": duration_s, "tool": tool})
         if tool == "iperf3":
             res.gbps, res.seconds = sent.get("gbps"), float(sent.get("seconds") or 0)
         else:
-            got = await _call(http, b, "GET", f"/v1/sink/{sink['session']}", params={"wait_s": "2"})
+            got = await call_agent(http, b, "GET", f"/v1/sink/{sink['session']}", params={"wait_s": "2"})
             res.gbps, res.seconds = got.get("gbps"), float(got.get("seconds") or 0)
         if not res.gbps:
             res.gbps = None
             res.error = f"no data reached {b.name} from {a.name}"
     finally:
         try:
-            await _call(http, b, "DELETE", f"/v1/sink/{sink['session']}", timeout_s=3)
+            await call_agent(http, b, "DELETE", f"/v1/sink/{sink['session']}", timeout_s=3)
         except AgentCallError:
             pass
     return res
@@ -246,7 +247,7 @@ async def measure_async(endpoints: Sequence[AgentEndpoint], *, duration_s: float
                             started_at=started)
 
     async with aiohttp.ClientSession() as http:
-        checks = await asyncio.gather(*(_call(http, e, "GET", "/v1/health", timeout_s=HEALTH_TIMEOUT_S)
+        checks = await asyncio.gather(*(call_agent(http, e, "GET", "/v1/health", timeout_s=HEALTH_TIMEOUT_S)
                                         for e in endpoints), return_exceptions=True)
         health: dict[str, dict[str, Any]] = {}
         for e, c in zip(endpoints, checks, strict=True):
@@ -289,7 +290,7 @@ async def measure_async(endpoints: Sequence[AgentEndpoint], *, duration_s: float
         if nccl:
             async def intra(e: AgentEndpoint) -> tuple[str, dict[str, Any]]:
                 try:
-                    r = await _call(http, e, "POST", "/v1/nccl", timeout_s=240,
+                    r = await call_agent(http, e, "POST", "/v1/nccl", timeout_s=240,
                                     json={"size_mb": nccl_size_mb, "timeout_s": 200})
                 except AgentCallError as err:
                     return e.name, {"gbps": None, "error": str(err)}
@@ -306,6 +307,16 @@ async def measure_async(endpoints: Sequence[AgentEndpoint], *, duration_s: float
 def measure(endpoints: Sequence[AgentEndpoint], **kwargs: Any) -> NetbenchResult:
     """Synchronous `measure_async`."""
     return asyncio.run(measure_async(endpoints, **kwargs))
+
+
+def agent_get(ep: AgentEndpoint, path: str, timeout_s: float = 3.0) -> dict[str, Any]:
+    """Synchronous GET for pollers (e.g. the controller: `agent_get(ep, "/v1/preemption")`)."""
+
+    async def go() -> dict[str, Any]:
+        async with aiohttp.ClientSession() as http:
+            return await call_agent(http, ep, "GET", path, timeout_s=timeout_s)
+
+    return asyncio.run(go())
 
 
 # ---------------------------------------------------------------- endpoints
