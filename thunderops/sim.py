@@ -50,7 +50,7 @@ class SimResult:
     prompt_tokens: np.ndarray = field(repr=False)
     rejected: int
     slo: SLO
-    mean_in_system: float = 0.0  # time-average number of requests in the system (for Little's law)
+    mean_decode_batch: float = 0.0  # time-average sequences decoding, summed over replicas (engine clocks)
 
     @property
     def ok(self) -> np.ndarray:
@@ -128,7 +128,7 @@ class _Engine:
     """A decode or colocated replica with continuous batching."""
 
     __slots__ = ("layout", "colocated", "kv_cap", "max_seqs", "kv_used", "running", "B", "C", "steps",
-                 "t_state", "version", "waiting", "pf_queue", "prefilling", "base", "c_kv", "stepping")
+                 "t_state", "version", "waiting", "pf_queue", "prefilling", "base", "c_kv", "stepping", "b_time")
 
     def __init__(self, layout: Layout, colocated: bool, kv_cap: int, max_seqs: int, c_kv: float):
         self.layout = layout
@@ -148,6 +148,7 @@ class _Engine:
         self.base: dict[int, float] = {}
         self.c_kv = c_kv
         self.stepping = False
+        self.b_time = 0.0  # integral of the decode batch size over time (Little's law checks)
 
 
 class Simulator:
@@ -259,10 +260,10 @@ class Simulator:
         e2e = self.finish - self.arrival
         end = float(self.finish[done].max()) if done.any() else float(self.arrival[-1])
         duration = max(end - float(self.arrival[0]), 1e-9)
-        in_system = float(np.where(done, e2e, 0.0).sum() / duration)
+        batch = sum(e.b_time for e in self.engines.values()) / duration
         rate = (n - 1) / max(float(self.arrival[-1] - self.arrival[0]), 1e-9) if n > 1 else 0.0
         return SimResult(rate, n, duration, ttft, tpot, e2e, self.output, self.prompt, self.rejected, self.slo,
-                         in_system)
+                         batch)
 
     def _push(self, t: float, kind: int, data) -> None:
         self.seq += 1
@@ -360,7 +361,9 @@ class Simulator:
         return k * a + eng.c_kv * (k * eng.C + eng.B * k * (k - 1) / 2)
 
     def _advance(self, eng: _Engine, k: int) -> None:
-        eng.t_state += self._time_for(eng, k)
+        dt = self._time_for(eng, k)
+        eng.b_time += eng.B * dt
+        eng.t_state += dt
         eng.steps += k
         eng.C += eng.B * k
 
@@ -469,6 +472,7 @@ class Simulator:
 
     def _end_mixed_step(self, eng: _Engine, plan, t: float) -> None:
         eng.stepping = False
+        eng.b_time += eng.B * (t - eng.t_state)
         eng.t_state = t
         self._advance_one(eng)
         finished = []

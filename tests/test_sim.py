@@ -1,0 +1,303 @@
+"""Simulator: queueing theory, Little's law, determinism, links, KV capacity, colocated engines, CLI, bad input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+from thunderops.errors import PlanError, WorkloadError
+from thunderops.perf import DoesNotFitError, PerfModel, layout_of, prefill_work
+from thunderops.plan import SLO, Plan, Route
+from thunderops.sim import LINK_LATENCY_S, default_routing, goodput, homogeneous_plan, simulate, slo_of
+from thunderops.workload import Workload, get_workload, load_trace
+
+SLO_ = SLO(ttft_s=1.0, tpot_s=0.05, attainment=0.9)
+
+
+def fixed(prompt: int, output: int, rate: float = 1.0) -> Workload:
+    return Workload("fixed", rate, (float(prompt),) * 101, (float(output),) * 101)
+
+
+def pd_plan(model="Llama-3.1-8B", gpu="H100", p=1, d=1, tp=1, **kw) -> Plan:
+    return homogeneous_plan(model, gpu, prefill=(p, tp), decode=(d, tp), **kw)
+
+
+# -- queueing theory
+
+
+@pytest.mark.parametrize("rho", [0.5, 0.8])
+def test_single_prefill_replica_matches_md1_waiting_time(rho):
+    """One request per batch (token budget = prompt length), fixed prompts: the prefill replica is an M/D/1
+    queue, so mean TTFT = S + rho S / (2 (1 - rho)) + the KV hop."""
+    prompt = 1000
+    plan = pd_plan()
+    perf = PerfModel(plan.model, max_batch_tokens=prompt)
+    layout = layout_of(plan, plan.groups[0], perf)
+    service = perf.pass_time(layout, prefill_work([prompt]))
+    rate = rho / service
+    res = simulate(plan, fixed(prompt, 1), SLO_, rate=rate, n=20000, seed=3, perf=perf)
+    from thunderops.specs import get_gpu
+
+    hop = prompt * perf.model.kv_bytes_per_token / (get_gpu("H100").intra_link_gbps / 2 * 1e9) + LINK_LATENCY_S
+    expected = service + rho * service / (2 * (1 - rho)) + hop
+    assert res.ttft.mean() == pytest.approx(expected, rel=0.05)
+    # and at a tenth of the load the same formula holds with a far smaller wait
+    light = simulate(plan, fixed(prompt, 1), SLO_, rate=rate / 10, n=3000, seed=3, perf=perf)
+    r = rho / 10
+    assert light.ttft.mean() == pytest.approx(service + r * service / (2 * (1 - r)) + hop, rel=0.01)
+
+
+def test_littles_law_for_decode_batches():
+    """Time-average decode batch (integrated on the engines' own clocks) = arrival rate x mean time in
+    decode (from per-request records)."""
+    plan = pd_plan(p=2, d=2)
+    wl = get_workload("conversation")
+    for rate in (5.0, 20.0):
+        res = simulate(plan, wl, SLO_, rate=rate, n=4000, seed=1)
+        in_decode = res.e2e - res.ttft
+        assert res.rejected == 0 and np.isfinite(in_decode).all()
+        lam = res.requests / res.duration_s
+        expected = lam * float(np.mean(in_decode))
+        assert res.mean_decode_batch == pytest.approx(expected, rel=0.05)
+
+
+def test_low_load_throughput_equals_offered_tokens():
+    plan = pd_plan(p=2, d=2)
+    wl = get_workload("coding")
+    res = simulate(plan, wl, SLO_, rate=2.0, n=3000, seed=2)
+    assert res.attainment > 0.95
+    assert res.output_tokens_per_s == pytest.approx(2.0 * res.output_tokens.mean(), rel=0.1)
+
+
+# -- determinism
+
+
+def test_deterministic_under_a_seed():
+    plan = pd_plan(p=2, d=2)
+    wl = get_workload("conversation")
+    a = simulate(plan, wl, SLO_, rate=15, n=1500, seed=11)
+    b = simulate(plan, wl, SLO_, rate=15, n=1500, seed=11)
+    c = simulate(plan, wl, SLO_, rate=15, n=1500, seed=12)
+    assert np.array_equal(a.ttft, b.ttft) and np.array_equal(a.e2e, b.e2e)
+    assert a.summary() == b.summary()
+    assert not np.array_equal(a.ttft, c.ttft)
+    assert goodput(plan, wl, SLO_, n=400, seed=5) == goodput(plan, wl, SLO_, n=400, seed=5)
+
+
+# -- monotonicity and regimes
+
+
+def test_more_replicas_never_lower_goodput():
+    wl = get_workload("conversation")
+    small = goodput(pd_plan(p=1, d=1), wl, SLO_, n=600)
+    big = goodput(pd_plan(p=2, d=2), wl, SLO_, n=600)
+    assert small > 0
+    assert big >= 1.5 * small
+
+
+def test_latency_grows_with_load():
+    plan = homogeneous_plan("Llama-3.1-8B", "H100", colocated=(1, 1))
+    wl = get_workload("conversation")
+    lo = simulate(plan, wl, SLO_, rate=2, n=1500)
+    hi = simulate(plan, wl, SLO_, rate=20, n=1500)
+    assert hi.pct("ttft", 90) > lo.pct("ttft", 90)
+    assert hi.pct("tpot", 50) > lo.pct("tpot", 50)
+    assert hi.output_tokens_per_s > lo.output_tokens_per_s
+
+
+def test_slow_links_delay_first_tokens_and_compression_helps():
+    wl = get_workload("coding")
+    base = pd_plan(p=1, d=1, gpus_per_node=1, network_gbps=100)  # P and D on different nodes
+    assert len(base.instances) == 2
+    fast = simulate(base, wl, SLO_, rate=2, n=800)
+    slow_plan = pd_plan(p=1, d=1, gpus_per_node=1, network_gbps=1)
+    slow = simulate(slow_plan, wl, SLO_, rate=2, n=800)
+    assert slow.ttft.mean() > fast.ttft.mean() + 0.5
+    routes = [Route("p0", "d0", 1.0, kv_compression=0.25)]
+    packed = simulate(slow_plan, wl, SLO_, rate=2, n=800, routing=routes)
+    assert fast.ttft.mean() < packed.ttft.mean() < slow.ttft.mean()
+
+
+def test_concurrent_transfers_share_the_link():
+    """Two prefill replicas finishing at once on one link: with the bandwidth shared, each transfer takes
+    about twice as long as alone."""
+    plan = homogeneous_plan("Llama-3.1-8B", "H100", prefill=(2, 1), decode=(1, 1), gpus_per_node=2,
+                            network_gbps=2)
+    wl = fixed(4000, 2)
+    perf = PerfModel(plan.model)
+    alone = perf.kv_transfer_time(4000, 2)
+    res = simulate(plan, wl, SLO_, rate=0.05, n=60, seed=0, perf=perf)  # sparse: transfers rarely overlap
+    service = perf.pass_time(layout_of(plan, plan.groups[0]), prefill_work([4000]))
+    assert np.median(res.ttft) == pytest.approx(service + alone, rel=0.05)
+    from thunderops.workload import Requests
+
+    burst = Requests(np.zeros(2), np.array([4000, 4000]), np.array([2, 2]))
+    from thunderops.sim import Simulator
+
+    routes = [Route("p0", "d0", 0.5), Route("p1", "d0", 0.5)]
+    sim = Simulator(plan, perf, SLO_, routes)
+    both = sim.run(burst, seed=4)
+    # the seed sends one request to each prefill replica or both to one; either way the last KV lands
+    # about 2 transfer-times after the prompts are done
+    assert both.ttft.max() >= service + 1.9 * alone
+
+
+# -- KV capacity
+
+
+def test_decode_concurrency_bounded_by_kv_capacity():
+    plan = pd_plan(p=4, d=1)
+    perf = PerfModel(plan.model, mem_util=0.3)
+    cap = perf.kv_capacity_tokens(layout_of(plan, plan.groups[-1]))
+    wl = fixed(2000, 400)
+    per_seq = 2400
+    res = simulate(plan, wl, SLO(5, 0.5), rate=40, n=1500, perf=perf)
+    assert res.rejected == 0
+    assert res.mean_decode_batch <= cap / per_seq + 1e-9
+    roomy = simulate(plan, wl, SLO(5, 0.5), rate=40, n=1500, perf=PerfModel(plan.model))
+    assert roomy.mean_decode_batch > res.mean_decode_batch
+
+
+def test_requests_larger_than_the_kv_cache_are_rejected_not_lost():
+    plan = pd_plan()
+    perf = PerfModel(plan.model, mem_util=0.25, min_kv_tokens=16)
+    cap = perf.kv_capacity_tokens(layout_of(plan, plan.groups[-1]))
+    res = simulate(plan, fixed(cap, 10), SLO_, rate=1, n=20, perf=perf)
+    assert res.rejected == 20 and res.attainment == 0.0 and not np.isfinite(res.e2e).any()
+
+
+# -- colocated replicas
+
+
+def test_colocated_replicas_and_default_routing():
+    plan = homogeneous_plan("Llama-3.1-70B", "H100", colocated=(2, 4))
+    routes = default_routing(plan, PerfModel(plan.model))
+    assert [(r.prefill, r.decode) for r in routes] == [("c0", "c0"), ("c1", "c1")]
+    assert sum(r.fraction for r in routes) == pytest.approx(1.0)
+    res = simulate(plan, get_workload("conversation"), SLO_, rate=3, n=800)
+    assert res.rejected == 0 and np.isfinite(res.e2e).all()
+    assert res.attainment > 0.9
+
+
+def test_sim_and_perf_capacity_roughly_agree():
+    """The scheduler ranks candidates by perf.capacity and checks finalists by simulation: they must agree
+    on where a replica saturates (within 35%)."""
+    wl = get_workload("conversation")
+    plan = pd_plan("Llama-3.1-70B", p=1, d=2, tp=4)
+    perf = PerfModel(plan.model)
+    cap = perf.capacity(layout_of(plan, plan.groups[0]), "prefill", wl, SLO_)
+    gp = goodput(plan, wl, SLO_, n=1000, perf=perf)
+    assert gp == pytest.approx(cap, rel=0.35)
+    plan = homogeneous_plan("Llama-3.1-8B", "H100", colocated=(1, 1))
+    perf8 = PerfModel(plan.model)
+    cap = perf8.capacity(layout_of(plan, plan.groups[0]), "colocated", wl, SLO_)
+    assert goodput(plan, wl, SLO_, n=1000, perf=perf8) == pytest.approx(cap, rel=0.35)
+
+
+# -- traces and bad input
+
+
+def test_trace_replay(tmp_path):
+    path = tmp_path / "t.csv"
+    rows = ["TIMESTAMP,ContextTokens,GeneratedTokens"] + [f"{i * 0.5},{500 + 10 * i},{20 + i}" for i in range(40)]
+    path.write_text("\n".join(rows) + "\n")
+    wl = load_trace(path)
+    res = simulate(pd_plan(), wl, SLO_, n=40)
+    assert list(res.prompt_tokens) == [500 + 10 * i for i in range(40)]
+    assert res.rate == pytest.approx(2.0)
+    faster = simulate(pd_plan(), wl, SLO_, n=40, rate=8.0)
+    assert faster.rate == pytest.approx(8.0)
+
+
+def test_bad_input():
+    wl = get_workload("coding")
+    plan = pd_plan()
+    with pytest.raises(WorkloadError):
+        simulate(plan, wl, SLO_, rate=0)
+    with pytest.raises(WorkloadError):
+        simulate(plan, wl, SLO_, rate=-3)
+    with pytest.raises(WorkloadError):
+        simulate(plan, wl, SLO_, n=0)
+    with pytest.raises(DoesNotFitError):
+        simulate(homogeneous_plan("Llama-2-70B", "H100", colocated=(1, 1)), wl, SLO_, n=10)
+    with pytest.raises(PlanError, match="unknown group"):
+        simulate(plan, wl, SLO_, n=10, routing=[Route("p0", "zz", 1.0)])
+    bad = replace(plan, groups=[replace(g, stages=[replace(s, tp=3) for s in g.stages]) for g in plan.groups])
+    with pytest.raises(PlanError, match="does not divide"):
+        simulate(bad, wl, SLO_, n=10)
+    with pytest.raises(WorkloadError):
+        Workload("x", 1.0, (1.0,) * 101, (1.0,) * 101).sample(0)
+
+
+def test_empty_trace_is_a_clear_error(tmp_path):
+    path = tmp_path / "empty.csv"
+    path.write_text("TIMESTAMP,ContextTokens,GeneratedTokens\n")
+    with pytest.raises(WorkloadError, match="at least 2"):
+        load_trace(path)
+
+
+def test_slo_from_plan_inputs():
+    plan = pd_plan()
+    plan.inputs["slo"] = {"ttft_s": 0.7, "tpot_s": 0.03, "attainment": 0.95}
+    assert slo_of(plan) == SLO(0.7, 0.03, 0.95)
+    assert slo_of(plan, ttft_s=3.0).ttft_s == 3.0
+
+
+# -- CLI
+
+
+@pytest.fixture
+def cli():
+    def call(*args):
+        code = "import sys; from thunderops.cli import main; sys.argv = ['thunderops', *sys.argv[1:]]; main()"
+        return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=120)
+
+    return call
+
+
+def test_cli_simulate(tmp_path, cli):
+    path = tmp_path / "plan.json"
+    pd_plan(p=1, d=1).save(path)
+    r = cli("simulate", str(path), "--workload", "conversation", "--rate", "4", "-n", "300", "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["requests"] == 300 and 0 <= out["slo_attainment"] <= 1 and out["ttft_p90_s"] > 0
+    r2 = cli("simulate", str(path), "--workload", "conversation", "--rate", "4", "-n", "300", "--json")
+    assert json.loads(r2.stdout) == out
+    r = cli("simulate", str(path), "--workload", "conversation", "--rate", "4", "-n", "200")
+    assert r.returncode == 0 and "SLO attainment" in r.stdout
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--rate", "0"], "positive"),
+    (["--rate", "-2"], "positive"),
+])
+def test_cli_simulate_bad_rate(tmp_path, cli, args, needle):
+    path = tmp_path / "plan.json"
+    pd_plan().save(path)
+    r = cli("simulate", str(path), "--workload", "coding", *args)
+    assert r.returncode == 2 and needle in r.stderr and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_cli_simulate_plan_that_does_not_fit(tmp_path, cli):
+    path = tmp_path / "plan.json"
+    homogeneous_plan("Llama-2-70B", "H100", colocated=(1, 1)).save(path)
+    r = cli("simulate", str(path), "--workload", "coding")
+    assert r.returncode == 2 and "cannot hold" in r.stderr and "Traceback" not in r.stderr
+    empty = tmp_path / "empty.csv"
+    empty.write_text("TIMESTAMP,ContextTokens,GeneratedTokens\n")
+    pd_plan().save(path)
+    r = cli("simulate", str(path), "--workload", str(empty))
+    assert r.returncode == 2 and "at least 2" in r.stderr
+
+
+def test_cli_calibrate_without_gpu_says_so(cli, tmp_path):
+    r = cli("calibrate", "--out", str(tmp_path / "x.json"))
+    assert r.returncode == 2 and "GPU" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "x.json").exists()
