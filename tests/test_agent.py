@@ -203,6 +203,7 @@ class MetadataDouble:
     def __init__(self) -> None:
         self.notice = False
         self.hang = False
+        self.foreign = False  # behave like a service that is neither AWS's nor GCP's: 404 for everything
         self.seen_token = False
         self.port = free_port()
         self.loop = asyncio.new_event_loop()
@@ -212,6 +213,8 @@ class MetadataDouble:
         assert self.ready.wait(10)
 
     async def _maybe_hang(self) -> None:
+        if self.foreign:
+            raise web.HTTPNotFound()
         if self.hang:
             try:
                 await asyncio.wait_for(self.released.wait(), 30)
@@ -236,7 +239,7 @@ class MetadataDouble:
         await self._maybe_hang()
         if request.headers.get("Metadata-Flavor") != "Google":
             return web.Response(status=403)
-        return web.Response(text="TRUE" if self.notice else "FALSE")
+        return web.Response(text="TRUE" if self.notice else "FALSE", headers={"Metadata-Flavor": "Google"})
 
     def _run(self) -> None:
         asyncio.set_event_loop(self.loop)
@@ -292,7 +295,19 @@ def test_preemption_notice_is_relayed_and_latched(agents, metadata, cloud):
 def test_auto_detects_the_cloud_from_whichever_service_answers(agents, metadata):
     a = agents.start("spot2", "--metadata-url", metadata.url, "--cloud", "auto")
     body = get(a.url + "/v1/preemption")[1]
-    assert body["notice"] is False and body["cloud"] in ("aws", "gcp")
+    assert body["notice"] is False and body["cloud"] in ("aws", "gcp") and body["confirmed"]
+
+
+def test_auto_is_not_fooled_by_another_clouds_metadata_service(agents, metadata):
+    # A service at the same address that answers 404 to everything and gives no IMDSv2 token (another cloud's):
+    # "no notice", but the agent must not conclude it is on AWS and stop asking GCP's service.
+    metadata.foreign = True
+    a = agents.start("spot5", "--metadata-url", metadata.url, "--cloud", "auto")
+    body = get(a.url + "/v1/preemption")[1]
+    assert body["notice"] is False and body["confirmed"] is False
+    metadata.foreign, metadata.notice = False, True
+    body = get(a.url + "/v1/preemption")[1]
+    assert body["notice"] is True and body["cloud"] == "gcp"
 
 
 def test_metadata_service_that_hangs_or_is_absent_answers_fast(agents, metadata):

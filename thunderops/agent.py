@@ -409,24 +409,38 @@ async def check_preemption(cloud: str, base_url: str | None, timeout_s: float) -
                 pass
             async with http.get(base + AWS_NOTICE_PATH, headers=headers) as r:
                 if r.status == 404:
-                    return {"cloud": "aws", "notice": False}
+                    # Other clouds' services also live at 169.254.169.254: without an IMDSv2 token a 404
+                    # says "no notice" but does not prove this is AWS.
+                    return {"cloud": "aws", "notice": False, "confirmed": bool(headers)}
                 r.raise_for_status()
                 body = json.loads(await r.text())
-                return {"cloud": "aws", "notice": True, "action": body.get("action"), "time": body.get("time")}
+                return {"cloud": "aws", "notice": True, "action": body.get("action"), "time": body.get("time"),
+                        "confirmed": True}
 
         async def gcp() -> dict[str, Any]:
             base = (base_url or GCP_METADATA_URL).rstrip("/")
             async with http.get(base + GCP_PREEMPTED_PATH, headers={"Metadata-Flavor": "Google"}) as r:
                 r.raise_for_status()
+                if r.headers.get("Metadata-Flavor") != "Google":
+                    raise RuntimeError("answer lacks the Metadata-Flavor: Google header (not GCP's service)")
                 preempted = (await r.text()).strip().upper() == "TRUE"
-                return {"cloud": "gcp", "notice": preempted, "action": "preempted" if preempted else None}
+                return {"cloud": "gcp", "notice": preempted, "action": "preempted" if preempted else None,
+                        "confirmed": True}
 
         checks = {"aws": aws, "gcp": gcp}
         results = await asyncio.gather(*(checks[c]() for c in clouds), return_exceptions=True)
+    answers = {}
     for c, res in zip(clouds, results, strict=True):
         if isinstance(res, dict):
+            answers[c] = res
+        else:
+            errors.append(f"{c}: {type(res).__name__} {res}".strip())
+    # GCP's answer is unambiguous (its header), then AWS confirmed by a token or a notice, then a bare AWS 404.
+    for res in (answers.get("gcp"), answers.get("aws")):
+        if res is not None and res.get("confirmed"):
             return res
-        errors.append(f"{c}: {type(res).__name__} {res}".strip())
+    if "aws" in answers:
+        return answers["aws"]
     return {"cloud": None, "notice": False, "error": "no metadata service answered (" + "; ".join(errors) + ")"}
 
 
@@ -583,7 +597,7 @@ class Agent:
         if self.cloud == "none":
             return web.json_response({"cloud": None, "notice": False, "error": "metadata checks disabled"})
         res = await check_preemption(self.cloud, self.config.metadata_url, self.config.metadata_timeout_s)
-        if res.get("cloud") and self.cloud == "auto":
+        if res.get("cloud") and res.get("confirmed") and self.cloud == "auto":
             self.cloud = res["cloud"]  # stop asking the other cloud's service
         res["checked_at"] = time.time()
         if res.get("notice"):
