@@ -106,12 +106,12 @@ class Calibration:
     comm_latency_s: float = 10e-6
     gemm_m_half: float = 32.0
     attn_len_half: float = 256.0
-    kernel_latency_s: float = 3e-6
+    kernel_latency_s: float = 5e-6
     kv_read_eff: float = 0.75
     roofline_p: float = 8.0
     elementwise_scale: float = 1.0
-    step_overhead_s: float = 1.0e-3
-    layer_overhead_s: float = 15e-6
+    step_overhead_s: float = 0.3e-3
+    layer_overhead_s: float = 0.0
     source: str = "datasheet defaults (thunderops.perf.Calibration)"
 
     def to_dict(self) -> dict:
