@@ -32,6 +32,7 @@ from aiohttp import web
 
 from thunderops.errors import UserError
 from thunderops.plan import Plan, Route
+from thunderops.serve.upstream import UpstreamError, UpstreamPool
 
 log = logging.getLogger(__name__)
 
@@ -142,6 +143,7 @@ class RouterConfig:
     admin_key: str | None = None  # defaults to api_key
     engine_api_key: str | None = None  # sent to the engines (vLLM's --api-key / VLLM_API_KEY)
     health_interval_s: float = 1.0
+    probe_failures: int = 3
     max_attempts: int = 4
     retry_after_s: int = 2
     request_timeout_s: float = 3600.0
@@ -197,7 +199,8 @@ class Router:
         self.inflight: dict[str, int] = {}
         self.healthy: dict[str, bool] = {}
         self._sync_replicas(table)
-        self.session: aiohttp.ClientSession | None = None
+        self.session: aiohttp.ClientSession | None = None  # health probes only
+        self._pools: dict[str, UpstreamPool] = {}
         self._probe_task: asyncio.Task[None] | None = None
         self._ids = itertools.count()
         # usage and metrics, kept as plain numbers (Prometheus reads them at scrape time)
@@ -283,10 +286,22 @@ class Router:
             self._probe_task.cancel()
         if self.session:
             await self.session.close()
+        for pool in self._pools.values():
+            pool.close()
+
+    def _pool(self, rep: Replica) -> UpstreamPool:
+        pool = self._pools.get(rep.url)
+        if pool is None:
+            extra = {"Authorization": self._engine_headers["Authorization"]} if "Authorization" in self._engine_headers else {}
+            pool = self._pools[rep.url] = UpstreamPool(rep.url, extra)
+        return pool
 
     async def _probe_loop(self) -> None:
-        """Mark replicas healthy or not by their /health endpoint (vLLM and the emulator both have one)."""
-        timeout = aiohttp.ClientTimeout(total=max(1.0, self.config.health_interval_s))
+        """Mark replicas healthy or not by their /health endpoint (vLLM and the emulator both have one).
+        A replica is marked down after `probe_failures` failed probes in a row (one slow answer on a busy
+        machine is not a death); a refused connection during a request marks it down at once."""
+        timeout = aiohttp.ClientTimeout(total=max(2.0, self.config.health_interval_s))
+        failures: dict[str, int] = {}
         while True:
             reps = list(self._rt.table.replicas.values())
 
@@ -294,8 +309,13 @@ class Router:
                 try:
                     assert self.session is not None
                     async with self.session.get(rep.url + "/health", timeout=timeout) as r:
-                        self.healthy[rep.id] = r.status == 200
+                        ok = r.status == 200
                 except (aiohttp.ClientError, OSError, asyncio.TimeoutError):
+                    ok = False
+                failures[rep.id] = 0 if ok else failures.get(rep.id, 0) + 1
+                if ok:
+                    self.healthy[rep.id] = True
+                elif failures[rep.id] >= self.config.probe_failures:
                     self.healthy[rep.id] = False
 
             await asyncio.gather(*(probe(r) for r in reps))
@@ -395,19 +415,18 @@ class Router:
 
     async def _post(self, rep: Replica, path: str, body: dict[str, Any]) -> tuple[int, bytes]:
         """POST to an engine; connection failures and 5xx raise _Upstream (and mark it unhealthy if unreachable)."""
-        assert self.session is not None
         self.inflight[rep.id] = self.inflight.get(rep.id, 0) + 1
         try:
-            async with self.session.post(rep.url + path, data=orjson.dumps(body), headers=self._engine_headers) as r:
-                data = await r.read()
-                if r.status >= 500:
-                    raise _Upstream(f"{rep.id}: HTTP {r.status}")
-                return r.status, data
-        except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as e:
+            status, data = await asyncio.wait_for(self._pool(rep).request("POST", path, orjson.dumps(body)),
+                                                  self.config.request_timeout_s)
+        except (UpstreamError, OSError, asyncio.TimeoutError) as e:
             self.healthy[rep.id] = False
-            raise _Upstream(f"{rep.id}: {type(e).__name__}") from None
+            raise _Upstream(f"{rep.id}: {e}") from None
         finally:
             self.inflight[rep.id] -= 1
+        if status >= 500:
+            raise _Upstream(f"{rep.id}: HTTP {status}")
+        return status, data
 
     async def _prefill(self, rep: Replica, path: str, body: dict[str, Any]) -> tuple[int, bytes, Any]:
         pb = dict(body)
@@ -495,25 +514,28 @@ class Router:
             db["stream_options"] = {"include_usage": True, "continuous_usage_stats": True}
             offset = sent_tokens
             migrated = offset > 0 or bool(sent)
-            assert self.session is not None
             self.inflight[drep.id] = self.inflight.get(drep.id, 0) + 1
             done = False
+            up = None
             try:
-                async with self.session.post(drep.url + path, data=orjson.dumps(db), headers=self._engine_headers) as r:
-                    if r.status != 200:
-                        data = await r.read()
-                        if r.status >= 500:
-                            raise _Upstream(f"{drep.id}: HTTP {r.status}")
-                        if resp is None:
-                            return web.Response(status=r.status, body=data, content_type="application/json")
-                        break
-                    rec.decode_replica = drep.id
-                    rec.replicas.append(drep.id)
+                up = await self._pool(drep).stream("POST", path, orjson.dumps(db))
+                if up.status != 200:
+                    data = await up.read()
+                    if up.status >= 500:
+                        raise _Upstream(f"{drep.id}: HTTP {up.status}")
                     if resp is None:
-                        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream",
-                                                           "Cache-Control": "no-cache"})
-                        await resp.prepare(request)
-                    async for line in r.content:
+                        return web.Response(status=up.status, body=data, content_type="application/json")
+                    break
+                rec.decode_replica = drep.id
+                rec.replicas.append(drep.id)
+                if resp is None:
+                    resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+                    await resp.prepare(request)
+                buf = b""
+                async for piece in up:
+                    buf += piece
+                    *lines, buf = buf.split(b"\n")
+                    for line in lines:
                         if not line.startswith(b"data: "):
                             continue
                         payload = line[6:].strip()
@@ -536,11 +558,12 @@ class Router:
                             chunk["id"], chunk["created"] = ident
                         if choices:
                             c0 = choices[0]
-                            piece = (c0.get("delta") or {}).get("content") if chat else c0.get("text")
-                            if migrated and chat and "role" in (c0.get("delta") or {}) and not piece:
+                            delta = c0.get("delta") or {}
+                            piece_text = delta.get("content") if chat else c0.get("text")
+                            if migrated and chat and "role" in delta and not piece_text:
                                 continue  # the continuation's opening role chunk: the client already had one
-                            if piece:
-                                sent.append(piece)
+                            if piece_text:
+                                sent.append(piece_text)
                                 if rec.first_token_at is None:
                                     rec.first_token_at = time.time()
                             if usage:
@@ -553,11 +576,20 @@ class Router:
                             if not want_usage:
                                 continue
                         await resp.write(b"data: " + orjson.dumps(chunk) + b"\n\n")
-            except (aiohttp.ClientError, OSError, asyncio.TimeoutError, _Upstream) as e:
-                log.warning("decode replica %s failed mid-stream (%s); migrating", drep.id, type(e).__name__)
-                self.healthy[drep.id] = False
+                    if done:
+                        try:
+                            await asyncio.wait_for(up.drain(), 1.0)
+                        except (UpstreamError, asyncio.TimeoutError):
+                            pass
+                        break
+            except (UpstreamError, OSError, asyncio.TimeoutError, _Upstream) as e:
+                log.warning("decode replica %s failed mid-stream (%s); migrating", drep.id, e)
+                if not isinstance(e, _Upstream):
+                    self.healthy[drep.id] = False
             finally:
                 self.inflight[drep.id] -= 1
+                if up is not None:
+                    up.close()
             if done:
                 break
             # the decode engine died (or ended without [DONE]): continue elsewhere from prompt + text sent

@@ -1,0 +1,246 @@
+"""Router overhead: our P/D router vs vLLM's own proxy approach (FastAPI + httpx, as in vLLM's
+tests/v1/kv_connector/nixl_integration/toy_proxy_server.py), both in front of the same zero-delay engine
+emulators on 127.0.0.1.
+
+Measures, for each proxy:
+- throughput: non-streaming /v1/completions requests/s through ONE proxy process, from a load generator
+  in separate processes holding `--concurrency` keep-alive connections;
+- added p50 latency: p50 of one-at-a-time requests through the proxy minus p50 of a client doing the same
+  two calls (prefill, then decode with the returned kv_transfer_params) straight to the emulators.
+
+Last line: our throughput / the FastAPI+httpx proxy's throughput.
+
+    python bench/bench_router.py [--seconds 10] [--concurrency 64] [--clients 2]
+"""
+
+import argparse
+import asyncio
+import json
+import multiprocessing as mp
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+MODEL = "meta-llama/Llama-3.1-8B"
+KEY = "bench-key"
+BODY = {"model": MODEL, "prompt": "Tell me about the ocean and the ships on it", "max_tokens": 8}
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_up(url: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=1):
+                return
+        except Exception:
+            time.sleep(0.1)
+    raise SystemExit(f"{url} did not come up")
+
+
+def spawn(argv: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
+    return subprocess.Popen(argv, env={**os.environ, **(env or {})}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+
+
+# ---- vLLM's proxy approach: FastAPI + httpx (a faithful re-implementation of the toy proxy's request path) ----
+
+def run_fastapi_proxy(port: int, prefill: str, decode: str) -> None:
+    import httpx
+    import uvicorn
+    from fastapi import FastAPI, Request
+    from fastapi.responses import StreamingResponse
+
+    app = FastAPI()
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
+    pc = httpx.AsyncClient(timeout=None, base_url=prefill + "/v1", limits=limits)
+    dc = httpx.AsyncClient(timeout=None, base_url=decode + "/v1", limits=limits)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        req = await request.json()
+        p = dict(req, stream=False, max_tokens=1, kv_transfer_params={
+            "do_remote_decode": True, "do_remote_prefill": False, "remote_engine_id": None,
+            "remote_block_ids": None, "remote_host": None, "remote_port": None})
+        r = await pc.post("/completions", json=p, headers={"Authorization": f"Bearer {KEY}"})
+        r.raise_for_status()
+        kv = r.json().get("kv_transfer_params")
+        if kv:
+            req["kv_transfer_params"] = kv
+
+        async def gen():
+            async with dc.stream("POST", "/completions", json=req, headers={"Authorization": f"Bearer {KEY}"}) as resp:
+                resp.raise_for_status()
+                async for chunk in resp.aiter_bytes():
+                    yield chunk
+
+        return StreamingResponse(gen(), media_type="application/json")
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok"}
+
+    uvicorn.run(app, host="127.0.0.1", port=port, log_level="error", access_log=False)
+
+
+# ---- load generation ----------------------------------------------------------------------------------
+
+async def _load(url: str, seconds: float, concurrency: int, out: mp.Queue) -> None:
+    import aiohttp
+
+    body = json.dumps(BODY).encode()
+    headers = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
+    done = errors = 0
+    stop = time.monotonic() + seconds
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as s:
+        async def worker() -> None:
+            nonlocal done, errors
+            while time.monotonic() < stop:
+                async with s.post(url, data=body, headers=headers) as r:
+                    await r.read()
+                    if r.status == 200:
+                        done += 1
+                    else:
+                        errors += 1
+
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+    out.put((done, errors))
+
+
+def _load_proc(url: str, seconds: float, concurrency: int, out: mp.Queue) -> None:
+    try:
+        import uvloop
+
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    except ImportError:
+        pass
+    asyncio.run(_load(url, seconds, concurrency, out))
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of one process so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def throughput(url: str, seconds: float, concurrency: int, clients: int) -> tuple[float, int]:
+    ctx = mp.get_context("spawn")
+    q: mp.Queue = ctx.Queue()
+    procs = [ctx.Process(target=_load_proc, args=(url, seconds, max(1, concurrency // clients), q)) for _ in range(clients)]
+    t0 = time.monotonic()
+    for p in procs:
+        p.start()
+    results = [q.get() for _ in procs]
+    elapsed = time.monotonic() - t0
+    for p in procs:
+        p.join()
+    ok = sum(r[0] for r in results)
+    return ok / max(elapsed - 0.0, 1e-9) if elapsed else 0.0, sum(r[1] for r in results)
+
+
+async def _latency(n: int, url: str | None, prefill: str, decode: str) -> list[float]:
+    """p50 sample of one-at-a-time requests; url=None does the P/D flow directly against the emulators."""
+    import aiohttp
+
+    headers = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
+    out = []
+    async with aiohttp.ClientSession() as s:
+        for i in range(n + 50):
+            t = time.perf_counter()
+            if url is not None:
+                async with s.post(url, data=json.dumps(BODY), headers=headers) as r:
+                    await r.read()
+            else:
+                p = dict(BODY, max_tokens=1, kv_transfer_params={"do_remote_decode": True})
+                async with s.post(prefill + "/v1/completions", data=json.dumps(p), headers=headers) as r:
+                    kv = (await r.json())["kv_transfer_params"]
+                async with s.post(decode + "/v1/completions", data=json.dumps(dict(BODY, kv_transfer_params=kv)),
+                                  headers=headers) as r:
+                    await r.read()
+            if i >= 50:  # warm-up excluded
+                out.append(time.perf_counter() - t)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seconds", type=float, default=10.0)
+    ap.add_argument("--concurrency", type=int, default=64)
+    ap.add_argument("--clients", type=int, default=2, help="load-generator processes")
+    ap.add_argument("--latency-requests", type=int, default=1000)
+    args = ap.parse_args()
+    try:
+        import uvloop
+
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    except ImportError:
+        pass
+
+    procs: list[subprocess.Popen] = []
+    try:
+        env = {"THUNDEROPS_ENGINE_KEY": KEY, "THUNDEROPS_API_KEY": KEY}
+        pport, dport, rport, fport = free_port(), free_port(), free_port(), free_port()
+        prefill, decode = f"http://127.0.0.1:{pport}", f"http://127.0.0.1:{dport}"
+        for role, port in (("prefill", pport), ("decode", dport)):
+            procs.append(spawn([sys.executable, "-m", "thunderops.serve", "emulator", "--role", role, "--port", str(port),
+                                "--delay-scale", "0", "--model", MODEL], env))
+        table = {"replicas": [{"id": "p0", "url": prefill, "phase": "prefill"}, {"id": "d0", "url": decode, "phase": "decode"}],
+                 "routes": [{"prefill": "p0", "decode": "d0", "fraction": 1.0}]}
+        tpath = Path(tempfile.mkdtemp()) / "routing.json"
+        tpath.write_text(json.dumps(table))
+        procs.append(spawn([sys.executable, "-m", "thunderops.serve", "router", "--routing", str(tpath),
+                            "--model", MODEL, "--port", str(rport)], env))
+        procs.append(spawn([sys.executable, __file__, "--fastapi-proxy", str(fport), prefill, decode]))
+        for u in (prefill, decode, f"http://127.0.0.1:{rport}", f"http://127.0.0.1:{fport}"):
+            wait_up(u + "/health")
+
+        print(f"cores: {os.cpu_count()}  load average before: {os.getloadavg()[0]:.2f}")
+        direct = asyncio.run(_latency(args.latency_requests, None, prefill, decode))
+        base = statistics.median(direct)
+        print(f"direct P/D calls (no proxy): p50 {base * 1e3:.3f} ms")
+        results = {}
+        router_proc, fastapi_proc = procs[2], procs[3]
+        for name, port, proc in (("thunderops router", rport, router_proc),
+                                 ("vLLM-style proxy (FastAPI+httpx)", fport, fastapi_proc)):
+            url = f"http://127.0.0.1:{port}/v1/completions"
+            lat = asyncio.run(_latency(args.latency_requests, url, prefill, decode))
+            throughput(url, 1.0, args.concurrency, args.clients)  # warm-up
+            cpu0 = cpu_seconds(proc.pid)
+            rps, errors = throughput(url, args.seconds, args.concurrency, args.clients)
+            cpu = cpu_seconds(proc.pid) - cpu0
+            p50 = statistics.median(lat)
+            results[name] = rps
+            per_req = cpu / max(rps * args.seconds, 1)
+            print(f"{name}: {rps:,.0f} req/s ({errors} errors), p50 {p50 * 1e3:.3f} ms, "
+                  f"added p50 {(p50 - base) * 1e3:.3f} ms, proxy CPU {per_req * 1e6:.0f} us/request "
+                  f"(= {1 / per_req:,.0f} req/s per fully used core)")
+        ours, theirs = results.values()
+        print(f"load average after: {os.getloadavg()[0]:.2f}")
+        print(f"throughput ratio ours/fastapi+httpx: {ours / theirs:.2f}")
+    finally:
+        for p in procs:
+            try:
+                os.killpg(p.pid, 15)
+            except ProcessLookupError:
+                pass
+        for p in procs:
+            p.wait(timeout=10)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 5 and sys.argv[1] == "--fastapi-proxy":
+        run_fastapi_proxy(int(sys.argv[2]), sys.argv[3], sys.argv[4])
+    else:
+        main()

@@ -1,0 +1,146 @@
+"""vLLM command lines per plan group: flags, KV connectors, pinned backend/dtype, and (marker `vllm`) vLLM's
+own parser and engine config."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from test_serve_plans import node, pd_plan
+
+from thunderops.errors import PlanError
+from thunderops.plan import Group, Plan, Route, Stage
+from thunderops.serve.vllm import LMCACHE, NIXL, EngineOptions, engine_commands, pinned_settings
+
+
+def flag(argv: list[str], name: str) -> str:
+    assert argv.count(name) == 1, f"{name} appears {argv.count(name)} times in {argv}"
+    return argv[argv.index(name) + 1]
+
+
+def mixed_plan() -> Plan:
+    """A 2-node PP prefill group (A100 + L4, uneven layers), a TP=2 decode group, a colocated T4 group,
+    and one compressed route."""
+    inst = [node("a", "A100", 1, "10.0.0.1"), node("b", "L4", 1, "10.0.0.2"), node("c", "H100", 2, "10.0.0.3"),
+            node("t", "T4", 1, "10.0.0.4")]
+    groups = [
+        Group("pp", "prefill", [Stage("a", "A100", 1, 20), Stage("b", "L4", 1, 12)]),
+        Group("dd", "decode", [Stage("c", "H100", 2, 32, gpu_ids=[0, 1])]),
+        Group("co", "colocated", [Stage("t", "T4", 1, 32)]),
+    ]
+    routing = [Route("pp", "dd", 0.7, kv_compression=0.25), Route("co", "co", 0.3)]
+    return Plan(model="llama3-8b", budget_per_hour=20, cost_per_hour=9, instances=inst, groups=groups,
+                routing=routing, inputs={"max_model_len": 8192})
+
+
+def test_pd_groups_get_model_parallelism_ports_and_nixl():
+    plan = pd_plan()
+    cmds = engine_commands(plan, EngineOptions(gpu_memory_utilization=0.85))
+    assert [c.group for c in cmds] == ["p0", "p1", "d0", "d1"]
+    for c in cmds:
+        assert all(isinstance(a, str) for a in c.argv)
+        assert c.argv[:3] == ["vllm", "serve", "meta-llama/Llama-3.1-8B"]
+        assert flag(c.argv, "--tensor-parallel-size") == "1"
+        assert flag(c.argv, "--pipeline-parallel-size") == "1"
+        assert flag(c.argv, "--gpu-memory-utilization") == "0.85"
+        assert flag(c.argv, "--max-model-len") == "4096"
+        assert flag(c.argv, "--port") == str(c.port)
+        assert "--distributed-executor-backend" not in c.argv
+        kv = json.loads(flag(c.argv, "--kv-transfer-config"))
+        assert kv == {"kv_connector": NIXL, "kv_role": "kv_both"}
+        assert c.env["VLLM_NIXL_SIDE_CHANNEL_PORT"] == str(c.port + 1000)
+        assert "VLLM_API_KEY" not in c.env and not any("key" in a.lower() for a in c.argv)
+    # all four groups sit on 127.0.0.1-hosted but distinct instances: each starts at the base port
+    assert {c.port for c in cmds} == {8100}
+
+
+def test_engines_sharing_a_node_get_distinct_ports():
+    plan = pd_plan()
+    for g in plan.groups:
+        g.stages[0].instance = "n0"
+    ports = [c.port for c in engine_commands(plan, EngineOptions(base_port=9000))]
+    assert ports == [9000, 9001, 9002, 9003]
+
+
+def test_multi_node_pipeline_uses_ray_and_the_plans_layer_split():
+    cmds = {c.group: c for c in engine_commands(mixed_plan())}
+    pp = cmds["pp"]
+    assert flag(pp.argv, "--pipeline-parallel-size") == "2"
+    assert flag(pp.argv, "--distributed-executor-backend") == "ray" and pp.ray
+    assert pp.env["VLLM_PP_LAYER_PARTITION"] == "20,12"
+    dd = cmds["dd"]
+    assert flag(dd.argv, "--tensor-parallel-size") == "2"
+    assert "--distributed-executor-backend" not in dd.argv
+    assert dd.env["CUDA_VISIBLE_DEVICES"] == "0,1"
+
+
+def test_compressed_route_uses_lmcache_on_both_sides_and_colocated_has_no_connector():
+    cmds = {c.group: c for c in engine_commands(mixed_plan())}
+    p_kv = json.loads(flag(cmds["pp"].argv, "--kv-transfer-config"))
+    d_kv = json.loads(flag(cmds["dd"].argv, "--kv-transfer-config"))
+    assert p_kv["kv_connector"] == d_kv["kv_connector"] == LMCACHE
+    assert (p_kv["kv_role"], d_kv["kv_role"]) == ("kv_producer", "kv_consumer")
+    assert cmds["pp"].env["LMCACHE_REMOTE_SERDE"] == cmds["dd"].env["LMCACHE_REMOTE_SERDE"] == "cachegen"
+    assert "--kv-transfer-config" not in cmds["co"].argv
+
+
+def test_a_compressed_route_switches_its_whole_connected_component():
+    plan = pd_plan()
+    plan.routing[0].kv_compression = 0.5  # p0->d0; p0->d1, p1->d0, p1->d1 connect everything
+    assert {c.connector for c in engine_commands(plan)} == {LMCACHE}
+    plan = pd_plan()
+    plan.routing = [Route("p0", "d0", 0.5, kv_compression=0.5), Route("p1", "d1", 0.5)]
+    conns = {c.group: c.connector for c in engine_commands(plan)}
+    assert conns == {"p0": LMCACHE, "d0": LMCACHE, "p1": NIXL, "d1": NIXL}
+
+
+def test_one_attention_backend_and_kv_dtype_across_gpu_generations():
+    cmds = engine_commands(mixed_plan())  # includes a T4: no bf16, no FlashAttention 2
+    backends = {flag(c.argv, "--attention-backend") for c in cmds}
+    dtypes = {(flag(c.argv, "--dtype"), flag(c.argv, "--kv-cache-dtype")) for c in cmds}
+    assert backends == {"TRITON_ATTN"} and dtypes == {("float16", "auto")}
+    modern = {flag(c.argv, "--attention-backend") for c in engine_commands(pd_plan())}
+    assert modern == {"FLASH_ATTN"}
+    assert pinned_settings(pd_plan(), EngineOptions(attention_backend="FLASHINFER"))["attention_backend"] == "FLASHINFER"
+
+
+def test_unequal_tp_within_a_pipeline_is_refused():
+    plan = mixed_plan()
+    plan.groups[0].stages[1].tp = 2
+    with pytest.raises(PlanError, match="same TP degree"):
+        engine_commands(plan)
+
+
+def test_shell_rendering_quotes_the_json_config():
+    c = engine_commands(pd_plan())[0]
+    assert "'{\"kv_connector\":\"NixlConnector\",\"kv_role\":\"kv_both\"}'" in c.shell()
+
+
+@pytest.mark.vllm
+def test_every_command_parses_with_vllms_parser_into_an_engine_config(tmp_path, monkeypatch):
+    """vLLM's own `vllm serve` parser and EngineArgs -> VllmConfig, on CPU with a local config.json."""
+    monkeypatch.setenv("VLLM_TARGET_DEVICE", "cpu")
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.entrypoints.openai.cli_args import make_arg_parser
+
+    try:
+        from vllm.utils.argparse_utils import FlexibleArgumentParser
+    except ImportError:
+        from vllm.utils import FlexibleArgumentParser
+    model_dir = tmp_path / "tiny-llama"
+    model_dir.mkdir()
+    (model_dir / "config.json").write_text(json.dumps({
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 256, "intermediate_size": 512,
+        "num_attention_heads": 8, "num_key_value_heads": 4, "num_hidden_layers": 32, "vocab_size": 1024,
+        "max_position_embeddings": 8192, "torch_dtype": "bfloat16", "rms_norm_eps": 1e-5}))
+    for plan in (pd_plan(), mixed_plan()):
+        for cmd in engine_commands(plan):
+            argv = [a if a != cmd.argv[2] else str(model_dir) for a in cmd.argv[3:]]
+            parser = make_arg_parser(FlexibleArgumentParser())
+            args = parser.parse_args(["--model", str(model_dir), *argv])
+            config = AsyncEngineArgs.from_cli_args(args).create_engine_config()
+            assert config.parallel_config.tensor_parallel_size == int(flag(cmd.argv, "--tensor-parallel-size"))
+            assert config.parallel_config.pipeline_parallel_size == int(flag(cmd.argv, "--pipeline-parallel-size"))
+            assert config.model_config.max_model_len == int(flag(cmd.argv, "--max-model-len"))
+            if cmd.connector:
+                assert config.kv_transfer_config.kv_connector == cmd.connector
