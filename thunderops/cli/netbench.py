@@ -8,11 +8,12 @@ from typing import Annotated
 import typer
 
 from thunderops.cli.app import app, console, err_console, print_json
+from thunderops.provision import AGENT_PORT
 
 
 @app.command("agent")
 def agent(
-    port: Annotated[int, typer.Option(help="HTTP port (the data port is port+1, iperf3 port+2 unless set)")] = 8790,
+    port: Annotated[int, typer.Option(help="HTTP port (the data port is port+1, iperf3 port+2 unless set)")] = AGENT_PORT,
     token_file: Annotated[Path | None, typer.Option(help="File holding the deployment token (else $THUNDEROPS_AGENT_TOKEN)")] = None,
     host: Annotated[str, typer.Option(help="Address to listen on")] = "0.0.0.0",
     data_port: Annotated[int | None, typer.Option(help="TCP port for bandwidth streams and echo (0: any)")] = None,
