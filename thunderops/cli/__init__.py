@@ -14,6 +14,7 @@ from thunderops.cli import perf as _perf  # noqa: E402,F401
 from thunderops.cli import plan as _plan  # noqa: E402,F401
 from thunderops.cli import netbench as _netbench  # noqa: E402,F401
 from thunderops.cli import serve as _serve  # noqa: E402,F401
+from thunderops.cli import report as _report  # noqa: E402,F401
 from thunderops.cli import watch as _watch  # noqa: E402,F401
 
 
