@@ -622,12 +622,24 @@ class PerfModel:
         grid = st.prompt_grid[2::4]  # 10 prompt-length deciles
         miss = 1.0 - slo.attainment
 
-        def t_mix(n: float) -> tuple[np.ndarray, np.ndarray]:
+        def exact(n: float) -> tuple[np.ndarray, np.ndarray]:
             room = max(1.0, self.max_batch_tokens - n)
             chunks = np.maximum(1.0, np.ceil(grid / room))
             times = np.array([k * self.mixed_step_time(layout, prefill_work([p / k]), n, n * ctx)
                               for p, k in zip(grid, chunks, strict=True)])
             return times, chunks
+
+        # tabulate over the decode batch once; the fixed point and the rate search then interpolate
+        n_top = max(1.0, min(self.max_num_seqs * layout.pp, self.max_batch_tokens - 1.0))
+        ns = np.unique(np.concatenate([[0.0], np.geomspace(1.0, n_top, 8)]))
+        tab = np.array([exact(n)[0] for n in ns])
+        tab_d = np.array([self._decode_tpot(layout, max(n, 1.0), ctx) for n in ns])
+
+        def t_mix(n: float) -> tuple[np.ndarray, np.ndarray]:
+            j = int(np.clip(np.searchsorted(ns, n), 1, len(ns) - 1))
+            w = (n - ns[j - 1]) / (ns[j] - ns[j - 1])
+            chunks = np.maximum(1.0, np.ceil(grid / max(1.0, self.max_batch_tokens - n)))
+            return tab[j - 1] * (1 - w) + tab[j] * w, chunks
 
         def state(lam: float) -> tuple[float, np.ndarray, float, float] | None:
             """Fixed point: (mean TPOT, per-prompt mixed time over the grid, share of mixed steps, pure step)."""
@@ -641,7 +653,7 @@ class PerfModel:
                 busy = lam * float(times.mean())
                 if busy >= 1:
                     return None
-                t_d = self._decode_tpot(layout, n, ctx)
+                t_d = float(np.interp(n, ns, tab_d))
                 mixed, pure = lam * float(chunks.mean()), (1 - busy) / t_d
                 new = 1.0 / (mixed + pure)
                 share = mixed / (mixed + pure)
