@@ -883,6 +883,10 @@ def _money(v: Decimal | None, places: Decimal = CENT) -> str:
     return "-" if v is None else f"{v.quantize(places, ROUND_HALF_UP):,}"
 
 
+def _short(t: str | None) -> str:
+    return (t or "?").replace("T", " ")[:16]
+
+
 def display_value(col: str, v: Any, unit: str | None = None) -> str:
     """A cell for people: $ to the cent, $/h and $/1M tokens to 1/10000, fractions as %, times as they are."""
     if v is None or (isinstance(v, float) and math.isnan(v)):
@@ -938,7 +942,8 @@ def charts(report: Report) -> dict[str, bytes]:
         fig, ax = plt.subplots(figsize=(8, 4))
         ax.stackplot(spend.index.to_pydatetime(), *[spend[c].to_numpy() for c in spend.columns],
                      labels=list(spend.columns))
-        ax.set_title(f"spend over time, $ cumulative by node ({report.start} to {report.end} UTC)", fontsize=9)
+        ax.set_title(f"spend over time: $ so far, stacked by node ({_short(report.start)} to {_short(report.end)} UTC)",
+                     fontsize=9)
         ax.set_ylabel("$")
         ax.set_xlabel("time (UTC)")
         ax.legend(fontsize=7, loc="upper left", ncol=2)
@@ -948,10 +953,15 @@ def charts(report: Report) -> dict[str, bytes]:
     if unit is not None and not unit.empty and unit.notna().any().any():
         fig, ax = plt.subplots(figsize=(8, 4))
         for col in unit.columns:
-            ax.plot(unit.index.to_pydatetime(), unit[col].to_numpy(), marker="o" if "ours" in col else None,
-                    linestyle="-" if "ours" in col else "--", label=col, markersize=3)
-        ax.set_title("$ per 1M tokens (prompt + output) over time: ours (actual spend) vs baselines at the same "
-                     "traffic", fontsize=9)
+            ok = unit[col].notna().to_numpy()
+            ax.plot(unit.index.to_pydatetime()[ok], unit[col].to_numpy()[ok], marker="o", markersize=3,
+                    linestyle="-" if "actual" in col else "--", label=col)
+        vals = unit.to_numpy(dtype=float)
+        vals = vals[np.isfinite(vals) & (vals > 0)]
+        if len(vals) and vals.max() > 20 * vals.min():
+            ax.set_yscale("log")
+        ax.set_title("$ per 1M tokens (prompt + output) per time bucket: ours (actual spend, idle time included) vs "
+                     "the plans priced at that bucket's traffic", fontsize=9)
         ax.set_ylabel("$/1M tokens")
         ax.set_xlabel("time (UTC)")
         ax.legend(fontsize=7)
@@ -959,17 +969,17 @@ def charts(report: Report) -> dict[str, bytes]:
         out["unit_cost"] = png(fig)
     base = report.tables.get("baselines")
     if base is not None and not base.empty:
-        rows = base[base["usd_per_hour_at_rate"].notna()]
+        rows = base[base["usd_per_hour_per_rps"].notna()]
         if not rows.empty:
             fig, ax = plt.subplots(figsize=(8, 0.6 * len(rows) + 1.2))
-            vals = [float(v) for v in rows["usd_per_hour_at_rate"]]
+            vals = [float(v) for v in rows["usd_per_hour_per_rps"]]
             colors = ["tab:green" if "(ours" in s else "tab:gray" for s in rows["strategy"]]
             ax.barh(list(rows["strategy"]), vals, color=colors)
             for k, v in enumerate(vals):
-                ax.text(v, k, f" {v:,.2f} $/h", va="center", fontsize=8)
-            rate = rows["rate_rps"].iloc[0]
-            ax.set_title(f"$/h to serve {rate:.4g} req/s at the same SLO: ours vs baselines", fontsize=9)
-            ax.set_xlabel("$/h")
+                ax.text(v, k, f" {v:,.4g}", va="center", fontsize=8)
+            ax.set_title("$/h per req/s of goodput at the same SLO (plan predictions; lower is better): "
+                         "ours vs baselines", fontsize=9)
+            ax.set_xlabel("$/h per req/s")
             ax.invert_yaxis()
             out["baselines"] = png(fig)
     return out
@@ -982,8 +992,8 @@ def render_html(reports: list[Report], summary: pd.DataFrame | None = None,
     title = reports[0].title if len(reports) == 1 else "thunderops cost report: all deployments"
     parts = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>"
              "body{font-family:sans-serif;margin:2em;color:#222}table{border-collapse:collapse;margin:0.5em 0 1.5em}"
-             "td,th{border:1px solid #ccc;padding:3px 8px;font-size:13px}td{text-align:right}"
-             "td:first-child{text-align:left}th{background:#f0f0f0}.note{color:#555;font-size:13px}"
+             "td,th{border:1px solid #ccc;padding:3px 8px;font-size:13px;text-align:left}"
+             "th{background:#f0f0f0}.note{color:#555;font-size:13px}"
              "img{max-width:100%;display:block;margin:0.5em 0 1.5em}</style></head><body>",
              f"<h1>{html.escape(title)}</h1>",
              f"<p class='note'>generated {iso(datetime.now(UTC))} UTC; money in US$, rounded to the cent for display "
