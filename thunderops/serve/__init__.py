@@ -37,6 +37,7 @@ class ServingHandle:
     engine_urls: dict[str, str]
     workdir: str
     logs: dict[str, str] = field(default_factory=dict)
+    engine_key: str = ""  # the engines' own bearer token (router -> engine); never given to clients
 
     @property
     def admin_url(self) -> str:
@@ -194,4 +195,4 @@ def start_local(
     except BaseException:
         stop_pids(started)
         raise
-    return ServingHandle(f"http://{host}:{rport}/v1", api_key, plan.model, rpid, pids, urls, str(wd), logs)
+    return ServingHandle(f"http://{host}:{rport}/v1", api_key, plan.model, rpid, pids, urls, str(wd), logs, engine_key)

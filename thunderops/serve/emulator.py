@@ -288,10 +288,8 @@ class Emulator:
         if chat:
             if body.get("continue_final_message") and body.get("add_generation_prompt", True):
                 raise BadRequest("continue_final_message and add_generation_prompt cannot both be true")
-            n = _chat_prompt_tokens(body.get("messages"), bool(body.get("add_generation_prompt", True)))
-            if body.get("continue_final_message"):
-                n -= CHAT_MESSAGE_OVERHEAD  # the last message stays open
-            return n
+            # a continued final message costs its header like the generation prompt it replaces
+            return _chat_prompt_tokens(body.get("messages"), bool(body.get("add_generation_prompt", True)))
         prompt = body.get("prompt")
         if isinstance(prompt, str):
             return count_tokens(prompt)

@@ -1,0 +1,339 @@
+"""End to end: the official `openai` client -> our router process -> engine emulator processes (real HTTP,
+real processes), for a plan with two prefill and two decode groups."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import json
+import os
+import signal
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import httpx
+import openai
+import pytest
+from test_serve_plans import pd_plan
+
+from thunderops.serve import ServingHandle, start_local
+from thunderops.serve.emulator import count_tokens, filler
+
+MODEL = "meta-llama/Llama-3.1-8B"
+FRACTIONS = (0.4, 0.1, 0.2, 0.3)
+PAIRS = [("p0", "d0"), ("p0", "d1"), ("p1", "d0"), ("p1", "d1")]
+
+
+@pytest.fixture(scope="module")
+def fast() -> ServingHandle:
+    """Zero-delay emulators: protocol and routing tests."""
+    h = start_local(pd_plan(FRACTIONS), delay_scale=0)
+    yield h
+    h.stop()
+
+
+@pytest.fixture
+def timed() -> ServingHandle:
+    """Emulators timed by the performance model (A100, Llama-3.1-8B): a 100-token stream takes ~1-2 s."""
+    h = start_local(pd_plan(FRACTIONS), delay_scale=1.0)
+    yield h
+    h.stop()
+
+
+def client(h: ServingHandle, key: str | None = None) -> openai.OpenAI:
+    return openai.OpenAI(base_url=h.endpoint, api_key=key or h.api_key, max_retries=0, timeout=60)
+
+
+def http(h: ServingHandle, method: str, path: str, body: object = None, key: str | None = "api",
+         raw: bytes | None = None, base: str | None = None) -> tuple[int, dict, dict]:
+    """A plain HTTP call (for what the openai client will not send). Returns status, JSON body, headers."""
+    headers = {"Content-Type": "application/json"}
+    if key == "api":
+        headers["Authorization"] = f"Bearer {h.api_key}"
+    elif key:
+        headers["Authorization"] = f"Bearer {key}"
+    data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+    req = urllib.request.Request((base or h.admin_url) + path, data=data, headers=headers, method=method)
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return r.status, json.loads(r.read() or b"null"), dict(r.headers)
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read() or b"null"), dict(e.headers)
+
+
+def usage_records(h: ServingHandle, n: int) -> list[dict]:
+    status, body, _ = http(h, "GET", f"/admin/usage?records={n}")
+    assert status == 200
+    return body["records"]
+
+
+# ---- the OpenAI API through the router ------------------------------------------------------------------
+
+def test_completion_non_streaming(fast):
+    r = client(fast).completions.create(model=MODEL, prompt="The ships sail at dawn", max_tokens=7)
+    prompt_tokens = count_tokens("The ships sail at dawn")
+    assert r.choices[0].text == "".join(filler(prompt_tokens, 7))
+    assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (prompt_tokens, 7)
+    assert r.choices[0].finish_reason == "length"
+
+
+def test_chat_streaming_matches_non_streaming(fast):
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name three harbors."}]
+    c = client(fast)
+    whole = c.chat.completions.create(model="llama3-8b", messages=msgs, max_tokens=12)
+    chunks = list(c.chat.completions.create(model="llama3-8b", messages=msgs, max_tokens=12, stream=True,
+                                            stream_options={"include_usage": True}))
+    text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+    assert text == whole.choices[0].message.content and count_tokens(text) == 12
+    assert chunks[-1].usage.completion_tokens == 12 and chunks[-1].usage.prompt_tokens == whole.usage.prompt_tokens
+    assert len({ch.id for ch in chunks}) == 1
+    # without include_usage the client gets no usage anywhere, as from vLLM
+    plain = list(c.chat.completions.create(model="llama3-8b", messages=msgs, max_tokens=3, stream=True))
+    assert all(ch.usage is None for ch in plain) and all(ch.choices for ch in plain)
+
+
+def test_completion_streaming(fast):
+    chunks = list(client(fast).completions.create(model=MODEL, prompt="one two", max_tokens=5, stream=True))
+    assert [ch.choices[0].text for ch in chunks] == filler(2, 5)
+    assert chunks[-1].choices[0].finish_reason == "length"
+
+
+def test_models_lists_the_served_names(fast):
+    ids = {m.id for m in client(fast).models.list()}
+    assert MODEL in ids and "Llama-3.1-8B" in ids
+
+
+# ---- the P/D protocol -----------------------------------------------------------------------------------
+
+def test_pd_flow_prefill_then_decode_with_kv_params(fast):
+    client(fast).completions.create(model=MODEL, prompt="x " * 40, max_tokens=2)
+    rec = usage_records(fast, 1)[-1]
+    assert rec["prefill_replica"] in ("p0", "p1") and rec["decode_replica"] in ("d0", "d1")
+    assert rec["prompt_tokens"] == 40 and rec["output_tokens"] == 2 and rec["status"] == 200
+    assert rec["started_at"] <= rec["first_token_at"] <= rec["finished_at"]
+
+    decode, prefill = fast.engine_urls["d0"], fast.engine_urls["p0"]
+    body = {"model": MODEL, "prompt": "x " * 40, "max_tokens": 2}
+    # a decode engine refuses a request without kv_transfer_params, or with ones that do not cover the prompt
+    status, err, _ = http(fast, "POST", "/v1/completions", body, key=fast.engine_key, base=decode)
+    assert status == 400 and "kv_transfer_params" in err["error"]["message"]
+    bogus = {"do_remote_prefill": True, "remote_engine_id": "e", "remote_host": "h", "remote_port": 1,
+             "remote_block_ids": [0]}
+    status, _, _ = http(fast, "POST", "/v1/completions", {**body, "kv_transfer_params": bogus}, key=fast.engine_key,
+                        base=decode)
+    assert status == 400
+    # with the params a prefill engine returned for this prompt, it decodes
+    status, pre, _ = http(fast, "POST", "/v1/completions", {**body, "kv_transfer_params": {"do_remote_decode": True}},
+                          key=fast.engine_key, base=prefill)
+    assert status == 200 and pre["usage"]["completion_tokens"] == 1
+    kv = pre["kv_transfer_params"]
+    assert kv["do_remote_prefill"] is True and len(kv["remote_block_ids"]) == 3  # 40 tokens / 16 per block
+    status, out, _ = http(fast, "POST", "/v1/completions", {**body, "kv_transfer_params": kv}, key=fast.engine_key,
+                          base=decode)
+    assert status == 200 and out["usage"]["completion_tokens"] == 2
+    # and engines refuse callers without the engine key
+    assert http(fast, "POST", "/v1/completions", body, key=fast.api_key, base=decode)[0] == 401
+
+
+def test_routing_fractions_over_2000_requests(fast):
+    async def run() -> None:
+        headers = {"Authorization": f"Bearer {fast.api_key}"}
+        body = {"model": MODEL, "prompt": "route me", "max_tokens": 1}
+        async with httpx.AsyncClient(base_url=fast.endpoint, headers=headers, timeout=60) as c:
+            sem = asyncio.Semaphore(16)
+
+            async def one() -> None:
+                async with sem:
+                    r = await c.post("/completions", json=body)
+                    assert r.status_code == 200
+
+            await asyncio.gather(*(one() for _ in range(2000)))
+
+    asyncio.run(run())
+    recs = usage_records(fast, 2000)
+    assert len(recs) == 2000
+    seen = collections.Counter((r["prefill_replica"], r["decode_replica"]) for r in recs)
+    for pair, want in zip(PAIRS, FRACTIONS, strict=True):
+        assert abs(seen[pair] / 2000 - want) < 0.03, (pair, seen[pair] / 2000, want)
+
+
+# ---- bad input ------------------------------------------------------------------------------------------
+
+def test_missing_or_wrong_key_is_401(fast):
+    body = {"model": MODEL, "prompt": "hi"}
+    assert http(fast, "POST", "/v1/completions", body, key=None)[0] == 401
+    status, err, _ = http(fast, "POST", "/v1/completions", body, key="wrong-key")
+    assert status == 401 and err["error"]["type"] == "AuthenticationError"
+    with pytest.raises(openai.AuthenticationError):
+        client(fast, key="nope").completions.create(model=MODEL, prompt="hi")
+
+
+def test_malformed_json_is_400_with_an_openai_error_body(fast):
+    status, err, _ = http(fast, "POST", "/v1/chat/completions", raw=b'{"model": "x", "messages": [')
+    assert status == 400 and set(err["error"]) >= {"message", "type", "code"} and err["error"]["code"] == 400
+    assert http(fast, "POST", "/v1/completions", raw=b"[1, 2]")[0] == 400
+
+
+def test_unknown_model_is_404(fast):
+    with pytest.raises(openai.NotFoundError, match="does not exist"):
+        client(fast).completions.create(model="gpt-17", prompt="hi")
+
+
+def test_prompt_longer_than_max_model_len_is_400(fast):
+    with pytest.raises(openai.BadRequestError, match="maximum context length is 4096"):
+        client(fast).completions.create(model=MODEL, prompt="word " * 5000, max_tokens=4)
+    with pytest.raises(openai.BadRequestError, match="maximum context length"):
+        client(fast).completions.create(model=MODEL, prompt=[1] * 5000, max_tokens=4)
+
+
+def test_no_healthy_replica_is_503_with_retry_after_and_routing_swaps_back(fast):
+    status, original, _ = http(fast, "GET", "/admin/routing")
+    assert status == 200
+    dead = {"version": 99, "replicas": [{"id": "gone-p", "url": "http://127.0.0.1:9", "phase": "prefill"},
+                                        {"id": "gone-d", "url": "http://127.0.0.1:9", "phase": "decode"}],
+            "routes": [{"prefill": "gone-p", "decode": "gone-d", "fraction": 1.0}]}
+    assert http(fast, "POST", "/admin/routing", dead, key="wrong")[0] == 401
+    assert http(fast, "POST", "/admin/routing", {"replicas": [], "routes": [{"prefill": "a"}]})[0] == 400
+    assert http(fast, "POST", "/admin/routing", dead)[0] == 200
+    try:
+        status, err, headers = http(fast, "POST", "/v1/completions", {"model": MODEL, "prompt": "hi", "max_tokens": 1})
+        assert status == 503 and int(headers["Retry-After"]) > 0 and err["error"]["code"] == 503
+        assert http(fast, "GET", "/health", key=None)[0] == 503
+    finally:
+        assert http(fast, "POST", "/admin/routing", original)[0] == 200
+    assert client(fast).completions.create(model=MODEL, prompt="back", max_tokens=1).usage.completion_tokens == 1
+
+
+def test_metrics_expose_token_totals(fast):
+    client(fast).completions.create(model=MODEL, prompt="count me", max_tokens=3)
+    with urllib.request.urlopen(fast.admin_url + "/metrics") as r:
+        text = r.read().decode()
+    values = {line.split()[0]: float(line.split()[1]) for line in text.splitlines() if line and not line.startswith("#")}
+    assert values["thunderops_router_output_tokens_total"] >= 3
+    assert values['thunderops_router_requests_total{status="200"}'] >= 1
+    status, usage, _ = http(fast, "GET", "/admin/usage")
+    assert usage["totals"]["output_tokens"] == values["thunderops_router_output_tokens_total"]
+
+
+# ---- failures -------------------------------------------------------------------------------------------
+
+def _inflight(h: ServingHandle) -> dict[str, float]:
+    with urllib.request.urlopen(h.admin_url + "/metrics") as r:
+        text = r.read().decode()
+    out = {}
+    for line in text.splitlines():
+        if line.startswith("thunderops_replica_inflight{"):
+            out[line.split('"')[1]] = float(line.split()[-1])
+    return out
+
+
+def test_killing_a_decode_engine_mid_stream_loses_no_request(timed):
+    """Eight concurrent streams; the decode engine serving some of them is SIGKILLed mid-stream. Every stream
+    ends with all its tokens, exactly the text an uninterrupted stream gives (request migration)."""
+    n, max_tokens = 8, 80
+    prompts = [f"stream number {i} please" for i in range(n)]
+    results: dict[int, list[str]] = {}
+    c = client(timed)
+
+    def run(i: int) -> None:
+        stream = c.completions.create(model=MODEL, prompt=prompts[i], max_tokens=max_tokens, stream=True)
+        results[i] = [ch.choices[0].text for ch in stream if ch.choices]
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + 20
+    victim = None
+    while time.monotonic() < deadline and victim is None:
+        busy = {k: v for k, v in _inflight(timed).items() if k.startswith("d") and v > 0}
+        if busy:
+            victim = max(busy, key=busy.get)
+        time.sleep(0.05)
+    assert victim is not None, "no decode replica ever had a stream in flight"
+    time.sleep(0.3)  # let some tokens reach the clients first
+    os.kill(timed.engine_pids[victim], signal.SIGKILL)
+    for t in threads:
+        t.join(60)
+    assert sorted(results) == list(range(n))
+    for i in range(n):
+        assert "".join(results[i]) == "".join(filler(count_tokens(prompts[i]), max_tokens)), i
+    recs = usage_records(timed, n)
+    assert sum(r["migrations"] for r in recs) >= 1
+    assert all(r["output_tokens"] == max_tokens and r["status"] == 200 for r in recs)
+    migrated = [r for r in recs if r["migrations"]]
+    assert all(victim in r["replicas"] and r["decode_replica"] != victim for r in migrated)
+
+
+def test_chat_stream_migrates_with_continue_final_message(timed):
+    msgs = [{"role": "user", "content": "tell a long story"}]
+    c = client(timed)
+    expected = c.chat.completions.create(model=MODEL, messages=msgs, max_tokens=60).choices[0].message.content
+    got: list[str] = []
+    stream = c.chat.completions.create(model=MODEL, messages=msgs, max_tokens=60, stream=True)
+    killed = None
+    for ch in stream:
+        if ch.choices and ch.choices[0].delta.content:
+            got.append(ch.choices[0].delta.content)
+        if len(got) == 10 and killed is None:
+            busy = [k for k, v in _inflight(timed).items() if k.startswith("d") and v > 0]
+            killed = busy[0]
+            os.kill(timed.engine_pids[killed], signal.SIGKILL)
+    assert killed is not None
+    assert "".join(got) == expected
+
+
+def test_failed_prefill_is_retried_on_another_replica(timed):
+    os.kill(timed.engine_pids["p0"], signal.SIGKILL)
+    c = client(timed)
+    for i in range(20):
+        assert c.completions.create(model=MODEL, prompt=f"retry {i}", max_tokens=2).usage.completion_tokens == 2
+    recs = usage_records(timed, 20)
+    assert all(r["prefill_replica"] == "p1" for r in recs)
+    assert sum(r["prefill_retries"] for r in recs) >= 1
+
+
+def test_routing_swap_while_requests_are_in_flight(timed):
+    c = client(timed)
+    done: list[int] = []
+
+    def run(i: int) -> None:
+        stream = c.completions.create(model=MODEL, prompt=f"long {i}", max_tokens=60, stream=True)
+        done.append(sum(1 for ch in stream if ch.choices))
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    time.sleep(0.5)
+    status, table, _ = http(timed, "GET", "/admin/routing")
+    table["routes"] = [{"prefill": "p1", "decode": "d1", "fraction": 1.0}]
+    table["version"] += 1
+    assert http(timed, "POST", "/admin/routing", table)[0] == 200
+    for i in range(10):
+        c.completions.create(model=MODEL, prompt=f"after {i}", max_tokens=1)
+    for t in threads:
+        t.join(60)
+    assert done == [60] * 6
+    after = [r for r in usage_records(timed, 16) if not r["stream"]]
+    assert len(after) == 10 and all((r["prefill_replica"], r["decode_replica"]) == ("p1", "d1") for r in after)
+
+
+def test_usage_is_written_to_the_state_store(tmp_path):
+    from thunderops.state import Store
+
+    db = tmp_path / "state.db"
+    store = Store(db)
+    store.create_deployment("dep1", provider="local", model="llama3-8b")
+    h = start_local(pd_plan(FRACTIONS), delay_scale=0, usage_db=str(db), deployment="dep1")
+    try:
+        for i in range(5):
+            client(h).completions.create(model=MODEL, prompt=f"bill me {i}", max_tokens=4)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and len(store.usage("dep1")) < 5:
+            time.sleep(0.2)
+    finally:
+        h.stop()
+    rows = store.usage("dep1")
+    assert len(rows) == 5 and all(r.output_tokens == 4 and r.prompt_tokens == 3 for r in rows)
+    assert {r.prefill for r in rows} <= {"p0", "p1"} and {r.decode for r in rows} <= {"d0", "d1"}
