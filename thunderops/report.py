@@ -855,7 +855,7 @@ def _unit_cost_series(nodes: list[_Node], usage: pd.DataFrame, start: datetime, 
     if end <= start or usage.empty:
         return pd.DataFrame()
     edges = np.linspace(start.timestamp(), end.timestamp(), COST_BUCKETS + 1)
-    secs = usage["t"].map(lambda t: t.timestamp()).to_numpy()
+    secs = (usage["t"] - pd.Timestamp(0, tz="UTC")).dt.total_seconds().to_numpy()
     idx = np.clip(np.searchsorted(edges, secs, side="right") - 1, 0, COST_BUCKETS - 1)
     tokens = np.bincount(idx, weights=(usage["prompt"] + usage["output"]).to_numpy(float), minlength=COST_BUCKETS)
     reqs = np.bincount(idx, minlength=COST_BUCKETS).astype(float)
