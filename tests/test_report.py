@@ -94,6 +94,7 @@ def test_hand_computed_spend_preemption_and_unit_costs(store):
     assert cost == {"na": Decimal("1.80"), "nb": Decimal("6.00"), "nc": Decimal("2.00"), "nd": Decimal(0)}
     assert all(isinstance(v, Decimal) for v in cost.values())
     assert r.total("spend") == Decimal("9.80")
+    assert float(r.total("spend")) == pytest.approx(store.spend("chat1", now=T("13:00")))  # the store's own sum
     assert r.total("spend on spot") == Decimal("3.80") and r.total("spend on on-demand") == Decimal("6.00")
     assert r.total("$/h now") == Decimal("3.50")  # B and C run at 13:00
     assert r.total("average $/h") == Decimal("9.80") / 3

@@ -85,6 +85,7 @@ LABELS = {
     "usd_per_1m_tokens": "$/1M tokens", "goodput_rps": "goodput req/s", "ours_saves": "ours saves",
     "downtime_s": "downtime s", "plan_instance": "plan instance", "instance_type": "instance",
     "price_source": "price source", "serving_again_at": "serving again at", "preempted_at": "preempted at",
+    "launched_at": "launched", "terminated_at": "terminated",
 }
 
 
@@ -915,7 +916,9 @@ def display_frame(name: str, df: pd.DataFrame, compact: bool = False) -> pd.Data
             continue
         if compact and col == "plan_instance" and (df["plan_instance"] == df["node"]).all():
             continue
-        if SCHEMAS[name].get(col) == "any":
+        if compact and col.endswith("_at"):
+            out[LABELS.get(col, col) + " (UTC)"] = [_short(v) if v else "-" for v in df[col]]
+        elif SCHEMAS[name].get(col) == "any":
             out[LABELS.get(col, col)] = [display_value(col, v, u) for v, u in zip(df[col], df["unit"], strict=True)]
         else:
             out[LABELS.get(col, col)] = [display_value(col, v) for v in df[col]]
