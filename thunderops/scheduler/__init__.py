@@ -103,8 +103,8 @@ def solve(
         if cheapest > budget:
             raise PlanError(f"budget {budget:g} $/h is below the cheapest inventory node ({cheapest:g} $/h)")
 
-    base = all_baselines(h, seed, SearchConfig(max_iters=min(80, cfg.max_iters), patience=20,
-                                               time_limit=cfg.time_limit / 4))
+    base = all_baselines(h, seed, SearchConfig(max_iters=min(40, cfg.max_iters), patience=10,
+                                               time_limit=cfg.time_limit / 5))
     starts = list(base.values())
     if inventory is not None:  # everything you own, bandwidth-aware groups, best phase cut
         everything = [designate(h, greedy_groups(h, range(len(pool))))]
@@ -113,7 +113,9 @@ def solve(
     starts = [s for s in starts if s.goodput > 0] or starts
     if not starts:
         raise PlanError(f"no instance can hold {spec.name} within the inputs; add GPUs or pick a smaller model")
-    tabu = Tabu(h, cfg, seed=seed, progress=progress)
+    # the time limit covers the whole planning: the main search gets what the baselines and the start left
+    left = max(0.05, cfg.time_limit - (time.perf_counter() - t0) - 0.1)
+    tabu = Tabu(h, replace(cfg, time_limit=min(cfg.time_limit, left)), seed=seed, progress=progress)
     best = tabu.run(starts)
     best = max([best, *starts], key=lambda e: e.score)
     if best.goodput <= 0:

@@ -19,11 +19,15 @@ from thunderops.scheduler.search import SearchConfig, Tabu, designate, fits_alon
 BASELINES = ("vllm", "distserve", "hexgen", "melange")
 
 
-def templates(h: Harness) -> dict[tuple, list[int]]:
-    """Instances grouped by kind (instance type, place, pricing), cheapest kinds first, copies in pool order."""
+def templates(h: Harness, by_place: bool = True) -> dict[tuple, list[int]]:
+    """Instances grouped by kind (instance type, and with `by_place` also place and pricing), copies cheapest
+    first. Without `by_place` one kind spans clouds and regions (a single GPU type, wherever it is)."""
     out: dict[tuple, list[int]] = {}
-    for k, inst in enumerate(h.pool):
-        key = (inst.instance_type, inst.cloud, inst.region, inst.zone, inst.spot, inst.price_per_hour)
+    order = sorted(range(len(h.pool)), key=lambda k: (h.pool[k].price_per_hour, k))
+    for k in order:
+        inst = h.pool[k]
+        key = (inst.gpu, inst.gpus) if not by_place else \
+            (inst.instance_type, inst.cloud, inst.region, inst.zone, inst.spot, inst.price_per_hour)
         out.setdefault(key, []).append(k)
     return out
 
@@ -48,7 +52,7 @@ def _merge_pairs(groups: list[tuple]) -> list[tuple]:
 def _homogeneous(h: Harness, phase_split: bool) -> Evaluation | None:
     """Best single instance kind: as many copies as affordable (with a rate, the fewest that serve it)."""
     best: Evaluation | None = None
-    for insts in templates(h).values():
+    for insts in templates(h, by_place=False).values():
         avail = _affordable(h, insts)
         if not avail:
             continue
@@ -137,7 +141,7 @@ def hexgen(h: Harness, seed: int = 0, start: list[Evaluation] | None = None, cfg
         if base is None:
             return None
         starts = [base]
-    c = cfg or SearchConfig(max_iters=80, patience=20)
+    c = cfg or SearchConfig(max_iters=40, patience=10)
     c = SearchConfig(**{**c.__dict__, "phase_split": False})
     return Tabu(h, c, seed=seed).run(starts)
 

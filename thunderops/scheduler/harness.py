@@ -28,7 +28,7 @@ GroupT = tuple[tuple[Unit, ...], str]
 State = tuple[GroupT, ...]
 
 KV_COMPRESSION = 0.25  # 4-bit KV for transfer only (ThunderServe): a quarter of the bf16 bytes
-TTFT_STEPS = 40  # the TTFT left after a KV transfer is rounded down to 1/TTFT_STEPS of the target (memo key)
+TTFT_STEPS = 10  # the TTFT left after a KV transfer is rounded down to 1/TTFT_STEPS of the target (memo key)
 
 
 def canon(groups: Iterable[tuple[Iterable[Unit], str]]) -> State:
@@ -116,6 +116,16 @@ class Harness:
             return fixed
         parts, link, _ = self.parts(units)
         return self.parallel.configs(parts, link)
+
+    def unknown(self, state: State) -> int:
+        """How many groups of a state would need a new perf-model evaluation."""
+        n = 0
+        for units, ph in state:
+            if units in self.fixed:
+                continue
+            parts, link, _ = self.parts(units)
+            n += not self.parallel.known(parts, link, ph)
+        return n
 
     def fix_layout(self, units: tuple[Unit, ...], layout) -> None:
         """Pin a group's layout (weights already loaded): every phase uses it, capacities from the perf model."""

@@ -64,6 +64,12 @@ class ParallelPlanner:
             hit = self._memo[key] = PhaseConfigs(self, parts, pp_link_gbps)
         return hit
 
+    def known(self, parts: tuple[tuple[str, int], ...], pp_link_gbps: float, phase: str) -> bool:
+        """Whether this composition's phase is already costed (no perf-model call needed)."""
+        key = (parts, round(pp_link_gbps, 3) if math.isfinite(pp_link_gbps) else pp_link_gbps)
+        hit = self._memo.get(key)
+        return hit is not None and dict.__contains__(hit, phase)
+
     def best(self, parts: tuple[tuple[str, int], ...], pp_link_gbps: float, phase: str) -> GroupConfig:
         self.evaluations += 1
         specs: list[GpuSpec] = [get_gpu(g) for g, _ in parts]

@@ -28,8 +28,10 @@ Progress = Callable[[float, str], None]
 class SearchConfig:
     max_iters: int = 300
     patience: int = 40
-    neighbours: int = 24
-    exact: int = 4  # neighbours evaluated exactly per iteration
+    neighbours: int = 16
+    exact: int = 3  # neighbours evaluated exactly per iteration
+    new_groups: int = 3  # group compositions costed by the perf model per iteration (the expensive part)
+    max_instances_per_group: int = 4  # longest pipeline across instances worth trying
     tenure: int = 7
     time_limit: float = 60.0
     elite: int = 5
@@ -220,6 +222,8 @@ class Tabu:
         new = canon(zip(groups, phases, strict=True))
         if not new or new == state:
             return None
+        if any(len({u[0] for u in units}) > self.cfg.max_instances_per_group for units, _ in new):
+            return None
         if self.h.budget is not None and self.h.cost(new) > self.h.budget + 1e-9:
             return None
         return new, attrs
@@ -253,12 +257,24 @@ class Tabu:
                 mv = self.neighbour(cur.state)
                 if mv is not None and mv[0] not in moves:
                     moves[mv[0]] = mv[1]
+            # cost new group compositions sparingly: neighbours whose groups are all known are free to rank
+            allowance = cfg.new_groups
+            for s in list(moves):
+                if s in seen:
+                    continue
+                need = h.unknown(s)
+                if need > allowance:
+                    del moves[s]
+                else:
+                    allowance -= need
             if not moves:
                 stall += 1
                 continue
             ranked = sorted(moves, key=lambda s: -(seen[s].score if s in seen else h.objective(h.bound(s), h.cost(s))))
             chosen: Evaluation | None = None
             for s in ranked[:cfg.exact]:
+                if chosen is not None and time.perf_counter() - t0 > cfg.time_limit:
+                    break
                 ev = seen.get(s) or h.evaluate(s)
                 seen[s] = ev
                 self._remember(ev)
