@@ -417,8 +417,8 @@ class Router:
         """POST to an engine; connection failures and 5xx raise _Upstream (and mark it unhealthy if unreachable)."""
         self.inflight[rep.id] = self.inflight.get(rep.id, 0) + 1
         try:
-            status, data = await asyncio.wait_for(self._pool(rep).request("POST", path, orjson.dumps(body)),
-                                                  self.config.request_timeout_s)
+            async with asyncio.timeout(self.config.request_timeout_s):  # no extra task, unlike wait_for
+                status, data = await self._pool(rep).request("POST", path, orjson.dumps(body))
         except (UpstreamError, OSError, asyncio.TimeoutError) as e:
             self.healthy[rep.id] = False
             raise _Upstream(f"{rep.id}: {e}") from None

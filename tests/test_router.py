@@ -1,0 +1,86 @@
+"""Routing tables and replica picking (in process; the HTTP paths are in test_serve.py)."""
+
+from __future__ import annotations
+
+import collections
+
+import pytest
+from test_serve_plans import pd_plan
+
+from thunderops.plan import Route
+from thunderops.serve.router import Replica, Router, RouterConfig, RoutingError, RoutingTable
+
+URLS = {g: f"http://127.0.0.1:{9000 + i}" for i, g in enumerate(["p0", "p1", "d0", "d1"])}
+
+
+def router(fractions=(0.4, 0.1, 0.2, 0.3)) -> Router:
+    return Router(RoutingTable.from_plan(pd_plan(fractions), URLS), RouterConfig(api_key="k", served_models=["m"]))
+
+
+def picks(r: Router, n: int, exclude=frozenset()) -> collections.Counter:
+    return collections.Counter((route.prefill, route.decode) for route, _, _ in (r.pick(set(exclude)) for _ in range(n)))
+
+
+def test_idle_picks_follow_the_plan_fractions_exactly():
+    seen = picks(router(), 1000)
+    assert seen == {("p0", "d0"): 400, ("p0", "d1"): 100, ("p1", "d0"): 200, ("p1", "d1"): 300}
+
+
+def test_load_above_a_replicas_share_moves_picks_away_from_it():
+    r = router((0.25, 0.25, 0.25, 0.25))
+    r.inflight.update({"p0": 5, "p1": 5, "d0": 40, "d1": 0})  # d0 holds far more than its half
+    seen = picks(r, 1000)
+    to_d0 = seen[("p0", "d0")] + seen[("p1", "d0")]
+    assert to_d0 < 350  # clearly under its planned 50%
+    r.inflight.update({"p0": 10, "p1": 10, "d0": 10, "d1": 10})  # load in proportion: fractions hold
+    seen = picks(r, 1000)
+    assert abs(seen[("p0", "d0")] - 250) <= 2
+
+
+def test_unhealthy_and_excluded_replicas_are_skipped():
+    r = router()
+    r.healthy["d1"] = False
+    assert set(picks(r, 100)) == {("p0", "d0"), ("p1", "d0")}
+    assert set(picks(r, 100, exclude={"p0"})) == {("p1", "d0")}
+
+
+def test_set_routing_swaps_the_table():
+    r = router()
+    old = r.table
+    r.set_routing(old.without(["p0"]))
+    assert r.table.version == old.version + 1
+    assert {route.prefill for route, _, _ in (r.pick() for _ in range(50))} == {"p1"}
+
+
+def test_from_plan_without_routes_spreads_over_all_pairs():
+    plan = pd_plan()
+    plan.routing = []
+    t = RoutingTable.from_plan(plan, URLS)
+    assert len(t.routes) == 4 and all(abs(x.fraction - 0.25) < 1e-9 for x in t.routes)
+
+
+@pytest.mark.parametrize("table,msg", [
+    ({"replicas": [{"id": "a", "url": "http://x:1"}], "routes": [{"prefill": "a", "decode": "b", "fraction": 1}]},
+     "unknown replica 'b'"),
+    ({"replicas": [{"id": "a", "url": "http://x:1"}], "routes": [{"prefill": "a", "decode": "a", "fraction": 0}]},
+     "sum to 0"),
+    ({"replicas": [{"id": "a", "url": "http://x:1"}], "routes": []}, "no routes"),
+    ({"replicas": [{"url": "http://x:1"}], "routes": []}, "malformed routing table"),
+])
+def test_bad_tables_raise_routing_error(table, msg):
+    with pytest.raises(RoutingError, match=msg):
+        RoutingTable.from_dict(table)
+
+
+def test_missing_urls_and_keys_are_user_errors():
+    with pytest.raises(RoutingError, match="no URL for group"):
+        RoutingTable.from_plan(pd_plan(), {"p0": "http://x:1"})
+    t = RoutingTable({"a": Replica("a", "http://x:1")}, (Route("a", "a", 1.0),))
+    with pytest.raises(RoutingError, match="API key"):
+        Router(t, RouterConfig(api_key="", served_models=["m"]))
+
+
+def test_table_round_trips_through_json():
+    t = RoutingTable.from_plan(pd_plan(), URLS, version=7)
+    again = RoutingTable.from_dict(t.to_dict())
+    assert again == t
