@@ -6,11 +6,14 @@ from __future__ import annotations
 import json
 import sqlite3
 import subprocess
-from datetime import datetime
+from datetime import datetime, timedelta
 from decimal import Decimal
+from fractions import Fraction
 
 import pandas as pd
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from thunderops import report as rp
 from thunderops.errors import ReportError, StateError, UserError
@@ -319,3 +322,42 @@ def test_cli_corrupted_plan_row(thunderops_cli):
     assert res.returncode == 2 and res.stdout == ""
     lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and "malformed plan" in lines[0]
+
+
+# ------------------------------------------------------------------------------------------ properties
+
+NODE = st.tuples(st.integers(0, 600), st.one_of(st.none(), st.integers(1, 600)),  # launch minute, minutes up
+                 st.integers(1, 9999), st.sampled_from(["aws", "gcp", "lambda"]), st.booleans(),  # cents/h
+                 st.sampled_from(["a", "b", "zz"]))  # plan instance (zz: in no plan)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(nodes=st.lists(NODE, min_size=1, max_size=6), since=st.one_of(st.none(), st.integers(0, 700)))
+def test_spend_is_exact_and_every_breakdown_adds_up(tmp_path_factory, nodes, since):
+    store = Store(tmp_path_factory.mktemp("p") / "state.db")
+    store.create_deployment("prop", model="llama-30b")
+    store.add_plan("prop", split_plan([inst("a", "aws", 1.0, True), inst("b", "gcp", 2.0, False)]))
+    t0, now = T("00:00"), T("12:00")
+    want = Fraction(0)
+    lo = t0 + timedelta(minutes=since) if since is not None else None
+    for k, (start, up, cents, cloud, spot, iid) in enumerate(nodes):
+        a = t0 + timedelta(minutes=start)
+        b = a + timedelta(minutes=up) if up is not None else None
+        store.record_node_intent("prop", f"n{k}", iid, f"c{k}", cloud=cloud, gpu="A100", gpus=1, spot=spot,
+                                 price_per_hour=cents / 100, status="terminated" if b else "ready",
+                                 launched_at=a.isoformat(), terminated_at=b.isoformat() if b else None)
+        first = min(t0 + timedelta(minutes=s) for s, *_ in nodes)
+        w0 = lo or first
+        w1 = now if any(u is None for _, u, *_ in nodes) else max(
+            t0 + timedelta(minutes=s + u) for s, u, *_ in nodes)
+        w1 = max(w1, w0)
+        overlap = (min(b or w1, w1) - max(a, w0)).total_seconds()
+        want += Fraction(cents, 100) * Fraction(max(0, int(overlap)), 3600)
+    r = rp.deployment_report(store, "prop", since=lo, now=now)
+    spend = r.total("spend")
+    assert abs(Fraction(spend) - want) < Fraction(1, 10**18)
+    micro = Decimal("0.000001")
+    for table in ("nodes", "phases", "clouds"):
+        assert sum(r.tables[table]["cost_usd"], Decimal(0)).quantize(micro) == spend.quantize(micro), table
+    spot = r.total("spend on spot") + r.total("spend on on-demand")
+    assert spot.quantize(micro) == spend.quantize(micro)
