@@ -31,6 +31,7 @@ from thunderops.perf import (
     allreduce_time,
     decode_work,
     layer_compute_time,
+    layer_ops,
     op_time,
     prefill_work,
 )
@@ -193,8 +194,8 @@ def bench_memory(torch, bench: Bench) -> list[dict]:
 class ShardLayer:
     """One Llama-style decoder layer as one of `tp` GPUs runs it (heads and MLP split, no all-reduce)."""
 
-    def __init__(self, torch, m: ModelSpec, tp: int):
-        self.torch, self.m, self.tp = torch, m, tp
+    def __init__(self, torch, m: ModelSpec, tp: int, decode_impl: str = "matmul"):
+        self.torch, self.m, self.tp, self.decode_impl = torch, m, tp, decode_impl
         dt, dev = torch.bfloat16, "cuda"
         h, hd = m.hidden, m.head_dim
         self.qh, self.kvh = m.heads // tp, max(1, m.kv_heads // tp)
@@ -237,11 +238,7 @@ class ShardLayer:
         k = self._rope(k.view(B, self.kvh, hd), cos, sin)
         kcache[:, :, -1].copy_(k)
         vcache[:, :, -1].copy_(v.view(B, self.kvh, hd))
-        g = self.qh // self.kvh
-        qg = q.view(B, self.kvh, g, hd)
-        s = torch.matmul(qg, kcache.transpose(-1, -2)) * (hd**-0.5)
-        p = torch.softmax(s.float(), dim=-1).to(x.dtype)
-        a = torch.matmul(p, vcache).reshape(B, self.qh * hd)
+        a = decode_attention(torch, q, kcache, vcache, self.decode_impl)
         x = x + a @ self.w_o
         r = F.rms_norm(x, (m.hidden,), self.n2)
         gg, u = (r @ self.w_gu).chunk(2, dim=-1)
@@ -252,6 +249,47 @@ def torch_cat(torch, parts):
     return torch.cat(parts, dim=-1)
 
 
+def decode_attention(torch, q, kcache, vcache, impl: str):
+    """One decode step's attention: q [B, H, hd] against caches [B, KVH, ctx, hd] -> [B, H*hd].
+    'sdpa': torch's fused kernel with GQA (flash decoding where available); 'matmul': QK^T, softmax, PV."""
+    B, H, hd = q.shape
+    if impl == "sdpa":
+        a = torch.nn.functional.scaled_dot_product_attention(q.unsqueeze(2), kcache, vcache, enable_gqa=True)
+        return a.reshape(B, H * hd)
+    kvh = kcache.shape[1]
+    qg = q.view(B, kvh, H // kvh, hd)
+    s = torch.matmul(qg, kcache.transpose(-1, -2)) * (hd**-0.5)
+    p = torch.softmax(s.float(), dim=-1).to(q.dtype)
+    return torch.matmul(p, vcache).reshape(B, H * hd)
+
+
+def pick_decode_impl(torch) -> str:
+    """The fused kernel when this torch runs it on GQA shapes, else plain matmuls."""
+    try:
+        q = torch.randn(2, 8, 64, device="cuda", dtype=torch.bfloat16)
+        k = torch.randn(2, 2, 128, 64, device="cuda", dtype=torch.bfloat16)
+        ref = decode_attention(torch, q, k, k, "matmul")
+        got = decode_attention(torch, q, k, k, "sdpa")
+        return "sdpa" if torch.allclose(ref.float(), got.float(), atol=2e-2, rtol=2e-2) else "matmul"
+    except (TypeError, RuntimeError):
+        return "matmul"
+
+
+DECODE_ATTN_SHAPES = ((1, 4096), (8, 2048), (32, 1024), (64, 2048), (128, 1024), (256, 512))
+
+
+def bench_decode_attention(torch, bench: Bench, m: ModelSpec, impl: str, shapes=DECODE_ATTN_SHAPES) -> list[dict]:
+    """Decode attention alone (KV-cache reads) at several batch sizes and contexts."""
+    out = []
+    for B, ctx in shapes:
+        q = torch.randn(B, m.heads, m.head_dim, device="cuda", dtype=torch.bfloat16)
+        kc = [torch.randn(B, m.kv_heads, ctx, m.head_dim, device="cuda", dtype=torch.bfloat16) for _ in range(2)]
+        t = bench.time(lambda q=q, kc=kc: decode_attention(torch, q, kc[0], kc[1], impl))
+        out.append({"kind": "attn_decode", "model": m.name, "impl": impl, "batch": B, "context": ctx,
+                    "measured_s": t})
+    return out
+
+
 def _layer_shards(m: ModelSpec) -> tuple[int, ...]:
     """TP shards worth measuring: the whole layer, and splits that still give whole KV heads."""
     return tuple(t for t in (1, 2, 4, 8) if m.heads % t == 0 and (t == 1 or m.kv_heads % t == 0)
@@ -259,13 +297,13 @@ def _layer_shards(m: ModelSpec) -> tuple[int, ...]:
 
 
 def bench_layers(torch, bench: Bench, m: ModelSpec, tps=None, copies: int = 3,
-                 prefill_shapes=PREFILL_SHAPES, decode_shapes=DECODE_SHAPES) -> list[dict]:
+                 prefill_shapes=PREFILL_SHAPES, decode_shapes=DECODE_SHAPES, decode_impl: str = "matmul") -> list[dict]:
     """Whole decoder layers (TP shards), prefill and decode, timed over `copies` distinct layers in a row so
     weights stream from HBM rather than L2."""
     out = []
     hd = m.head_dim
     for tp in tps or _layer_shards(m):
-        layers = [ShardLayer(torch, m, tp) for _ in range(copies)]
+        layers = [ShardLayer(torch, m, tp, decode_impl) for _ in range(copies)]
         for b, L in prefill_shapes:
             x = torch.randn(b * L, m.hidden, device="cuda", dtype=torch.bfloat16)
             cos = torch.randn(1, L, 1, hd // 2, device="cuda", dtype=torch.bfloat16)
@@ -305,7 +343,7 @@ def bench_layers(torch, bench: Bench, m: ModelSpec, tps=None, copies: int = 3,
                 kv = None
                 torch.cuda.empty_cache()
             out.append({"kind": "layer_decode", "model": m.name, "tp": tp, "batch": B, "context": ctx,
-                        "measured_s": t})
+                        "impl": decode_impl, "measured_s": t})
         layers = []
         torch.cuda.empty_cache()
     return out
@@ -372,6 +410,11 @@ def predict(entry: dict, gpu: GpuSpec, cal: Calibration) -> float:
         m = get_model(entry["model"])
         pairs = entry["batch"] * entry["length"] * (entry["length"] + 1) / 2
         return op_time(Op("attn", 4 * pairs * m.heads * m.head_dim, 0.0, "attn", entry["length"]), gpu, cal)
+    if kind == "attn_decode":
+        m = get_model(entry["model"])
+        B, ctx = entry["batch"], entry["context"]
+        ops = [op for op in layer_ops(m, 1, B, 0, B * ctx, B) if op.name == "attn_decode"]
+        return op_time(ops[0], gpu, cal)
     if kind == "membw":
         return op_time(Op("membw", 0.0, entry["bytes"], "mem"), gpu, cal)
     if kind == "allreduce":
@@ -417,7 +460,7 @@ def fit(measurements: list[dict], gpu: GpuSpec, base: Calibration | None = None)
     (role='test') are held out and show how well the model predicts shapes it was not fitted on."""
     cal = replace(base or Calibration(gpu=gpu.name), gpu=gpu.name, layer_overhead_s=0.0)
     by = {k: [x for x in measurements if x["kind"] == k] for k in
-          ("gemm", "attn_prefill", "membw", "allreduce", "layer_prefill", "layer_decode")}
+          ("gemm", "attn_prefill", "attn_decode", "membw", "allreduce", "layer_prefill", "layer_decode")}
     mem_bound = [x for x in by["gemm"] if x["m"] <= 16] + [x for x in by["membw"] if x["op"] == "read"]
     for _ in range(3 if mem_bound else 0):
         cal = _search(mem_bound, gpu, cal, "memory_eff", np.arange(0.40, 1.001, 0.005))
@@ -435,7 +478,13 @@ def fit(measurements: list[dict], gpu: GpuSpec, base: Calibration | None = None)
         cal = _search(big or by["allreduce"], gpu, cal, "comm_eff", np.arange(0.2, 1.001, 0.01))
         cal = _search(small or by["allreduce"], gpu, cal, "comm_latency_s", np.geomspace(1e-6, 1e-3, 61))
     layers = [x for x in by["layer_prefill"] + by["layer_decode"] if x.get("role", "fit") == "fit"]
-    decode_layers = [x for x in layers if x["kind"] == "layer_decode"]
+    # KV-read efficiency from the decode-attention micro-benchmark (same kernel as the layers), else from
+    # the fitted model's decode layers (older files)
+    impls = {x.get("impl") for x in by["layer_decode"]}
+    attn_dec = [x for x in by["attn_decode"] if x.get("impl") in impls] or by["attn_decode"]
+    if attn_dec:
+        cal = _search(attn_dec, gpu, cal, "kv_read_eff", np.arange(0.30, 1.001, 0.01))
+    decode_layers = [x for x in layers if x["kind"] == "layer_decode"] if not attn_dec else []
     for _ in range(3 if layers else 0):
         if decode_layers:
             cal = _search(decode_layers, gpu, cal, "kv_read_eff", np.arange(0.30, 1.001, 0.01))
@@ -520,15 +569,18 @@ def run_calibration(models: list[str] | None = None, gpu: str | None = None, qui
     ms: list[dict] = []
     t0 = time.time()
     steps = [("memory bandwidth", lambda: bench_memory(torch, bench))]
-    steps.append(("GEMMs", lambda: bench_gemms(torch, bench, specs[0],
-                                                GEMM_ROWS[::2] if quick else GEMM_ROWS)))
+    impl = pick_decode_impl(torch)
+    for m in specs if not quick else specs[:1]:
+        steps.append((f"GEMMs {m.name}", lambda m=m: bench_gemms(torch, bench, m,
+                                                                  GEMM_ROWS[::2] if quick else GEMM_ROWS)))
     steps.append(("attention", lambda: bench_attention(torch, bench, specs[0],
                                                        ATTN_LENGTHS[::2] if quick else ATTN_LENGTHS)))
+    steps.append((f"decode attention ({impl})", lambda: bench_decode_attention(torch, bench, specs[0], impl)))
     for m in specs:
         steps.append((f"layers {m.name}", lambda m=m: bench_layers(
             torch, bench, m, tps=(1,) if quick else None,
             prefill_shapes=PREFILL_SHAPES[::2] if quick else PREFILL_SHAPES,
-            decode_shapes=DECODE_SHAPES[::2] if quick else DECODE_SHAPES)))
+            decode_shapes=DECODE_SHAPES[::2] if quick else DECODE_SHAPES, decode_impl=impl)))
     world = torch.cuda.device_count()
     if world > 1:
         steps.append((f"NCCL all-reduce x{world}", lambda: bench_allreduce(torch, world)))
