@@ -293,7 +293,8 @@ def test_cli_formats(store, thunderops_cli, tmp_path):
     assert res.returncode == 0 and "9.80" in res.stdout and "$/1M tokens" in res.stdout
     res = run_cli(thunderops_cli, "--all", "--format", "json", "--since", "2026-11-20T11:00")
     assert res.returncode == 0, res.stderr
-    assert json.loads(res.stdout)["summary"][0]["spend $"] == "6.60"
+    summary = json.loads(res.stdout)["summary"]
+    assert [row["deployment"] for row in summary] == ["chat1"] and Decimal(summary[0]["cost_usd"]) == Decimal("6.60")
 
 
 @pytest.mark.parametrize("args, message", [

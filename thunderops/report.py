@@ -70,13 +70,15 @@ SCHEMAS: dict[str, dict[str, str]] = {
     "baselines": {"strategy": "str", "usd_per_hour": "usd", "goodput_rps": "float", "gpus": "int",
                   "usd_per_hour_per_rps": "usd", "rate_rps": "float", "usd_per_hour_at_rate": "usd",
                   "cost_usd": "usd", "usd_per_1m_tokens": "usd", "ours_saves": "float"},
+    "summary": {"deployment": "str", "status": "str", "start": "str", "end": "str", "cost_usd": "usd",
+                "usd_per_hour_now": "usd", "prompt_tokens": "int", "output_tokens": "int", "usd_per_1m_tokens": "usd"},
     "estimate": {"metric": "str", "predicted": "any", "observed": "any", "unit": "str", "ratio": "float",
                  "note": "str"},
 }
 TITLES = {
     "totals": "totals", "nodes": "nodes", "phases": "by phase", "clouds": "by cloud", "preemptions": "preemptions",
     "baselines": "the same traffic on the baseline plans (same SLO, same performance model)",
-    "estimate": "plan-time estimate against actual",
+    "estimate": "plan-time estimate against actual", "summary": "all deployments",
 }
 LABELS = {
     "usd_per_hour": "$/h", "cost_usd": "$", "hours": "hours", "gpu_hours": "GPU-hours", "prompt_share": "prompt share",
@@ -85,7 +87,8 @@ LABELS = {
     "usd_per_1m_tokens": "$/1M tokens", "goodput_rps": "goodput req/s", "ours_saves": "ours saves",
     "downtime_s": "downtime s", "plan_instance": "plan instance", "instance_type": "instance",
     "price_source": "price source", "serving_again_at": "serving again at", "preempted_at": "preempted at",
-    "launched_at": "launched", "terminated_at": "terminated",
+    "launched_at": "launched", "terminated_at": "terminated", "usd_per_hour_now": "$/h now",
+    "prompt_tokens": "prompt tokens", "output_tokens": "output tokens", "start": "from (UTC)", "end": "to (UTC)",
 }
 
 
@@ -100,6 +103,7 @@ class Report:
     tables: dict[str, pd.DataFrame]
     notes: list[str] = field(default_factory=list)
     series: dict[str, pd.DataFrame] = field(default_factory=dict, repr=False)  # chart data, not exported
+    status: str | None = None  # the deployment's status when reported
 
     def total(self, metric: str) -> Any:
         t = self.tables["totals"]
@@ -110,8 +114,8 @@ class Report:
 
     # -- exports ---------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        return {"title": self.title, "deployment": self.deployment, "start": self.start, "end": self.end,
-                "notes": list(self.notes),
+        return {"title": self.title, "deployment": self.deployment, "status": self.status, "start": self.start,
+                "end": self.end, "notes": list(self.notes),
                 "tables": {name: [{k: _export(v) for k, v in row.items()} for row in df.to_dict("records")]
                            for name, df in self.tables.items()}}
 
@@ -122,7 +126,8 @@ class Report:
     def from_dict(cls, d: dict[str, Any]) -> Report:
         tables = {name: _typed_frame(name, pd.DataFrame(rows, columns=list(SCHEMAS.get(name, {})) or None))
                   for name, rows in d["tables"].items()}
-        return cls(d["title"], d.get("deployment"), d.get("start"), d.get("end"), tables, list(d.get("notes", [])))
+        return cls(d["title"], d.get("deployment"), d.get("start"), d.get("end"), tables, list(d.get("notes", [])),
+                   status=d.get("status"))
 
     def csv_texts(self) -> dict[str, str]:
         """One CSV per table (money in $ to the micro-dollar, times ISO UTC)."""
@@ -639,7 +644,8 @@ def deployment_report(store: Store, dep_id: str, *, since: datetime | None = Non
     tables["preemptions"] = _frame("preemptions", pre_rows)
     tables["baselines"] = _frame("baselines", base_rows)
     tables["estimate"] = _frame("estimate", est_rows)
-    return Report(f"thunderops cost report: {dep_id}", dep_id, iso(start), iso(end), tables, notes, series)
+    return Report(f"thunderops cost report: {dep_id}", dep_id, iso(start), iso(end), tables, notes, series,
+                  status=dep.status)
 
 
 def _plan_instance(plan: Plan | None, instance_id: str):
@@ -1002,8 +1008,8 @@ def render_html(reports: list[Report], summary: pd.DataFrame | None = None,
              f"<p class='note'>generated {iso(datetime.now(UTC))} UTC; money in US$, rounded to the cent for display "
              "($/h and $/1M tokens to 1/100 cent)</p>"]
     if summary is not None:
-        parts.append("<h2>all deployments</h2>" + summary.to_html(index=False, escape=True, border=0,
-                                                                  table_id="summary"))
+        parts.append("<h2>all deployments</h2>" + display_frame("summary", summary).to_html(
+            index=False, escape=True, border=0, table_id="summary"))
     for r, imgs in zip(reports, images, strict=True):
         if len(reports) > 1:
             parts.append(f"<h2 id='dep-{html.escape(r.deployment or 'plan')}'>{html.escape(r.title)}</h2>")
@@ -1038,16 +1044,18 @@ def build_reports(store: Store, deployment: str | None, *, all_: bool = False, s
 
 
 def summary_frame(reports: list[Report]) -> pd.DataFrame:
-    """One row per deployment: spend, $/h now, tokens, $/1M tokens (display strings)."""
+    """One row per deployment: window, spend ($), $/h running at its end, tokens, $/1M tokens (SCHEMAS["summary"])."""
     rows = []
     for r in reports:
-        rows.append({"deployment": r.deployment, "window (UTC)": f"{r.start} to {r.end}",
-                     "spend $": display_value("cost_usd", r.total("spend")),
-                     "$/h now": display_value("usd_per_hour", r.total("$/h now")),
-                     "prompt tokens": display_value("", r.total("prompt tokens")),
-                     "output tokens": display_value("", r.total("output tokens")),
-                     "$/1M tokens": display_value("usd_per_1m", r.total("$ per 1M tokens"))})
-    return pd.DataFrame(rows)
+        rows.append({"deployment": r.deployment, "status": r.status, "start": r.start, "end": r.end,
+                     "cost_usd": r.total("spend"), "usd_per_hour_now": r.total("$/h now"),
+                     "prompt_tokens": r.total("prompt tokens"), "output_tokens": r.total("output tokens"),
+                     "usd_per_1m_tokens": r.total("$ per 1M tokens")})
+    return _frame("summary", rows)
+
+
+def summary_records(reports: list[Report]) -> list[dict[str, Any]]:
+    return [{k: _export(v) for k, v in row.items()} for row in summary_frame(reports).to_dict("records")]
 
 
 def _write_atomic(path: Path, data: bytes) -> Path:
@@ -1080,9 +1088,9 @@ def write_reports(reports: list[Report], fmt: str, out: Path, text: str | None =
     elif fmt == "table" and text is not None:
         files[out / "report.txt"] = text.encode()
     elif fmt == "json" and several:
-        files[out / "summary.json"] = json.dumps(summary_frame(reports).to_dict("records"), indent=2).encode()
+        files[out / "summary.json"] = json.dumps(summary_records(reports), indent=2).encode()
     elif fmt == "csv" and several:
-        files[out / "summary.csv"] = summary_frame(reports).to_csv(index=False, lineterminator="\n").encode()
+        files[out / "summary.csv"] = summary_frame(reports).map(_export).to_csv(index=False, lineterminator="\n").encode()
     try:
         for path in {p.parent for p in files}:
             path.mkdir(parents=True, exist_ok=True)

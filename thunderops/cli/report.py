@@ -62,7 +62,7 @@ def report_cmd(
         import json
 
         if several:
-            data = {"summary": rp.summary_frame(reports).to_dict("records"),
+            data = {"summary": rp.summary_records(reports),
                     "deployments": {r.deployment: r.to_dict() for r in reports}}
         else:
             data = reports[0].to_dict()
@@ -83,7 +83,7 @@ def _tables_text(reports, several: bool) -> str:
     buf = io.StringIO()
     con = Console(file=buf, width=console.width if console.is_terminal else 160, force_terminal=console.is_terminal)
     if several:
-        con.print(_rich("all deployments", rp.summary_frame(reports)))
+        con.print(_rich("all deployments", rp.display_frame("summary", rp.summary_frame(reports), compact=True)))
     for r in reports:
         con.rule(r.title)
         for n in r.notes:
