@@ -337,3 +337,22 @@ def test_usage_is_written_to_the_state_store(tmp_path):
     rows = store.usage("dep1")
     assert len(rows) == 5 and all(r.output_tokens == 4 and r.prompt_tokens == 3 for r in rows)
     assert {r.prefill for r in rows} <= {"p0", "p1"} and {r.decode for r in rows} <= {"d0", "d1"}
+
+
+def test_a_client_hanging_up_mid_stream_is_not_an_engine_failure(timed):
+    headers = {"Authorization": f"Bearer {timed.api_key}"}
+    body = {"model": MODEL, "prompt": "hang up on me", "max_tokens": 200, "stream": True}
+    with httpx.Client(base_url=timed.endpoint, headers=headers, timeout=30) as c:
+        with c.stream("POST", "/completions", json=body) as r:
+            lines = r.iter_lines()
+            got = [next(lines) for _ in range(6)]
+    assert any(line.startswith("data: ") for line in got)
+    deadline = time.monotonic() + 10
+    recs: list[dict] = []
+    while time.monotonic() < deadline and not recs:
+        recs = usage_records(timed, 1)
+        time.sleep(0.1)
+    assert recs and recs[0]["status"] == 499 and recs[0]["migrations"] == 0
+    assert 0 < recs[0]["output_tokens"] < 200
+    status, health, _ = http(timed, "GET", "/health", key=None)
+    assert status == 200 and set(health["healthy_replicas"]) == {"p0", "p1", "d0", "d1"}

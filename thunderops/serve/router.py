@@ -155,6 +155,17 @@ class _NoReplica(Exception):
     pass
 
 
+class _ClientGone(Exception):
+    """The client hung up mid-stream (not the engine's fault: nothing to migrate)."""
+
+
+async def _emit(resp: web.StreamResponse, data: bytes) -> None:
+    try:
+        await resp.write(data)
+    except (ConnectionError, RuntimeError) as e:  # aiohttp: ClientConnectionResetError / "closing transport"
+        raise _ClientGone(str(e)) from None
+
+
 class _Upstream(Exception):
     """An engine failed (connection lost or 5xx): try another replica."""
 
@@ -405,10 +416,13 @@ class Router:
                 resp = await self._stream(request, path, body, rec)
             else:
                 resp = await self._unary(path, body, rec)
+        except _ClientGone:  # the tokens already sent stay on the record: they were generated and delivered
+            resp = request.get("thunderops_stream") or web.Response(status=499)
+            rec.status = 499  # nginx's "client closed request"
         except _NoReplica:
             resp = _error(503, "no healthy replica can serve this request now; retry shortly",
                           "ServiceUnavailableError", headers={"Retry-After": str(self.config.retry_after_s)})
-        rec.status = resp.status
+        rec.status = rec.status or resp.status
         rec.finished_at = time.time()
         self._record(rec, time.perf_counter() - t0)
         return resp
@@ -531,6 +545,7 @@ class Router:
                 if resp is None:
                     resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
                     await resp.prepare(request)
+                    request["thunderops_stream"] = resp
                 buf = b""
                 async for piece in up:
                     buf += piece
@@ -546,7 +561,7 @@ class Router:
                         usage = chunk.get("usage")
                         if usage:
                             if prompt_tokens is None:
-                                prompt_tokens = int(usage.get("prompt_tokens") or 0)
+                                prompt_tokens = rec.prompt_tokens = int(usage.get("prompt_tokens") or 0)
                             n = offset + int(usage.get("completion_tokens") or 0)
                             usage = {"prompt_tokens": prompt_tokens, "completion_tokens": n,
                                      "total_tokens": prompt_tokens + n}
@@ -567,7 +582,7 @@ class Router:
                                 if rec.first_token_at is None:
                                     rec.first_token_at = time.time()
                             if usage:
-                                sent_tokens = usage["completion_tokens"]
+                                sent_tokens = rec.output_tokens = usage["completion_tokens"]
                             if not want_cont:
                                 chunk.pop("usage", None)
                         else:  # the final usage-only chunk
@@ -575,7 +590,7 @@ class Router:
                                 sent_tokens = usage["completion_tokens"]
                             if not want_usage:
                                 continue
-                        await resp.write(b"data: " + orjson.dumps(chunk) + b"\n\n")
+                        await _emit(resp, b"data: " + orjson.dumps(chunk) + b"\n\n")
                     if done:
                         try:
                             await asyncio.wait_for(up.drain(), 1.0)
@@ -603,11 +618,14 @@ class Router:
         if not done:
             err = {"error": {"message": "the request could not be completed on any replica", "type": "ServiceUnavailableError",
                              "code": 503}}
-            await resp.write(b"data: " + orjson.dumps(err) + b"\n\n")
+            await _emit(resp, b"data: " + orjson.dumps(err) + b"\n\n")
         rec.prompt_tokens = prompt_tokens or 0
         rec.output_tokens = sent_tokens
-        await resp.write(b"data: [DONE]\n\n")
-        await resp.write_eof()
+        await _emit(resp, b"data: [DONE]\n\n")
+        try:
+            await resp.write_eof()
+        except (ConnectionError, RuntimeError):
+            pass
         return resp
 
     @staticmethod
