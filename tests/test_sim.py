@@ -227,6 +227,10 @@ def test_bad_input():
         simulate(homogeneous_plan("Llama-2-70B", "H100", colocated=(1, 1)), wl, SLO_, n=10)
     with pytest.raises(PlanError, match="unknown group"):
         simulate(plan, wl, SLO_, n=10, routing=[Route("p0", "zz", 1.0)])
+    with pytest.raises(PlanError, match="from a prefill group to a decode group"):
+        simulate(plan, wl, SLO_, n=10, routing=[Route("d0", "p0", 1.0)])
+    with pytest.raises(PlanError, match="colocated group to itself"):
+        simulate(plan, wl, SLO_, n=10, routing=[Route("p0", "p0", 1.0)])
     bad = replace(plan, groups=[replace(g, stages=[replace(s, tp=3) for s in g.stages]) for g in plan.groups])
     with pytest.raises(PlanError, match="does not divide"):
         simulate(bad, wl, SLO_, n=10)
@@ -301,3 +305,28 @@ def test_cli_calibrate_without_gpu_says_so(cli, tmp_path):
     r = cli("calibrate", "--out", str(tmp_path / "x.json"))
     assert r.returncode == 2 and "GPU" in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "x.json").exists()
+
+
+def test_heterogeneous_pipeline_plan():
+    """A decode replica pipelined over an A100 node and an L40S node (layers split by speed and memory),
+    fed by an H100 prefill replica over a 25 Gbit/s link."""
+    from thunderops.plan import Group, Instance, Stage
+    from thunderops.specs import get_gpu
+
+    perf = PerfModel("Llama-3.1-70B")
+    layout = perf.split_layers([(get_gpu("A100-80GB"), 4), (get_gpu("L40S"), 4)], "decode", 25)
+    assert layout is not None and layout.stages[0].layers != layout.stages[1].layers
+    insts = [Instance("h", "aws", "r", "z", "p5", "H100", 4, False, 40.0, 25),
+             Instance("a", "gcp", "r", "z", "a2", "A100-80GB", 4, True, 8.0, 25),
+             Instance("l", "aws", "r", "z", "g6e", "L40S", 4, True, 6.0, 25)]
+    groups = [Group("p0", "prefill", [Stage("h", "H100", 4, 80, [0, 1, 2, 3])]),
+              Group("d0", "decode", [Stage("a", "A100-80GB", 4, layout.stages[0].layers, [0, 1, 2, 3]),
+                                     Stage("l", "L40S", 4, layout.stages[1].layers, [0, 1, 2, 3])])]
+    plan = Plan("Llama-3.1-70B", 60.0, 54.0, insts, groups, [Route("p0", "d0", 1.0, 0.25)])
+    assert layout_of(plan, groups[1]).pp_link_gbps == 25
+    res = simulate(plan, get_workload("conversation"), SLO(2.0, 0.15), rate=2, n=400, perf=perf)
+    assert res.rejected == 0 and np.isfinite(res.e2e).all()
+    # the A100 + L40S pipeline is slower per token than the H100 x4 replica holding all layers
+    whole = perf.decode_step_time(layout_of(plan, groups[0]), 16, 16000)
+    assert perf.decode_step_time(layout, 16, 16000) > whole
+    assert goodput(plan, get_workload("conversation"), SLO(2.0, 0.15), n=300, perf=perf) > 0

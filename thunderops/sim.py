@@ -170,6 +170,11 @@ class Simulator:
                     layout = layout_of(plan, groups[gid], perf)
                     perf.require_fit(layout, f"group {gid}")
                     self.layouts[gid] = layout
+            same = r.prefill == r.decode
+            pp_, dp_ = groups[r.prefill].phase, groups[r.decode].phase
+            if (same and pp_ != "colocated") or (not same and (pp_, dp_) != ("prefill", "decode")):
+                raise PlanError(f"route {r.prefill}->{r.decode} joins a {pp_} and a {dp_} group; a route goes "
+                                "from a prefill group to a decode group, or from a colocated group to itself")
         fr = np.array([r.fraction for r in self.routes], dtype=float)
         if (fr < 0).any() or fr.sum() <= 0:
             raise PlanError("route fractions must be non-negative and sum to more than 0")
@@ -178,7 +183,7 @@ class Simulator:
         self.engine_spec: dict[str, tuple] = {}  # gid -> (colocated, kv capacity, max seqs, KV cost per token)
         self.base_memo: dict[str, dict[int, float]] = {}
         for r in self.routes:
-            if r.prefill == r.decode or groups[r.prefill].phase == "colocated":
+            if r.prefill == r.decode:
                 self._engine_spec(r.prefill, True)
             else:
                 if r.prefill not in self.prefill_ids:
