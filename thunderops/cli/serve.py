@@ -43,7 +43,7 @@ def commands(
     from thunderops.serve.vllm import EngineOptions, engine_commands
 
     opts = EngineOptions(base_port=base_port, gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len)
-    cmds = engine_commands(Plan.load(plan), opts)
+    cmds = engine_commands(Plan.load(plan.expanduser()), opts)
     if json_out:
         print_json([{"group": c.group, "phase": c.phase, "instance": c.instance, "port": c.port, "argv": c.argv,
                      "env": c.env, "connector": c.connector} for c in cmds])
@@ -81,7 +81,7 @@ def emulator(
         from thunderops.perf import PerfModel, layout_of
         from thunderops.plan import Plan
 
-        p = Plan.load(plan)
+        p = Plan.load(plan.expanduser())
         if group is None:
             raise UserError("--plan needs --group GROUP_ID (one emulator per plan group)")
         try:
@@ -123,10 +123,10 @@ def router(
     from thunderops.plan import Plan
     from thunderops.serve.router import RouterConfig, RoutingError, RoutingTable, StoreUsageSink, run_router
 
-    p = Plan.load(plan) if plan else None
+    p = Plan.load(plan.expanduser()) if plan else None
     if routing is not None:
         try:
-            table = RoutingTable.from_dict(json.loads(routing.read_text()))
+            table = RoutingTable.from_dict(json.loads(routing.expanduser().read_text()))
         except (OSError, json.JSONDecodeError) as e:
             raise RoutingError(f"{routing}: cannot read routing table ({e})") from None
     elif p is not None:
@@ -140,6 +140,10 @@ def router(
     else:
         raise UserError("give --routing FILE, or --plan FILE with --endpoint GROUP=URL for each group")
     model = model or (p.model if p else None)
+    if max_model_len is None and p is not None:
+        from thunderops.serve.vllm import max_model_len as plan_max_model_len
+
+        max_model_len = plan_max_model_len(p)
     if model is None:
         raise UserError("give --model (or --plan) so the router knows which model it serves")
     key = os.environ.get("THUNDEROPS_API_KEY")
@@ -166,7 +170,7 @@ def local(
     from thunderops.plan import Plan
     from thunderops.serve import start_local
 
-    handle = start_local(Plan.load(plan), emulate=emulate, router_port=port, speedup=speedup)
+    handle = start_local(Plan.load(plan.expanduser()), emulate=emulate, router_port=port, speedup=speedup)
     console.print(f"endpoint: {handle.endpoint}\napi key:  {handle.api_key}\nlogs:     {handle.workdir}",
                   highlight=False)
     stop = False

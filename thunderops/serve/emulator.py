@@ -336,8 +336,8 @@ class Emulator:
         remote_decode = isinstance(kv, dict) and kv.get("do_remote_decode") is True
         if remote_decode and cfg.role == "decode":
             raise BadRequest("this is a decode engine; send prefill requests to a prefill engine")
-        if not remote_decode and cfg.role == "decode":
-            self._check_kv(kv, prompt_tokens)
+        if not remote_decode and (cfg.role == "decode" or (isinstance(kv, dict) and kv.get("do_remote_prefill"))):
+            self._check_kv(kv, prompt_tokens)  # kv_both engines check params they are given, as NIXL would
         elif not remote_decode and cfg.role == "prefill":
             raise BadRequest("this is a prefill engine: requests need kv_transfer_params.do_remote_decode=true")
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{cfg.engine_id}-{next(self._ids)}"

@@ -321,7 +321,7 @@ class Router:
                     assert self.session is not None
                     async with self.session.get(rep.url + "/health", timeout=timeout) as r:
                         ok = r.status == 200
-                except (aiohttp.ClientError, OSError, asyncio.TimeoutError):
+                except (TimeoutError, aiohttp.ClientError, OSError):
                     ok = False
                 failures[rep.id] = 0 if ok else failures.get(rep.id, 0) + 1
                 if ok:
@@ -433,7 +433,7 @@ class Router:
         try:
             async with asyncio.timeout(self.config.request_timeout_s):  # no extra task, unlike wait_for
                 status, data = await self._pool(rep).request("POST", path, orjson.dumps(body))
-        except (UpstreamError, OSError, asyncio.TimeoutError) as e:
+        except (TimeoutError, UpstreamError, OSError) as e:
             self.healthy[rep.id] = False
             raise _Upstream(f"{rep.id}: {e}") from None
         finally:
@@ -594,10 +594,10 @@ class Router:
                     if done:
                         try:
                             await asyncio.wait_for(up.drain(), 1.0)
-                        except (UpstreamError, asyncio.TimeoutError):
+                        except (TimeoutError, UpstreamError):
                             pass
                         break
-            except (UpstreamError, OSError, asyncio.TimeoutError, _Upstream) as e:
+            except (TimeoutError, UpstreamError, OSError, _Upstream) as e:
                 log.warning("decode replica %s failed mid-stream (%s); migrating", drep.id, e)
                 if not isinstance(e, _Upstream):
                     self.healthy[drep.id] = False

@@ -158,7 +158,7 @@ class UpstreamPool:
         try:
             _, conn = await asyncio.wait_for(
                 loop.create_connection(lambda: _Conn(self), self.host, self.port), self.connect_timeout_s)
-        except (OSError, asyncio.TimeoutError) as e:
+        except (TimeoutError, OSError) as e:
             raise UpstreamError(f"cannot connect to {self.netloc}: {e}") from None
         return conn
 
