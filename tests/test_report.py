@@ -295,6 +295,12 @@ def test_cli_formats(store, thunderops_cli, tmp_path):
     assert res.returncode == 0, res.stderr
     summary = json.loads(res.stdout)["summary"]
     assert [row["deployment"] for row in summary] == ["chat1"] and Decimal(summary[0]["cost_usd"]) == Decimal("6.60")
+    out = tmp_path / "all"
+    res = run_cli(thunderops_cli, "--all", "--format", "html", "--out", str(out))
+    assert res.returncode == 0, res.stderr
+    page = (out / "report.html").read_text()
+    assert "id=\"summary\"" in page and page.count("data:image/png;base64,") == 3
+    assert (out / "chat1" / "spend.png").exists()
 
 
 @pytest.mark.parametrize("args, message", [

@@ -10,7 +10,8 @@ How cost is split between prompt and output tokens: a node's cost follows its GP
 prompt cost, GPUs in a decode group are output cost; a colocated group does both, and its cost is split by GPU time
 per request from the performance model: a request takes 1/C_prefill of the group's time to prefill and 1/C_decode
 to decode (C: the group's capacity in requests/s, at the plan's SLO, serving one phase alone). A node whose plan
-instance is not in the latest plan is split like the whole plan.
+instance the latest plan no longer has (a lost node) is split as in the newest plan version that had it; a node in
+no plan version is split like the whole latest plan.
 
 Preemptions and other losses come from the controller (thunderops/controller.py): a lost node has status
 `preempted` (or `failed`) and `terminated_at`; the `reschedule` event lists lost plan instances; `reprovision-start`
@@ -578,7 +579,8 @@ def deployment_report(store: Store, dep_id: str, *, since: datetime | None = Non
              f"all spend / prompt + output tokens in {window}"),
         ]
     else:
-        notes.append("no traffic recorded in the window: $/1M tokens are the plan's predictions at full goodput")
+        notes.append("no traffic recorded in the window: $/1M tokens are the plan's predictions at full goodput"
+                     if plan else "no traffic recorded in the window and no plan: no $/1M tokens")
         totals += [
             ("$ per 1M prompt tokens", predicted.get("prompt"), "$/1M tokens",
              f"predicted by plan v{plan.version} at full goodput (no traffic yet)" if plan else "no plan, no traffic"),
