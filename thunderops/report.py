@@ -328,7 +328,7 @@ def _colocated_share(plan: Plan, group, cache: dict[Any, Any]) -> float:
     from thunderops.specs import get_model
     from thunderops.workload import get_workload
 
-    wname = plan.inputs.get("workload") or "conversation"
+    wname = _workload_name(plan) or "conversation"
     slo = SLO(**plan.inputs["slo"]) if plan.inputs.get("slo") else SLO()
     if ("perf", plan.model) not in cache:
         cache[("perf", plan.model)] = PerfModel(get_model(plan.model))
@@ -343,12 +343,17 @@ def _colocated_share(plan: Plan, group, cache: dict[Any, Any]) -> float:
     return cache[key]
 
 
+def _workload_name(plan: Plan) -> str:
+    """What the plan was made for: its trace file when it had one, else the preset's name."""
+    return str(plan.inputs.get("workload_source") or plan.inputs.get("workload") or "")
+
+
 def _workload_means(plan: Plan) -> tuple[float | None, float | None]:
     """Mean prompt and output tokens per request the plan was made for (None when its workload is gone)."""
     from thunderops.workload import get_workload
 
     try:
-        wl = get_workload(plan.inputs.get("workload") or "")
+        wl = get_workload(_workload_name(plan))
         return wl.mean_prompt, wl.mean_output
     except (UserError, OSError, ValueError):
         out = plan.predicted.tokens_per_s / plan.predicted.goodput_rps if plan.predicted.goodput_rps else None
