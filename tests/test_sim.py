@@ -92,6 +92,16 @@ def test_deterministic_under_a_seed():
 # -- monotonicity and regimes
 
 
+def test_goodput_search_brackets_the_attainment_target():
+    plan = pd_plan(p=1, d=1)
+    wl = get_workload("conversation")
+    g = goodput(plan, wl, SLO_, n=600, rel_tol=0.02)
+    assert simulate(plan, wl, SLO_, rate=g, n=600).attainment >= SLO_.attainment
+    assert simulate(plan, wl, SLO_, rate=g * 1.1, n=600).attainment < SLO_.attainment
+    assert goodput(plan, wl, SLO_, n=600, max_rate=g / 2) == pytest.approx(g / 2)  # a cap it meets
+    assert goodput(plan, wl, SLO_, n=600, max_rate=g * 3) == pytest.approx(g, rel=0.06)
+
+
 def test_more_replicas_never_lower_goodput():
     wl = get_workload("conversation")
     small = goodput(pd_plan(p=1, d=1), wl, SLO_, n=600)

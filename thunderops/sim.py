@@ -570,7 +570,9 @@ def simulate(plan: Plan, workload: Workload, slo: SLO, rate: float | None = None
 def goodput(plan: Plan, workload: Workload, slo: SLO, n: int = 1000, seed: int = 0, perf: PerfModel | None = None,
             routing: list[Route] | None = None, rel_tol: float = 0.03, max_rate: float | None = None) -> float:
     """The highest request rate (req/s) at which the plan meets the SLO attainment target, by bracketing and
-    bisection over simulated rates (0.0 when even a trickle misses it)."""
+    bisection over simulated rates to `rel_tol` (0.0 when even a trickle misses it). `max_rate` caps the
+    search (returned as is when the plan meets it); without it the search starts from the perf model's
+    capacity estimate."""
     perf = perf or PerfModel(plan.model)
     sim_routing = routing if routing is not None else (plan.routing or default_routing(plan, perf, workload, slo))
     sim = Simulator(plan, perf, slo, sim_routing)  # validates once; each rate is a fresh run
@@ -579,15 +581,19 @@ def goodput(plan: Plan, workload: Workload, slo: SLO, n: int = 1000, seed: int =
         return sim.run(requests_for(workload, rate, n, seed), seed=seed).attainment >= slo.attainment
 
     lo = 0.0
-    hi = max_rate or _capacity_guess(plan, perf, workload, slo, sim_routing) or workload.rate
-    hi = max(hi, 1e-3)
-    for _ in range(12):  # bracket: grow until it fails, shrink until it passes
+    if max_rate is not None:  # a cap: the answer is at most max_rate
+        hi = max(max_rate, 1e-3)
         if meets(hi):
-            lo, hi = hi, hi * 2
-        else:
-            break
+            return hi
     else:
-        return lo
+        hi = max(_capacity_guess(plan, perf, workload, slo, sim_routing) or workload.rate, 1e-3)
+        for _ in range(12):  # bracket: grow until it fails, shrink until it passes
+            if meets(hi):
+                lo, hi = hi, hi * 2
+            else:
+                break
+        else:
+            return lo
     if lo == 0.0:
         x = hi
         for _ in range(12):
