@@ -38,15 +38,17 @@ ROOT = Path(__file__).resolve().parents[1]
 # ---------------------------------------------------------------------------------------------- helpers
 
 
-def small_plan(nodes: int = 5, price: float = 1.0, spot: bool = False) -> Plan:
-    """A real plan for llama3-8b on `nodes` one-GPU nodes (mixed types), one replica per node."""
-    from thunderops.scheduler import plan
+def small_plan(nodes: int = 5, price: float = 1.0, spot: bool = False, gpus: list[str] | None = None,
+               workload: str = "coding") -> Plan:
+    """A real plan for llama3-8b on `nodes` one-GPU nodes of mixed types."""
+    from thunderops.scheduler import SearchConfig, plan
     from thunderops.scheduler.inventory import parse_inventory
 
-    gpus = ["A100-80GB", "A100-80GB", "L40S", "L40S", "A10G", "L40S"][:nodes]
+    gpus = gpus or ["A100-80GB", "A100-80GB", "L40S", "L40S", "A10G", "L40S"][:nodes]
     inv = parse_inventory({"nodes": [{"name": f"n{i}", "gpu": g, "gpus": 1, "network_gbps": 100,
                                       "price_per_hour": price} for i, g in enumerate(gpus)]})
-    p = plan(None, "llama3-8b", "coding", inventory=inv, time_limit=2)
+    # a bounded search (not a time limit), so the plan is the same however busy the machine is
+    p = plan(None, "llama3-8b", workload, inventory=inv, search=SearchConfig(max_iters=40, patience=15, time_limit=120))
     for inst in p.instances:
         inst.spot = spot
     return p

@@ -42,7 +42,7 @@ import httpx
 import numpy as np
 
 from thunderops.errors import PlanError, UserError
-from thunderops.plan import Group, Instance, Plan, Stage
+from thunderops.plan import Group, Instance, Plan, Route, Stage
 from thunderops.state import Store, default_home, now_utc, parse_ts
 
 log = logging.getLogger(__name__)
@@ -61,7 +61,9 @@ class ControllerConfig:
 
     interval_s: float = 0.5
     probe_timeout_s: float = 1.0
-    fail_threshold: int = 2  # probes in a row that time out before an engine counts as dead (refused: at once)
+    # A refused connection means the engine process is gone: dead at once. Probes that time out (a frozen or
+    # unreachable node, or just a busy machine) count only once they have failed in a row for this long.
+    fail_after_s: float = 2.5
     provider_interval_s: float = 1.0
     notice_interval_s: float = 2.0
     usage_interval_s: float = 5.0
@@ -219,6 +221,86 @@ class LocalEmulators:
         self.pids.clear()
 
 
+class _EngineActor:
+    """A Ray actor running one engine emulator in its own process on its pinned node (see RayEmulators)."""
+
+    def start(self, model: str, gpu: str, tp: int, pp: int, speedup: float, max_model_len: int,
+              engine_key: str | None, host: str) -> tuple[str, int]:
+        import asyncio
+
+        from aiohttp import web
+
+        from thunderops.serve import free_port
+        from thunderops.serve.emulator import Emulator, EmulatorConfig, perf_timing
+
+        port = free_port(host)
+        cfg = EmulatorConfig(model=model, served_names=[model], role="both", max_model_len=max_model_len, host=host,
+                             port=port, api_key=engine_key, tp=tp, speedup=speedup)
+        app = Emulator(cfg, perf_timing(model, gpu, tp, pp)).app()
+        ready = threading.Event()
+
+        def serve() -> None:
+            loop = asyncio.new_event_loop()
+            asyncio.set_event_loop(loop)
+            runner = web.AppRunner(app, access_log=None)
+            loop.run_until_complete(runner.setup())
+            loop.run_until_complete(web.TCPSite(runner, host, port).start())
+            ready.set()
+            loop.run_forever()
+
+        threading.Thread(target=serve, name="emulator", daemon=True).start()
+        ready.wait(30)
+        return f"http://{host}:{port}", os.getpid()
+
+
+@dataclass
+class RayEmulators:
+    """Engines as emulators inside Ray actors pinned to their plan instance's Ray node (the local provider's
+    `thunderops_node_<instance>` resource), so a lost Ray node takes its engines with it, as a lost machine
+    would. Role `both` (vLLM's kv_both), so phases can flip without a restart."""
+
+    address: str
+    engine_key: str | None = None
+    speedup: float = 1.0
+    host: str = "127.0.0.1"
+    timeout_s: float = 60.0
+    actors: dict[str, Any] = field(default_factory=dict)
+    pids: dict[str, int] = field(default_factory=dict)
+
+    def start(self, deployment: str, plan: Plan, groups: list[str], nodes: Mapping[str, Any]) -> dict[str, str]:
+        import ray
+
+        from thunderops.provision.local import node_resource, ray_connect
+        from thunderops.serve.vllm import max_model_len
+
+        ray_connect(self.address)
+        actor_cls = ray.remote(num_cpus=0, max_restarts=0)(_EngineActor)
+        mml = max_model_len(plan)
+        refs = {}
+        for gid in groups:
+            g = plan.group(gid)
+            actor = actor_cls.options(resources={node_resource(g.stages[0].instance): 0.01},
+                                      name=f"engine-{deployment}-{gid}", lifetime="detached").remote()
+            self.actors[gid] = actor
+            refs[gid] = actor.start.remote(plan.model, g.stages[0].gpu, g.tp, g.pp, self.speedup, mml,
+                                           self.engine_key, self.host)
+        urls = {}
+        for gid, ref in refs.items():
+            urls[gid], self.pids[gid] = ray.get(ref, timeout=self.timeout_s)
+        wait_engines(urls, self.timeout_s)
+        return urls
+
+    def stop(self) -> None:
+        import ray
+
+        for actor in self.actors.values():
+            try:
+                ray.kill(actor)
+            except Exception:  # already dead with its node
+                pass
+        self.actors.clear()
+
+
 def wait_engines(urls: Mapping[str, str], timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
     pending = dict(urls)
@@ -237,6 +319,25 @@ def wait_engines(urls: Mapping[str, str], timeout_s: float) -> None:
 
 
 # ------------------------------------------------------------------------------------------ plan surgery
+
+
+FALLBACK_FRACTION = 1e-6
+
+
+def with_fallbacks(table):  # RoutingTable -> RoutingTable
+    """`table` plus a last-resort route for each replica to serve requests alone (prefill and decode on one
+    engine, as vLLM's kv_both engines can). Its tiny weight never matters while a planned pair is healthy;
+    when every planned pair through a live replica is gone (a prefill replica dies, leaving only decode), the
+    router still has somewhere to send requests until the reschedule lands."""
+    from thunderops.serve.router import RoutingTable
+
+    have = {(r.prefill, r.decode) for r in table.routes}
+    extra = tuple(Route(rid, rid, FALLBACK_FRACTION) for rid in table.replicas if (rid, rid) not in have)
+    return RoutingTable(table.replicas, table.routes + extra, table.version)
+
+
+def _routes_of(table) -> set[tuple[str, str, str, float]]:
+    return {(r.prefill, r.decode, table.replicas[r.prefill].url, round(r.fraction, 6)) for r in table.routes}
 
 
 def _gpu_ids(stage: Stage) -> list[int]:
@@ -366,10 +467,11 @@ class Controller:
         self._offers = offers
         self.on_event = on_event
         self.urls: dict[str, str] = {}  # group id -> engine URL
-        self.fails: dict[str, int] = {}  # group id -> failed probes in a row
+        self.fails: dict[str, int] = {}  # group id -> failed probes in a row (shown in events)
         self.first_fail: dict[str, float] = {}  # group id -> wall time of the first failed probe in the row
         self.dead: set[str] = set()  # groups out of the router (engine gone)
         self.doomed: dict[str, dict[str, Any]] = {}  # instance -> preemption notice
+        self.provider_alive: set[str] | None = None  # instances the provider last reported ready
         self.pending: dict[str, Pending] = {}
         self.avoid: dict[tuple[str, str], float] = {}  # (cloud, zone) -> avoid until (wall time)
         self.spot_failures: dict[str, int] = {}  # GPU type -> spot losses and failed spot launches
@@ -426,8 +528,9 @@ class Controller:
         self.urls = {rid: rep.url for rid, rep in table.replicas.items()}
         known = [k for k in (self.store.events(self.deployment, "controller-start")) if k]
         plan = self.store.latest_plan(self.deployment)
-        if set(table.replicas) != {g.id for g in plan.groups} and all(g.id in self.urls for g in plan.groups):
-            self._push(plan, "recovered: the router was behind the latest plan")
+        if plan.groups and all(g.id in self.urls for g in plan.groups) \
+                and _routes_of(self.table_for(plan)) != _routes_of(table):
+            self._push(plan, "the router was not on the latest plan")
         self.event("controller-start", f"watching plan v{plan.version} ({len(plan.groups)} replicas"
                    f"{', restarted' if known else ''})",
                    {"plan_version": plan.version, "pending": sorted(self.pending), "restart": bool(known)})
@@ -455,7 +558,7 @@ class Controller:
                 continue
             self.fails[gid] = self.fails.get(gid, 0) + 1
             self.first_fail.setdefault(gid, now)
-            if ok is False or self.fails[gid] >= self.config.fail_threshold:
+            if ok is False or now - self.first_fail[gid] >= self.config.fail_after_s:
                 down.add(gid)
         return down
 
@@ -473,6 +576,7 @@ class Controller:
         for n in nodes:  # the last record of each instance (relaunches append new ones)
             if n.instance_id in ids:
                 latest[n.instance_id] = n
+        self.provider_alive = {iid for iid, n in latest.items() if n.status == "ready"}
         return {iid: n.status for iid, n in latest.items() if n.status in GONE_STATUSES}
 
     def notices(self, plan: Plan) -> dict[str, dict[str, Any]]:
@@ -524,8 +628,9 @@ class Controller:
                 self.dead |= newly
                 self._drop(newly, plan)
             lost = self._lost_instances(plan, down, gone)
-            if lost:
-                self._on_lost(plan, lost, t_look)
+            dead_in_plan = {g.id for g in plan.groups} & self.dead
+            if lost or dead_in_plan:
+                self._on_lost(plan, lost, dead_in_plan, t_look)
             elif not plan.groups:
                 self.state = "all-lost"
             self._spend_guard(plan)
@@ -540,6 +645,8 @@ class Controller:
         lost = {iid: f"provider: {st}" for iid, st in gone.items()}
         lost.update({iid: "preemption notice" for iid in self.doomed if iid in {i.id for i in plan.instances}})
         for inst in plan.instances:
+            if self.provider_alive is not None and inst.id in self.provider_alive:
+                continue  # the node is up: only its engines died (their groups restart on it)
             on = [g.id for g in plan.groups if inst.id in g.instances]
             if on and all(g in down for g in on) and inst.id not in lost:
                 lost[inst.id] = "engines down"
@@ -549,10 +656,16 @@ class Controller:
         t0 = time.perf_counter()
         try:
             table = self.router.table()
-            alive = table.without(groups)
-            if alive.routes:
+            kept = {k: v for k, v in table.replicas.items() if k not in groups}
+            pushed = False
+            if kept:
+                from thunderops.serve.router import RoutingTable
+
+                routes = tuple(r for r in table.routes if r.prefill in kept and r.decode in kept)
+                alive = with_fallbacks(RoutingTable(kept, routes or tuple(Route(k, k, 1.0) for k in kept),
+                                                    table.version + 1))
                 self.router.push(alive)
-            pushed = bool(alive.routes)
+                pushed = True
         except Exception as e:  # the router still skips replicas it cannot reach; the reschedule follows
             log.warning("could not drop %s from the router: %s", groups, e)
             pushed = False
@@ -561,11 +674,12 @@ class Controller:
             "groups": sorted(groups), "plan_version": plan.version, "pushed": pushed,
             "first_failure_at": first, "detected_at": time.time(), "push_s": round(time.perf_counter() - t0, 4)})
 
-    def _on_lost(self, plan: Plan, lost: dict[str, str], t_look: float) -> None:
+    def _on_lost(self, plan: Plan, lost: dict[str, str], dead: set[str], t_look: float) -> None:
+        """Lost instances (to replace) and dead groups (engines to restart): drop, reschedule, record, push."""
         from thunderops.scheduler.reschedule import reschedule
 
-        key = f"v{plan.version}:lost:{','.join(sorted(lost))}"
-        lost_groups = [g for g in plan.groups if set(g.instances) & set(lost)]
+        key = f"v{plan.version}:lost:{','.join(sorted(lost))}:dead:{','.join(sorted(dead))}"
+        lost_groups = [g for g in plan.groups if set(g.instances) & set(lost) or g.id in dead]
         dead_groups = {g.id for g in lost_groups}
         newly = dead_groups - self.dead
         if newly:
@@ -575,13 +689,19 @@ class Controller:
         detected = min([self.first_fail.get(g, t_look) for g in dead_groups] or [t_look])
         insts = [plan.instance(i) for i in lost]
         before_goodput = plan.predicted.goodput_rps
+        base = copy.deepcopy(plan)  # groups whose engines died on live nodes go too (they come back by restart)
+        base.groups = [g for g in plan.groups if g.id not in dead_groups or set(g.instances) & set(lost)]
+        base.routing = [r for r in plan.routing if r.prefill not in dead and r.decode not in dead]
         try:
-            new = reschedule(plan, lost_instances=lost, workload=plan_workload(plan))
+            new = reschedule(base, lost_instances=lost, workload=plan_workload(plan))
             full = False
         except PlanError:
             new = None
             full = True
         decision_s = time.perf_counter() - t0
+        restart = sorted(dead_groups - {g.id for g in plan.groups if set(g.instances) & set(lost)})
+        what = "; ".join(x for x in (f"lost {', '.join(sorted(lost))}" if lost else "",
+                                     f"engines of {', '.join(restart)} died" if restart else "") if x)
         preempted_zones = sorted({(i.cloud, i.zone) for i in insts if i.spot and i.zone
                                   and ("notice" in lost[i.id] or "provider" in lost[i.id])})
         spot_lost = [i.gpu for i in insts if i.spot]
@@ -601,9 +721,9 @@ class Controller:
                 empty.cost_per_hour = round(sum(i.price_per_hour for i in empty.instances), 4)
                 empty.predicted = type(plan.predicted)()
                 empty.inputs = {**plan.inputs, "rescheduled": "all-lost", "lost": sorted(lost)}
-                after = self.store.add_plan(self.deployment, empty, reason=f"all replicas lost ({', '.join(sorted(lost))})")
+                after = self.store.add_plan(self.deployment, empty, reason=f"all replicas lost ({what})")
                 self.state, self.message = "all-lost", "every replica is lost; reprovisioning"
-                self.event("all-lost", f"every replica is lost ({', '.join(f'{k}: {v}' for k, v in sorted(lost.items()))}); "
+                self.event("all-lost", f"every replica is lost ({what}); "
                            "requests get 503 until replacements are up", {
                                "key": key, "before": plan.version, "after": after, "lost": lost,
                                "reprovision": reprov, "preempted_zones": preempted_zones, "spot_lost": spot_lost})
@@ -613,12 +733,13 @@ class Controller:
                     "predicted": {"goodput_before": before_goodput, "goodput_after": 0.0},
                     "reprovision": reprov, "preempted_zones": preempted_zones, "spot_lost": spot_lost})
             else:
-                after = self.store.add_plan(self.deployment, new, reason=f"light reschedule: lost {', '.join(sorted(lost))}")
+                after = self.store.add_plan(self.deployment, new, reason=f"light reschedule: {what}")
                 self.state = "degraded"
-                self.event("reschedule", f"lost {', '.join(sorted(lost))}: {len(plan.groups)} -> {len(new.groups)} "
+                self.event("reschedule", f"{what}: {len(plan.groups)} -> {len(new.groups)} "
                            f"replicas, predicted goodput {before_goodput:.2f} -> {new.predicted.goodput_rps:.2f} req/s "
                            f"(decided in {decision_s * 1000:.0f} ms)", {
                                "key": key, "before": plan.version, "after": after, "lost": lost, "light": not full,
+                               "dead_groups": sorted(dead_groups), "restart": restart,
                                "decision_s": round(decision_s, 4), "detected_at": detected, "decided_at": time.time(),
                                "phases": {g.id: g.phase for g in new.groups},
                                "predicted": {"goodput_before": before_goodput,
@@ -634,11 +755,14 @@ class Controller:
         if new is not None:
             self._push(new, f"plan v{new.version}")
         if self.config.reprovision:
-            self.pending[key] = Pending(key, insts, lost_groups)
+            if self.provider is not None:
+                self.pending[key] = Pending(key, insts, lost_groups)
+            elif restart:  # no provider to replace machines with: restart engines on live nodes only
+                self.pending[key] = Pending(key, [], [g for g in lost_groups if g.id in restart])
 
     def _push(self, plan: Plan, why: str) -> None:
         """Route by `plan` (minus replicas known dead)."""
-        from thunderops.serve.router import RoutingError, RoutingTable
+        from thunderops.serve.router import RoutingError
 
         groups = [g.id for g in plan.groups]
         if not groups:
@@ -648,12 +772,20 @@ class Controller:
         except Exception:
             current = plan.version
         try:
-            table = RoutingTable.from_plan(plan, {g: self.urls[g] for g in groups if g in self.urls},
-                                           version=max(current + 1, plan.version))
-            table = table.without(self.dead & set(groups)) if self.dead & set(groups) else table
+            table = self.table_for(plan, version=max(current + 1, plan.version))
             self.router.push(table)
         except (RoutingError, KeyError, httpx.HTTPError) as e:
             self.event("routing-failed", f"could not push routing for {why}: {e}", {"plan_version": plan.version})
+
+    def table_for(self, plan: Plan, version: int | None = None):
+        """The routing table that serves `plan` (replicas known dead left out, fallback routes added)."""
+        from thunderops.serve.router import RoutingTable
+
+        groups = [g.id for g in plan.groups]
+        table = RoutingTable.from_plan(plan, {g: self.urls[g] for g in groups if g in self.urls}, version=version)
+        if self.dead & set(groups):
+            table = table.without(self.dead & set(groups))
+        return with_fallbacks(table)
 
     # -- spend -------------------------------------------------------------------------------------------
     def _spend_guard(self, plan: Plan) -> None:
@@ -733,7 +865,7 @@ class Controller:
 
     # -- reprovisioning ----------------------------------------------------------------------------------
     def _kick_reprovision(self) -> None:
-        if not self.pending or not self.config.reprovision or self.provider is None:
+        if not self.pending or not self.config.reprovision:
             return
         if self._worker is not None and self._worker.is_alive():
             return
@@ -803,7 +935,7 @@ class Controller:
                 r = self.replacement(inst, new_id, headroom - sum(x.price_per_hour for x in repl.values()))
                 if r is not None:
                     repl[inst.id] = r
-            if not repl:
+            if pend.instances and not repl:
                 raise RuntimeError(f"no offer for {', '.join(i.id for i in pend.instances)} fits the "
                                    f"{headroom:.2f} $/h left of the {budget:.2f} $/h budget")
             extra = sum(i.price_per_hour for i in repl.values())
@@ -813,7 +945,7 @@ class Controller:
             if not added:
                 raise RuntimeError("no lost group fits on the replacements and survivors")
             self.state = "reprovisioning"
-            self.event("reprovision-start", f"replacing {', '.join(repl)} with "
+            self.event("reprovision-start", f"restarting {', '.join(added)}" + (f"; replacing {', '.join(repl)} with " if repl else "")
                        + ", ".join(f"{r.id} ({r.cloud} {r.zone or r.region} {'spot' if r.spot else 'on-demand'} "
                                    f"{r.price_per_hour:.2f} $/h)" for r in repl.values()),
                        {"key": pend.key, "replacements": {k: asdict(v) for k, v in repl.items()},
@@ -827,14 +959,17 @@ class Controller:
         sub.routing = []
         sub.budget_per_hour = headroom
         sub.cost_per_hour = extra
-        res = self.provider.up(self.deployment, sub, keep_partial=True)
-        if not res.ok:
-            raise RuntimeError(f"provisioning failed: {res.message}")
-        nodes = {n.instance_id: n for n in res.nodes}
+        nodes = {}
+        if sub.instances:
+            res = self.provider.up(self.deployment, sub, keep_partial=True)
+            if not res.ok:
+                raise RuntimeError(f"provisioning failed: {res.message}")
+            nodes = {n.instance_id: n for n in res.nodes}
         for inst in folded.instances:
             if inst.id in nodes:
                 inst.host = nodes[inst.id].host
-        all_nodes = {r.instance_id: r for r in self.provider.status(self.deployment)} | nodes
+        known = self.provider.status(self.deployment) if self.provider is not None else []
+        all_nodes = {r.instance_id: r for r in known} | nodes
         urls = self.launcher.start(self.deployment, folded, added, all_nodes)
         measured = self._measure(list(repl.values()))
         if measured:
@@ -857,7 +992,8 @@ class Controller:
             self.pending.pop(pend.key, None)
             self.state = "degraded" if self.pending else "watching"
             self.message = ""
-            self.event("reprovisioned", f"{', '.join(sorted(urls))} serving on {', '.join(sorted(new_ids))}: "
+            self.event("reprovisioned", f"{', '.join(sorted(urls))} serving"
+                       + (f" on {', '.join(sorted(new_ids))}" if new_ids else " again") + ": "
                        f"{len(new.groups)} replicas, predicted goodput {latest.predicted.goodput_rps:.2f} -> "
                        f"{new.predicted.goodput_rps:.2f} req/s ({time.perf_counter() - t0:.1f} s)", {
                            "key": pend.key, "before": latest.version, "after": after, "groups": sorted(urls),
