@@ -293,9 +293,10 @@ def decode_work(batch: float, total_context: float) -> Work:
 
 
 def usable_memory_bytes(gpu: GpuSpec) -> float:
-    """Device memory as the CUDA runtime reports it (what vLLM multiplies by its utilization): datasheets'
-    'GB' of HBM are GiB, less about 1% the driver keeps (an H100 80GB reports 79.2 GiB)."""
-    return gpu.memory_gb * 2**30 * 0.99
+    """Device memory the model may plan with: the datasheet figure read as decimal GB. Conservative: an H100
+    80GB reports 79.2 GiB (85.0e9 B) to CUDA, but "24GB" GDDR cards such as the A10 or L4 report only
+    22.5 GiB (24.1e9 B), so GB is the reading that never over-promises memory."""
+    return gpu.memory_gb * 1e9
 
 
 # ---------------------------------------------------------------------------------------------- the model
