@@ -98,24 +98,30 @@ def run_fastapi_proxy(port: int, prefill: str, decode: str) -> None:
 # ---- load generation ----------------------------------------------------------------------------------
 
 async def _load(url: str, seconds: float, concurrency: int, out: mp.Queue) -> None:
-    import aiohttp
+    """Closed-loop load: `concurrency` keep-alive connections, each sending the next request on its answer.
+    Uses the router's own lean client (thunderops.serve.upstream) so the generator leaves the most CPU to
+    the proxies on a small machine."""
+    from urllib.parse import urlsplit
 
+    from thunderops.serve.upstream import UpstreamPool
+
+    u = urlsplit(url)
+    pool = UpstreamPool(f"{u.scheme}://{u.netloc}", {"Authorization": f"Bearer {KEY}"})
     body = json.dumps(BODY).encode()
-    headers = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
     done = errors = 0
     stop = time.monotonic() + seconds
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as s:
-        async def worker() -> None:
-            nonlocal done, errors
-            while time.monotonic() < stop:
-                async with s.post(url, data=body, headers=headers) as r:
-                    await r.read()
-                    if r.status == 200:
-                        done += 1
-                    else:
-                        errors += 1
 
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
+    async def worker() -> None:
+        nonlocal done, errors
+        while time.monotonic() < stop:
+            status, _ = await pool.request("POST", u.path, body)
+            if status == 200:
+                done += 1
+            else:
+                errors += 1
+
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    pool.close()
     out.put((done, errors))
 
 
@@ -151,26 +157,31 @@ def throughput(url: str, seconds: float, concurrency: int, clients: int) -> tupl
 
 
 async def _latency(n: int, url: str | None, prefill: str, decode: str) -> list[float]:
-    """p50 sample of one-at-a-time requests; url=None does the P/D flow directly against the emulators."""
-    import aiohttp
+    """One-at-a-time requests (after 50 warm-up ones); url=None does the P/D flow straight to the emulators."""
+    from urllib.parse import urlsplit
 
-    headers = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
+    from thunderops.serve.upstream import UpstreamPool
+
+    auth = {"Authorization": f"Bearer {KEY}"}
+    body = json.dumps(BODY).encode()
+    pre = json.dumps(dict(BODY, max_tokens=1, kv_transfer_params={"do_remote_decode": True})).encode()
+    if url is not None:
+        u = urlsplit(url)
+        proxy = UpstreamPool(f"{u.scheme}://{u.netloc}", auth)
+    p_pool, d_pool = UpstreamPool(prefill, auth), UpstreamPool(decode, auth)
     out = []
-    async with aiohttp.ClientSession() as s:
-        for i in range(n + 50):
-            t = time.perf_counter()
-            if url is not None:
-                async with s.post(url, data=json.dumps(BODY), headers=headers) as r:
-                    await r.read()
-            else:
-                p = dict(BODY, max_tokens=1, kv_transfer_params={"do_remote_decode": True})
-                async with s.post(prefill + "/v1/completions", data=json.dumps(p), headers=headers) as r:
-                    kv = (await r.json())["kv_transfer_params"]
-                async with s.post(decode + "/v1/completions", data=json.dumps(dict(BODY, kv_transfer_params=kv)),
-                                  headers=headers) as r:
-                    await r.read()
-            if i >= 50:  # warm-up excluded
-                out.append(time.perf_counter() - t)
+    for i in range(n + 50):
+        t = time.perf_counter()
+        if url is not None:
+            status, _ = await proxy.request("POST", u.path, body)
+        else:
+            status, data = await p_pool.request("POST", "/v1/completions", pre)
+            kv = json.loads(data)["kv_transfer_params"]
+            status, _ = await d_pool.request("POST", "/v1/completions",
+                                             json.dumps(dict(BODY, kv_transfer_params=kv)).encode())
+        assert status == 200, status
+        if i >= 50:
+            out.append(time.perf_counter() - t)
     return out
 
 
