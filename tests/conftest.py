@@ -69,3 +69,25 @@ def thunderops_cli() -> str:
     if exe is None:
         pytest.skip("thunderops console script not on PATH (pip install -e .)")
     return exe
+
+
+def system_tool(names: tuple[str, ...], apt_package: str) -> str:
+    """Path of a system program the tests need; installed from Debian's packages when missing and we may
+    (root with apt-get: a clean CI machine has only what the repo installs), else the test skips."""
+    for name in names:
+        if exe := shutil.which(name):
+            return exe
+    if os.geteuid() == 0 and shutil.which("apt-get") and os.environ.get("THUNDEROPS_NO_APT") != "1":
+        import subprocess
+
+        env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+        try:
+            subprocess.run(["apt-get", "update", "-qq"], env=env, capture_output=True, timeout=300)
+            subprocess.run(["apt-get", "install", "-y", "-qq", "--no-install-recommends", apt_package],
+                           env=env, capture_output=True, timeout=600)
+        except (OSError, subprocess.TimeoutExpired):
+            pass
+        for name in names:
+            if exe := shutil.which(name):
+                return exe
+    pytest.skip(f"{names[0]} is not installed (apt-get install -y {apt_package})")

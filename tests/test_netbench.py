@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import threading
 import time
 
 import pytest
+from conftest import system_tool  # tests/ is on sys.path under pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from rich.console import Console
@@ -101,8 +101,8 @@ def test_one_slow_link_between_otherwise_fast_nodes(agents):
         assert r.pair("x", "z").gbps > 3 * 0.3 and r.pair("y", "z").gbps > 3 * 0.3
 
 
-@pytest.mark.skipif(shutil.which("iperf3") is None, reason="iperf3 is not installed here")
 def test_iperf3_where_both_nodes_have_it_builtin_where_a_link_is_emulated(agents):
+    system_tool(("iperf3",), "iperf3")
     a, b = agents.start("a"), agents.start("b")
     c = agents.start("c", "--link-mbps", "300")
     r = measure([a.endpoint(), b.endpoint(), c.endpoint()], duration_s=1, streams=2, nccl=False)  # tool=auto

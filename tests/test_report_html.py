@@ -1,19 +1,19 @@
 """The HTML report in a real headless browser (Chromium): the figures are in its tables and the charts render.
-Skips when no Chromium is installed (Debian: `apt-get install -y chromium`)."""
+Installs Debian's chromium when missing and running as root (a clean CI machine); skips otherwise."""
 
 from __future__ import annotations
 
 import base64
 import io
 import re
-import shutil
 import subprocess
 from html.parser import HTMLParser
 
 import numpy as np
 import pytest
+from conftest import system_tool  # tests/ is on sys.path under pytest
 from PIL import Image
-from test_report import make_deployment  # tests/ is on sys.path under pytest
+from test_report import make_deployment
 
 from thunderops.state import Store
 
@@ -25,11 +25,7 @@ CHART_COLOURS = {"blue": (31, 119, 180), "orange": (255, 127, 14), "green": (44,
 
 @pytest.fixture
 def browser() -> str:
-    for name in BROWSERS:
-        exe = shutil.which(name)
-        if exe:
-            return exe
-    pytest.skip("no Chromium for the headless-browser check (apt-get install -y chromium)")
+    return system_tool(BROWSERS, "chromium")
 
 
 class Page(HTMLParser):
