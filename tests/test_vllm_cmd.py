@@ -144,3 +144,8 @@ def test_every_command_parses_with_vllms_parser_into_an_engine_config(tmp_path, 
             assert config.model_config.max_model_len == int(flag(cmd.argv, "--max-model-len"))
             if cmd.connector:
                 assert config.kv_transfer_config.kv_connector == cmd.connector
+
+
+def test_older_vllm_pins_the_backend_through_its_environment_variable():
+    for c in engine_commands(pd_plan(), EngineOptions(attention_via_env=True)):
+        assert "--attention-backend" not in c.argv and c.env["VLLM_ATTENTION_BACKEND"] == "FLASH_ATTN"

@@ -36,6 +36,7 @@ class EngineOptions:
     host: str = "0.0.0.0"
     nixl_port_offset: int = 1000  # NIXL side channel at HTTP port + this
     lmcache_serde: str = "cachegen"  # LMCache's compressing serializer
+    attention_via_env: bool = False  # vLLM < 0.12 has no --attention-backend: pin with VLLM_ATTENTION_BACKEND
     extra_args: tuple[str, ...] = ()
 
 
@@ -163,11 +164,14 @@ def engine_commands(plan: Plan, options: EngineOptions = EngineOptions(), *, exe
             "--max-model-len", str(mml),
             "--dtype", pins["dtype"],
             "--kv-cache-dtype", pins["kv_cache_dtype"],
-            "--attention-backend", pins["attention_backend"],
         ]
+        env: dict[str, str] = {}
+        if options.attention_via_env:
+            env["VLLM_ATTENTION_BACKEND"] = pins["attention_backend"]
+        else:
+            argv += ["--attention-backend", pins["attention_backend"]]
         if multi_node:
             argv += ["--distributed-executor-backend", "ray"]
-        env: dict[str, str] = {}
         if g.pp > 1:
             env["VLLM_PP_LAYER_PARTITION"] = ",".join(str(n) for n in g.layer_split)
         if not multi_node and g.stages[0].gpu_ids:
