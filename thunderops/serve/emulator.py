@@ -155,9 +155,11 @@ class Engine:
         self.wake.set()
         await fut
 
-    def decode(self, pos: int, n: int) -> _Seq:
+    def decode(self, pos: int, n: int, from_prefill: bool = False) -> _Seq:
+        """Generate n tokens after context position pos. A prefill-only request's one token comes out of the
+        prefill pass itself (no decode step)."""
         seq = _Seq(pos, n)
-        if self.instant:
+        if self.instant or from_prefill:
             for _ in range(n):
                 seq.queue.put_nowait(1)
             return seq
@@ -177,7 +179,7 @@ class Engine:
                     if not fut.done():
                         fut.set_result(None)
                 continue
-            seqs = self.running
+            seqs = list(self.running)  # sequences joining during this step wait for the next one
             dt = self.timing.decode_step_time(len(seqs), sum(s.pos for s in seqs)) * self.scale
             await asyncio.sleep(dt)
             for s in seqs:
@@ -356,7 +358,7 @@ class Emulator:
             }
         if not (isinstance(kv, dict) and kv.get("do_remote_prefill")):
             await self.engine.prefill(prompt_tokens)  # remote-prefilled requests skip local prefill
-        seq = self.engine.decode(prompt_tokens, max_tokens)
+        seq = self.engine.decode(prompt_tokens, max_tokens, from_prefill=remote_decode)
         if body.get("stream"):
             return await self._stream(request, body, chat, rid, seq, prompt_tokens, max_tokens)
         for _ in range(max_tokens):

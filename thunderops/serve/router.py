@@ -454,7 +454,10 @@ class Router:
         status, data = await self._post(rep, path, pb)
         if status != 200:
             return status, data, None
-        return status, data, orjson.loads(data).get("kv_transfer_params")
+        try:
+            return status, data, orjson.loads(data).get("kv_transfer_params")
+        except (orjson.JSONDecodeError, AttributeError):
+            raise _Upstream(f"{rep.id}: prefill answer is not a JSON object") from None
 
     async def _prepare(self, path: str, body: dict[str, Any], rec: UsageRecord,
                        exclude: set[str]) -> tuple[Replica, dict[str, Any] | web.Response]:
