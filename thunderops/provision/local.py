@@ -1,0 +1,331 @@
+"""The local provider: machines you already have, joined in a Ray cluster, behind the same interface as SkyPilot.
+
+Every node of a deployment is a Ray node carrying two custom resources: `thunderops_node_<instance>` (so work
+can be pinned to that plan instance) and `thunderops_gpu_<GPU type>` (its declared GPUs). Two ways in:
+
+- start nodes here (`LocalProvider()`, or `emulate=True` for trials and tests): a head and one Ray node per
+  plan instance on 127.0.0.1, each with its declared GPU type (`ray.cluster_utils.Cluster`; with
+  `emulate=False` the node also gets the GPUs as Ray `num_gpus`). The serving step fills them with engines
+  or engine emulators.
+- attach to a Ray cluster you started on your hosts (`address=HOST:PORT`): each inventory node runs
+  `ray start --address=... --resources='{"thunderops_node_<name>": 1, "thunderops_gpu_<GPU>": N}'`;
+  `up` checks that every plan instance is there (and prints the command for the ones that are not).
+
+Ray's GCS health checks are tuned so that a dead node is seen in about 2 s (`HEALTH`).
+Process ids of the Ray processes we start are recorded in the store, so `down` from another process (or
+after `up` was killed) ends exactly those processes and nothing else.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from rich.console import Console
+
+from thunderops.errors import ProvisionError
+from thunderops.plan import Plan
+from thunderops.provision import (
+    AGENT_PORT,
+    ENGINE_PORT,
+    KV_PORT,
+    DownResult,
+    Node,
+    Ports,
+    Provider,
+    ProvisionResult,
+)
+from thunderops.provision.tasks import slug
+from thunderops.specs import get_gpu
+from thunderops.state import Store, now_utc
+
+# A node missing 3 health checks 400 ms apart (each timing out after 400 ms) is declared dead: ~2 s.
+HEALTH = {"health_check_initial_delay_ms": 0, "health_check_period_ms": 400, "health_check_timeout_ms": 400,
+          "health_check_failure_threshold": 3}
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+_RAY_PROCESS_WORDS = ("raylet", "gcs_server", "ray", "dashboard", "log_monitor", "monitor.py")
+
+
+def node_resource(instance_id: str) -> str:
+    return f"thunderops_node_{slug(instance_id, 40)}"
+
+
+def gpu_resource(gpu: str) -> str:
+    return f"thunderops_gpu_{get_gpu(gpu).name}"
+
+
+def ray_connect(address: str) -> None:
+    """Connect this process to the Ray cluster at `address` as a driver. Ray turns a loopback address into
+    the machine's IP unless told it is not running a multi-host cluster; for 127.0.0.1 we tell it so."""
+    import ray
+    from ray._private import ray_constants
+
+    host = address.rsplit(":", 1)[0]
+    if ray.is_initialized():
+        if ray.get_runtime_context().gcs_address == address:
+            return
+        ray.shutdown()  # connected to another cluster: switch
+    if host in LOOPBACK:
+        ray_constants.ENABLE_RAY_CLUSTER = False  # read at call time by ray._private.services
+    ray.init(address=address, _node_ip_address=host if host in LOOPBACK else None, ignore_reinit_error=True,
+             log_to_driver=False, logging_level="WARNING", configure_logging=False)
+
+
+def gcs_reachable(address: str, timeout_s: float = 2.0) -> bool:
+    """Whether the cluster's GCS accepts connections (ray.init would retry a dead one for minutes)."""
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout_s):
+            return True
+    except (OSError, ValueError):
+        return False
+
+
+def ray_alive(address: str) -> dict[str, bool]:
+    """Ray's own view: node id (hex) -> alive, for the cluster at `address` ({} when it is gone)."""
+    import ray
+
+    if not gcs_reachable(address):
+        return {}
+    ray_connect(address)
+    return {n["NodeID"]: bool(n["Alive"]) for n in ray.nodes()}
+
+
+@dataclass
+class _Started:
+    """A Ray cluster this process started for one deployment."""
+
+    cluster: Any
+    temp_dir: str
+
+
+def _pids(ray_node: Any) -> list[int]:
+    return sorted({p.process.pid for infos in ray_node.all_processes.values() for p in infos if p.process})
+
+
+def _is_ray_process(pid: int) -> bool:
+    """Guard against pid reuse: only end a recorded pid that is still a Ray process."""
+    try:
+        cmd = open(f"/proc/{pid}/cmdline", "rb").read().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return False
+    return any(w in cmd for w in _RAY_PROCESS_WORDS)
+
+
+def stop_pids(pids: list[int], timeout_s: float = 5.0) -> list[int]:
+    """SIGTERM then SIGKILL the recorded Ray processes still running; returns those that were running."""
+    running = [p for p in pids if _is_ray_process(p)]
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for p in running:
+            try:
+                os.kill(p, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline and any(_alive(p) for p in running):
+            time.sleep(0.1)
+        if not any(_alive(p) for p in running):
+            break
+    return running
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:
+        done, _ = os.waitpid(pid, os.WNOHANG)  # reap our own children
+        return done == 0
+    except ChildProcessError:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                return f.read().split(")")[-1].split()[0] != "Z"
+        except OSError:
+            return False
+
+
+class LocalProvider(Provider):
+    name = "local"
+
+    def __init__(self, store: Store | None = None, *, emulate: bool = False, address: str | None = None,
+                 console: Console | None = None, health: dict[str, int] | None = None,
+                 start_timeout_s: float = 120.0) -> None:
+        self.store = store or Store()
+        self.emulate = emulate
+        self.address = address
+        self.console = console
+        self.health = dict(HEALTH if health is None else health)
+        self.start_timeout_s = start_timeout_s
+        self._started: dict[str, _Started] = {}
+        self._lock = threading.Lock()
+
+    # -- up ---------------------------------------------------------------------------------------------
+    def up(self, deployment: str, plan: Plan, *, keep_partial: bool = False) -> ProvisionResult:
+        store = self.store
+        if not plan.instances:
+            raise ProvisionError("the plan has no instances; nothing to bring up")
+        version = plan.version if plan.version in store.plan_versions(deployment) else store.add_plan(deployment, plan)
+        store.set_deployment_status(deployment, "provisioning")
+        store.add_event(deployment, "provision-start", f"local provider, {len(plan.instances)} node(s)",
+                        {"plan_version": version, "emulate": self.emulate, "address": self.address})
+        try:
+            nodes = self._attach(deployment, plan) if self.address else self._start(deployment, plan)
+        except BaseException as e:
+            store.add_event(deployment, "provision-failed", str(e).splitlines()[0] if str(e) else type(e).__name__)
+            if not keep_partial:
+                self.down(deployment)
+            store.set_deployment_status(deployment, "failed")
+            raise
+        final = Plan.from_dict(plan.to_dict())
+        for inst in final.instances:
+            inst.host = next(n.host for n in nodes if n.instance_id == inst.id)
+        store.set_deployment_status(deployment, "up")
+        store.add_event(deployment, "provision-done", f"{len(nodes)} Ray node(s) up",
+                        {"plan_version": version, "address": self.ray_address(deployment)})
+        return ProvisionResult(deployment, final, version, nodes, ok=True)
+
+    def _start(self, deployment: str, plan: Plan) -> list[Node]:
+        """A Ray head and one Ray node per plan instance on this machine."""
+        from ray.cluster_utils import Cluster
+
+        remote = [i.id for i in plan.instances if i.host and i.host not in LOOPBACK]
+        if remote:
+            raise ProvisionError(f"instances {', '.join(remote)} are on other hosts: start Ray there and pass "
+                                 "--ray-address (see docs/provision.md), or plan for this machine only")
+        # Ray's socket paths must stay short (AF_UNIX limit), so its temp dir lives directly under /tmp.
+        temp_dir = tempfile.mkdtemp(prefix=f"to-ray-{deployment}-")
+        os.makedirs(os.path.join(temp_dir, "ray"))
+        os.environ["RAY_TMPDIR"] = temp_dir  # Ray writes its current-cluster file under $RAY_TMPDIR/ray
+        head_args = {"num_cpus": 0, "num_gpus": 0, "node_ip_address": "127.0.0.1", "include_dashboard": False,
+                     "temp_dir": os.path.join(temp_dir, "ray"), "_system_config": self.health}
+        cluster = Cluster(initialize_head=True, head_node_args=head_args)
+        with self._lock:
+            self._started[deployment] = _Started(cluster, temp_dir)
+        head_pids = _pids(cluster.head_node)
+        ray_nodes = []
+        for inst in plan.instances:
+            gpus = int(inst.gpus)
+            resources = {node_resource(inst.id): 1.0, gpu_resource(inst.gpu): float(gpus)}
+            ray_nodes.append(cluster.add_node(wait=False, num_cpus=1, num_gpus=0 if self.emulate else gpus,
+                                              node_ip_address="127.0.0.1", resources=resources))
+        cluster.wait_for_nodes(timeout=self.start_timeout_s)
+        nodes = []
+        for k, (inst, rn) in enumerate(zip(plan.instances, ray_nodes, strict=True)):
+            ports = Ports(ENGINE_PORT + 20 * k, KV_PORT + 20 * k, AGENT_PORT + 4 * k)  # one host: no clashes
+            node_id = f"local-{deployment}-{slug(inst.id)}"
+            self.store.record_node_intent(
+                deployment, node_id, inst.id, rn.node_id, cloud="local", region="local", zone="",
+                instance_type=inst.instance_type, gpu=inst.gpu, gpus=inst.gpus, spot=False,
+                price_per_hour=inst.price_per_hour, host="127.0.0.1", status="ready", launched_at=now_utc(),
+                engine_port=ports.engine, kv_port=ports.kv, agent_port=ports.agent,
+                meta={"ray_node_id": rn.node_id, "address": cluster.address, "pids": _pids(rn),
+                      "head_pids": head_pids, "temp_dir": temp_dir, "emulate": self.emulate, "owned": True})
+            nodes.append(Node.from_record(self.store.node(node_id)))
+        return nodes
+
+    def _attach(self, deployment: str, plan: Plan) -> list[Node]:
+        """Match every plan instance to a live node of the Ray cluster at `self.address`."""
+        import ray
+
+        try:
+            ray_connect(self.address)
+        except Exception as e:  # Ray raises ConnectionError, RuntimeError, TimeoutError...
+            raise ProvisionError(f"cannot reach the Ray cluster at {self.address} ({type(e).__name__}); "
+                                 "start it with `ray start --head` and pass its address") from None
+        live = [n for n in ray.nodes() if n["Alive"]]
+        missing, nodes = [], []
+        for inst in plan.instances:
+            want = node_resource(inst.id)
+            match = next((n for n in live if n["Resources"].get(want)), None)
+            if match is None:
+                missing.append(f"on {inst.host or inst.id}: ray start --address={self.address} "
+                               f"--resources='{json.dumps({want: 1, gpu_resource(inst.gpu): inst.gpus})}'")
+                continue
+            have = match["Resources"].get(gpu_resource(inst.gpu), 0)
+            if have < inst.gpus:
+                raise ProvisionError(f"Ray node for {inst.id} declares {have:g} {inst.gpu} GPUs, the plan needs "
+                                     f"{inst.gpus}; restart it with --resources for {gpu_resource(inst.gpu)}")
+            node_id = f"local-{deployment}-{slug(inst.id)}"
+            self.store.record_node_intent(
+                deployment, node_id, inst.id, match["NodeID"], cloud="local", region="local",
+                instance_type=inst.instance_type, gpu=inst.gpu, gpus=inst.gpus, spot=False,
+                price_per_hour=inst.price_per_hour, host=match["NodeManagerAddress"], status="ready",
+                launched_at=now_utc(), meta={"ray_node_id": match["NodeID"], "address": self.address, "owned": False})
+            nodes.append(Node.from_record(self.store.node(node_id)))
+        if missing:
+            raise ProvisionError("plan instances missing from the Ray cluster; run " + " ; ".join(missing))
+        return nodes
+
+    # -- status / down ----------------------------------------------------------------------------------
+    def ray_address(self, deployment: str) -> str | None:
+        with self._lock:
+            started = self._started.get(deployment)
+        if started is not None:
+            return started.cluster.address
+        for r in self.store.nodes(deployment):
+            if r.meta.get("address"):
+                return str(r.meta["address"])
+        return self.address
+
+    def status(self, deployment: str) -> list[Node]:
+        """The deployment's nodes; a live one whose Ray node is gone shows as `dead`."""
+        recs = self.store.nodes(deployment)
+        live = [r for r in recs if r.live]
+        address = self.ray_address(deployment)
+        alive: dict[str, bool] = {}
+        if live and address:
+            try:
+                alive = ray_alive(address)
+            except Exception:  # the whole cluster is gone: every node is dead
+                alive = {}
+        out = []
+        for r in recs:
+            node = Node.from_record(r)
+            if r.live and not alive.get(str(r.meta.get("ray_node_id") or r.cluster_name), False):
+                node.status = "dead"
+            out.append(node)
+        return out
+
+    def down(self, deployment: str | None) -> DownResult:
+        store = self.store
+        if deployment is None:
+            deps = [d.id for d in store.deployments() if d.provider == self.name]
+        else:
+            store.deployment(deployment)  # unknown -> one-line error
+            deps = [deployment]
+        result = DownResult(deployment)
+        for dep in deps:
+            recs = store.nodes(dep)
+            with self._lock:
+                started = self._started.pop(dep, None)
+            if started is not None:
+                try:
+                    import ray
+
+                    if ray.is_initialized():
+                        ray.shutdown()
+                    started.cluster.shutdown()
+                except Exception as e:  # fall through to killing the recorded pids
+                    result.failed[dep] = f"{type(e).__name__}: {e}"
+            owned = [r for r in recs if r.meta.get("owned")]
+            pids = sorted({p for r in owned for p in [*r.meta.get("pids", []), *r.meta.get("head_pids", [])]})
+            stop_pids(pids)
+            for temp_dir in {r.meta.get("temp_dir") for r in owned if r.meta.get("temp_dir")}:
+                if str(temp_dir).startswith(tempfile.gettempdir()):
+                    shutil.rmtree(temp_dir, ignore_errors=True)
+            for r in recs:
+                if r.live:
+                    store.update_node(r.id, status="terminated", terminated_at=now_utc())
+                    result.terminated.append(r.cluster_name)
+            store.add_event(dep, "down", f"stopped {len(recs)} local node(s)", {"pids": pids})
+            store.set_deployment_status(dep, "down")
+        return result
