@@ -20,10 +20,10 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from thunderops.errors import PlanError, WorkloadError
+from thunderops.errors import PlanError
 from thunderops.plan import SLO, Group, Plan
 from thunderops.specs import GpuSpec, ModelSpec, catalog_dir, get_gpu, get_model, norm
-from thunderops.workload import Workload, check_rate
+from thunderops.workload import Workload
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -686,20 +686,6 @@ class PerfModel:
         return _max_rate(ok, 1.0 / max(self.pass_time(layout, per_prompt), 1e-9))
 
 
-def mg1_wait_quantile(lam: float, es: float, es2: float, q: float) -> float:
-    """Waiting time at quantile q in an M/G/1 queue: no wait with probability 1 - rho, else exponential with
-    the Pollaczek-Khinchine mean (exact for M/M/1, close for M/D/1 tails)."""
-    rho = lam * es
-    if rho <= 0:
-        return 0.0
-    if rho >= 1:
-        return math.inf
-    mean = lam * es2 / (2 * (1 - rho))
-    if q <= 1 - rho:
-        return 0.0
-    return mean / rho * math.log(rho / (1 - q))
-
-
 def tpot_miss_probability(steps: np.ndarray, share: float, t_mixed: float, t_pure: float, target: float) -> float:
     """Share of requests whose mean step time exceeds `target` when each of their `steps` decode steps is a
     mixed one (time t_mixed) with probability `share`, else a pure one (t_pure): a binomial tail."""
@@ -777,12 +763,7 @@ def layout_of(plan: Plan, group: Group, model: PerfModel | None = None) -> Layou
     return layout
 
 
-def check_positive_rate(rate: float) -> None:
-    """Raise WorkloadError for a zero, negative or non-finite request rate."""
-    check_rate(rate)
-
-
 __all__ = [
-    "Calibration", "DoesNotFitError", "Layout", "ParallelismError", "PerfModel", "StageLayout", "WorkloadError",
-    "layout_of", "layer_ops", "lm_head_ops", "prefill_work", "decode_work", "Work", "mg1_wait_quantile",
+    "Calibration", "DoesNotFitError", "Layout", "ParallelismError", "PerfModel", "StageLayout", "Work",
+    "layout_of", "layer_ops", "lm_head_ops", "prefill_work", "decode_work", "mg1_miss_probability",
 ]

@@ -16,7 +16,7 @@ from __future__ import annotations
 import heapq
 import math
 from collections import deque
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -631,12 +631,6 @@ def _capacity_guess(plan: Plan, perf: PerfModel, workload: Workload, slo: SLO, r
             load[r.decode] = load.get(r.decode, 0.0) + r.fraction
     rates = [caps[g] / f for g, f in load.items() if f > 0]
     return min(rates) if rates else 0.0
-
-
-def result_dict(res: SimResult) -> dict:
-    d = res.summary()
-    d["slo"] = asdict(res.slo)
-    return d
 
 
 def homogeneous_plan(model: str, gpu: str, prefill: tuple[int, int] = (0, 1), decode: tuple[int, int] = (0, 1),
