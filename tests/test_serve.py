@@ -103,6 +103,8 @@ def test_completion_streaming(fast):
 def test_models_lists_the_served_names(fast):
     ids = {m.id for m in client(fast).models.list()}
     assert MODEL in ids and "Llama-3.1-8B" in ids
+    for name in ids:  # every listed name is served end to end
+        assert client(fast).completions.create(model=name, prompt="hi", max_tokens=1).model == name
 
 
 # ---- the P/D protocol -----------------------------------------------------------------------------------

@@ -40,6 +40,8 @@ def test_pd_groups_get_model_parallelism_ports_and_nixl():
     for c in cmds:
         assert all(isinstance(a, str) for a in c.argv)
         assert c.argv[:3] == ["vllm", "serve", "meta-llama/Llama-3.1-8B"]
+        names = c.argv[c.argv.index("--served-model-name") + 1:c.argv.index("--host")]
+        assert names == ["meta-llama/Llama-3.1-8B", "Llama-3.1-8B", "llama3-8b"]
         assert flag(c.argv, "--tensor-parallel-size") == "1"
         assert flag(c.argv, "--pipeline-parallel-size") == "1"
         assert flag(c.argv, "--gpu-memory-utilization") == "0.85"

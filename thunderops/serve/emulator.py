@@ -217,6 +217,22 @@ def _chat_prompt_tokens(messages: Any, add_generation_prompt: bool) -> int:
     return n
 
 
+def _with_aliases(names: set[str]) -> set[str]:
+    """Catalog models answer to their HF id and catalog name too (as the router and vLLM's
+    --served-model-name list do)."""
+    from thunderops.errors import SpecError
+    from thunderops.specs import get_model
+
+    out = set(names)
+    for n in names:
+        try:
+            spec = get_model(n)
+        except (SpecError, OSError):
+            continue
+        out.update((spec.hf_id, spec.name))
+    return out
+
+
 class Emulator:
     """One emulated engine: an aiohttp app over an `Engine`."""
 
@@ -224,7 +240,7 @@ class Emulator:
         self.config = config
         scale = 0.0 if config.delay_scale == 0 else config.delay_scale / max(config.speedup, 1e-9)
         self.engine = Engine(timing or ZeroTiming(), scale)
-        self.names = {config.model, *config.served_names}
+        self.names = _with_aliases({config.model, *config.served_names})
         self._ids = itertools.count()
         self.requests = 0
         self.rejected_kv = 0

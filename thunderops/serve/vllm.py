@@ -136,7 +136,7 @@ def engine_commands(plan: Plan, options: EngineOptions = EngineOptions(), *, exe
     pins = pinned_settings(plan, options)
     mml = max_model_len(plan, options)
     conns = connectors(plan)
-    names = list(dict.fromkeys([model.hf_id, plan.model]))
+    names = list(dict.fromkeys([model.hf_id, model.name, plan.model]))  # the names the router accepts
     next_port: dict[str, int] = {}
     out = []
     for index, g in enumerate(plan.groups):
