@@ -58,7 +58,12 @@ class _Conn(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
-        if self.busy and not self.done.done():
+        if not self.busy:  # the engine closed an idle keep-alive connection (vLLM's uvicorn does after 5 s)
+            try:
+                self.pool.idle.remove(self)
+            except ValueError:
+                pass
+        elif not self.done.done():
             self._fail(UpstreamError(f"connection to {self.pool.netloc} lost"))
 
     # httptools callbacks
