@@ -157,3 +157,11 @@ def test_cli_rejects_a_bad_role_with_one_line(thunderops_cli):
 @pytest.mark.parametrize("text,n", [("Hello, world!", 4), ("", 0), ("one two  three", 3)])
 def test_count_tokens(text, n):
     assert count_tokens(text) == n
+
+
+def test_decode_batches_are_capped_at_max_num_seqs():
+    timing = FixedTiming(per_decode_step_s=0.02)
+    capped = asyncio.run(_timed_requests(EmulatorConfig(model=MODEL, max_num_seqs=2), timing, 6, 10))
+    wide = asyncio.run(_timed_requests(EmulatorConfig(model=MODEL), timing, 6, 10))
+    assert capped > 2.5 * 10 * 0.02  # three rounds of 10 steps, not one
+    assert wide < capped / 2

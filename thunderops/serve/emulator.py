@@ -124,6 +124,7 @@ class EmulatorConfig:
     speedup: float = 1.0
     delay_scale: float = 1.0
     default_max_tokens: int = 16
+    max_num_seqs: int = 256
 
 
 class _Seq:
@@ -138,9 +139,10 @@ class _Seq:
 class Engine:
     """Emulated engine time: batched prefills, then continuous-batching decode steps."""
 
-    def __init__(self, timing: Timing, scale: float) -> None:
+    def __init__(self, timing: Timing, scale: float, max_num_seqs: int = 256) -> None:
         self.timing = timing
         self.scale = scale  # delay_scale / speedup
+        self.max_num_seqs = max_num_seqs  # vLLM's cap on sequences per decode step; the rest wait
         self.prefill_wait: list[tuple[int, asyncio.Future[None]]] = []
         self.running: list[_Seq] = []
         self.wake = asyncio.Event()
@@ -179,14 +181,15 @@ class Engine:
                     if not fut.done():
                         fut.set_result(None)
                 continue
-            seqs = list(self.running)  # sequences joining during this step wait for the next one
+            seqs = self.running[: self.max_num_seqs]  # a copy: sequences joining during this step wait
             dt = self.timing.decode_step_time(len(seqs), sum(s.pos for s in seqs)) * self.scale
             await asyncio.sleep(dt)
             for s in seqs:
                 s.pos += 1
                 s.remaining -= 1
                 s.queue.put_nowait(1)
-            self.running = [s for s in self.running if s.remaining > 0]
+            done = {id(s) for s in seqs if s.remaining <= 0}
+            self.running = [s for s in self.running if id(s) not in done]
 
 
 def _error(status: int, message: str, type_: str = "BadRequestError", param: str | None = None) -> web.Response:
@@ -239,7 +242,7 @@ class Emulator:
     def __init__(self, config: EmulatorConfig, timing: Timing | None = None) -> None:
         self.config = config
         scale = 0.0 if config.delay_scale == 0 else config.delay_scale / max(config.speedup, 1e-9)
-        self.engine = Engine(timing or ZeroTiming(), scale)
+        self.engine = Engine(timing or ZeroTiming(), scale, config.max_num_seqs)
         self.names = _with_aliases({config.model, *config.served_names})
         self._ids = itertools.count()
         self.requests = 0
