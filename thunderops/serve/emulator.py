@@ -17,6 +17,7 @@ the text already produced (request migration) yields exactly the text an uninter
 from __future__ import annotations
 
 import asyncio
+import hmac
 import itertools
 import math
 import re
@@ -247,7 +248,7 @@ class Emulator:
         self._ids = itertools.count()
         self.requests = 0
         self.rejected_kv = 0
-        self._auth = f"Bearer {config.api_key}" if config.api_key else None
+        self._auth = f"Bearer {config.api_key}".encode() if config.api_key else None
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=64 * 1024 * 1024)
@@ -291,7 +292,7 @@ class Emulator:
         return await self._handle(request, chat=True)
 
     async def _handle(self, request: web.Request, chat: bool) -> web.StreamResponse:
-        if self._auth is not None and request.headers.get("Authorization") != self._auth:
+        if self._auth is not None and not hmac.compare_digest(request.headers.get("Authorization", "").encode(), self._auth):
             return _error(401, "Unauthorized", "AuthenticationError")
         try:
             body = orjson.loads(await request.read())
