@@ -71,6 +71,7 @@ class ControllerConfig:
     spend_horizon_s: float = 120.0  # act this long before the limit would be reached at the current $/h
     reprovision: bool = True
     reprovision_backoff_s: float = 30.0
+    restart_grace_s: float = 3.0  # wait before restarting engines on a node the provider still calls alive
     max_reprovision_attempts: int = 5
     avoid_zone_s: float = 1800.0  # keep away from a zone this long after a preemption there
     spot_failures_for_on_demand: int = 2  # spot losses/failures of one GPU type before replacing on demand
@@ -263,7 +264,7 @@ class RayEmulators:
     engine_key: str | None = None
     speedup: float = 1.0
     host: str = "127.0.0.1"
-    timeout_s: float = 60.0
+    timeout_s: float = 30.0
     actors: dict[str, Any] = field(default_factory=dict)
     pids: dict[str, int] = field(default_factory=dict)
 
@@ -423,7 +424,8 @@ def _workload_dict(wl) -> dict[str, Any]:
 
 @dataclass
 class Pending:
-    """Capacity to reprovision: the lost instances and the groups they held, from one loss decision."""
+    """Replicas to bring back (groups as they were before the loss) and the specs of every instance they
+    need. When it runs, instances still in the plan are reused (an engine restart) and the others replaced."""
 
     key: str
     instances: list[Instance]
@@ -705,7 +707,11 @@ class Controller:
         preempted_zones = sorted({(i.cloud, i.zone) for i in insts if i.spot and i.zone
                                   and ("notice" in lost[i.id] or "provider" in lost[i.id])})
         spot_lost = [i.gpu for i in insts if i.spot]
-        reprov = {"instances": [asdict(i) for i in insts], "groups": [asdict(g) for g in lost_groups]}
+        # what to bring back (with no provider, only engines on live nodes can come back)
+        back = lost_groups if self.provider is not None else [g for g in lost_groups if g.id in restart]
+        needed = [plan.instance(i) for i in dict.fromkeys(i for g in back for i in g.instances)]
+        reprov = ({"instances": [asdict(i) for i in needed], "groups": [asdict(g) for g in back]}
+                  if back and self.config.reprovision else None)
         with self.store.transaction():
             for rec in self.store.nodes(self.deployment, live_only=True):
                 if rec.instance_id in lost:
@@ -754,11 +760,10 @@ class Controller:
             self.doomed.pop(iid, None)
         if new is not None:
             self._push(new, f"plan v{new.version}")
-        if self.config.reprovision:
-            if self.provider is not None:
-                self.pending[key] = Pending(key, insts, lost_groups)
-            elif restart:  # no provider to replace machines with: restart engines on live nodes only
-                self.pending[key] = Pending(key, [], [g for g in lost_groups if g.id in restart])
+        if reprov:
+            # A restart waits a little: the provider may yet report the node itself gone.
+            grace = 0.0 if lost else self.config.restart_grace_s
+            self.pending[key] = Pending(key, needed, back, next_try=time.monotonic() + grace)
 
     def _push(self, plan: Plan, why: str) -> None:
         """Route by `plan` (minus replicas known dead)."""
@@ -928,16 +933,20 @@ class Controller:
             budget = plan.budget_per_hour or float("inf")
             headroom = budget - self.store.cost_per_hour(self.deployment)
             taken = {n.instance_id for n in self.store.nodes(self.deployment)} | {i.id for i in plan.instances}
+            have = {i.id for i in plan.instances}
+            specs = {i.id: i for i in pend.instances}
+            need = [i for i in dict.fromkeys(s.instance for g in pend.groups for s in g.stages) if i not in have]
+            if need and self.provider is None:
+                raise RuntimeError(f"{', '.join(need)} lost and no provider to replace them with")
             repl: dict[str, Instance] = {}
-            for inst in pend.instances:
-                new_id = next_instance_id(inst.id, taken)
+            for iid in need:
+                new_id = next_instance_id(iid, taken)
                 taken.add(new_id)
-                r = self.replacement(inst, new_id, headroom - sum(x.price_per_hour for x in repl.values()))
-                if r is not None:
-                    repl[inst.id] = r
-            if pend.instances and not repl:
-                raise RuntimeError(f"no offer for {', '.join(i.id for i in pend.instances)} fits the "
-                                   f"{headroom:.2f} $/h left of the {budget:.2f} $/h budget")
+                r = self.replacement(specs[iid], new_id, headroom - sum(x.price_per_hour for x in repl.values()))
+                if r is None:
+                    raise RuntimeError(f"no offer for {iid} ({specs[iid].gpus}x{specs[iid].gpu}) fits the "
+                                       f"{headroom:.2f} $/h left of the {budget:.2f} $/h budget")
+                repl[iid] = r
             extra = sum(i.price_per_hour for i in repl.values())
             if not self.spend_ok(extra):
                 raise RuntimeError(f"adding {extra:.2f} $/h would pass --max-spend {self.config.max_spend:.2f} $")
