@@ -27,17 +27,17 @@ PAIRS = [("p0", "d0"), ("p0", "d1"), ("p1", "d0"), ("p1", "d1")]
 
 
 @pytest.fixture(scope="module")
-def fast() -> ServingHandle:
+def fast(tmp_path_factory) -> ServingHandle:
     """Zero-delay emulators: protocol and routing tests."""
-    h = start_local(pd_plan(FRACTIONS), delay_scale=0)
+    h = start_local(pd_plan(FRACTIONS), delay_scale=0, workdir=tmp_path_factory.mktemp("fast"))
     yield h
     h.stop()
 
 
 @pytest.fixture
-def timed() -> ServingHandle:
+def timed(tmp_path) -> ServingHandle:
     """Emulators timed by the performance model (A100, Llama-3.1-8B): a 100-token stream takes ~1-2 s."""
-    h = start_local(pd_plan(FRACTIONS), delay_scale=1.0)
+    h = start_local(pd_plan(FRACTIONS), delay_scale=1.0, workdir=tmp_path / "serve")
     yield h
     h.stop()
 
@@ -327,7 +327,7 @@ def test_usage_is_written_to_the_state_store(tmp_path):
     db = tmp_path / "state.db"
     store = Store(db)
     store.create_deployment("dep1", provider="local", model="llama3-8b")
-    h = start_local(pd_plan(FRACTIONS), delay_scale=0, usage_db=str(db), deployment="dep1")
+    h = start_local(pd_plan(FRACTIONS), delay_scale=0, usage_db=str(db), deployment="dep1", workdir=tmp_path / "serve")
     try:
         for i in range(5):
             client(h).completions.create(model=MODEL, prompt=f"bill me {i}", max_tokens=4)
