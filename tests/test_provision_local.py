@@ -74,6 +74,14 @@ def test_emulated_nodes_run_real_ray_work_and_a_dead_node_is_seen_in_about_2s():
             assert ray.get(where.options(resources=res).remote(), timeout=60) == node.cluster_name
         assert {n.status for n in p.status("loc1")} == {"ready"}
 
+        # a replacement (the controller's sub-plan) joins the same Ray cluster; no plan version is stored
+        extra = inventory_plan({"nodes": [{"name": "spare", "gpu": "L4", "gpus": 1}]})
+        extra.version = 1
+        added = p.up("loc1", extra).nodes[0]
+        assert ray.get(where.options(resources={node_resource("spare"): 0.1}).remote(), timeout=60) == \
+            added.cluster_name
+        assert p.store.plan_versions("loc1") == [1] and len(p.store.nodes("loc1")) == 3
+
         victim = p.store.node(result.nodes[1].id)
         raylet = victim.meta["pids"][0]
         os.kill(raylet, signal.SIGSTOP)  # hung, not exited: only the health checks can tell
@@ -85,7 +93,7 @@ def test_emulated_nodes_run_real_ray_work_and_a_dead_node_is_seen_in_about_2s():
             time.sleep(0.1)
         detected = time.monotonic() - t0
         os.kill(raylet, signal.SIGKILL)
-        assert states == {"a100box": "ready", "l4box": "dead"}
+        assert states == {"a100box": "ready", "l4box": "dead", "spare": "ready"}
         assert detected < 5.0, f"dead node seen after {detected:.1f} s"
         print(f"dead node detected after {detected:.2f} s")
     finally:

@@ -215,3 +215,33 @@ def test_unknown_deployment_is_a_one_line_error(cloud):
         p.down("nope")
     with pytest.raises(StateError):
         p.status("nope")
+
+
+def test_replacements_for_a_running_deployment_store_no_plan_and_never_touch_the_running_nodes(cloud):
+    """The controller provisions a sub-plan (replacements) within the budget headroom; the plan that folds
+    them in is its to store. A failed replacement is torn down alone; the running nodes stay."""
+    import copy
+
+    p = provider(cloud)
+    plan = three_node_plan(slack=5.0)
+    start(p.store, "d1", plan)
+    first = p.up("d1", plan)
+    assert first.ok
+    running = cloud.names()
+    sub = copy.deepcopy(p.store.latest_plan("d1"))
+    sub.instances = [i for i in sub.instances if i.id == "t4"]  # same id again: a relaunch of that node
+    sub.groups, sub.routing = [], []
+    sub.cost_per_hour = sub.instances[0].price_per_hour
+    sub.budget_per_hour = sub.cost_per_hour + 1.0
+    cloud.add_rule(cluster_name("d1", "t4", 2), "capacity")  # forces a fallback inside the sub-plan
+    res = p.up("d1", sub, keep_partial=True)
+    assert res.ok and res.nodes[0].cluster_name == cluster_name("d1", "t4", 3)
+    assert p.store.plan_versions("d1") == [1]  # nothing stored for a sub-plan
+    assert running < cloud.names()
+    cloud.add_rule("to-d1-t4-", "error")
+    res = p.up("d1", sub)  # fails and gives up: only its own launch goes
+    assert not res.ok
+    assert running | {cluster_name("d1", "t4", 3)} == cloud.names()
+    assert p.store.deployment("d1").status == "up"
+    p.down("d1")
+    assert cloud.names() == set()

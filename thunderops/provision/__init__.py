@@ -96,6 +96,23 @@ class Provider(abc.ABC):
         """Tear down the deployment's nodes (all thunderops nodes when `deployment` is None). Idempotent."""
 
 
+def stored_version(store, deployment: str, plan: Plan) -> int:
+    """The store's version of `plan`: its own when already stored, else a new version. A sub-plan (the
+    controller provisioning replacements for some instances of a stored version) is never stored: the
+    caller stores the plan that folds them in once they serve."""
+    if plan.version in store.plan_versions(deployment):
+        return plan.version
+    return store.add_plan(deployment, plan)
+
+
+def is_whole_plan(store, deployment: str, plan: Plan) -> bool:
+    """Whether `plan` is the deployment's full plan (not a controller's sub-plan of replacements)."""
+    if plan.version not in store.plan_versions(deployment):
+        return True
+    stored = store.plan(deployment, plan.version)
+    return {i.id for i in stored.instances} == {i.id for i in plan.instances}
+
+
 def get_provider(name: str, **kwargs) -> Provider:
     """The provider called `name` ('skypilot' or 'local')."""
     if name == "skypilot":

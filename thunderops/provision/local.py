@@ -42,6 +42,7 @@ from thunderops.provision import (
     Ports,
     Provider,
     ProvisionResult,
+    stored_version,
 )
 from thunderops.provision.tasks import slug
 from thunderops.specs import get_gpu
@@ -173,14 +174,24 @@ class LocalProvider(Provider):
         store = self.store
         if not plan.instances:
             raise ProvisionError("the plan has no instances; nothing to bring up")
-        version = plan.version if plan.version in store.plan_versions(deployment) else store.add_plan(deployment, plan)
-        store.set_deployment_status(deployment, "provisioning")
+        version = stored_version(store, deployment, plan)
+        with self._lock:
+            growing = deployment in self._started
+        if not growing:
+            store.set_deployment_status(deployment, "provisioning")
         store.add_event(deployment, "provision-start", f"local provider, {len(plan.instances)} node(s)",
                         {"plan_version": version, "emulate": self.emulate, "address": self.address})
         try:
-            nodes = self._attach(deployment, plan) if self.address else self._start(deployment, plan)
+            if self.address:
+                nodes = self._attach(deployment, plan)
+            elif growing:
+                nodes = self._add_nodes(deployment, plan)
+            else:
+                nodes = self._start(deployment, plan)
         except BaseException as e:
             store.add_event(deployment, "provision-failed", str(e).splitlines()[0] if str(e) else type(e).__name__)
+            if growing:
+                raise  # the deployment's running nodes stay; only this addition failed
             if not keep_partial:
                 self.down(deployment)
             store.set_deployment_status(deployment, "failed")
@@ -210,6 +221,15 @@ class LocalProvider(Provider):
         cluster = Cluster(initialize_head=True, head_node_args=head_args)
         with self._lock:
             self._started[deployment] = _Started(cluster, temp_dir)
+        return self._add_nodes(deployment, plan)
+
+    def _add_nodes(self, deployment: str, plan: Plan) -> list[Node]:
+        """One Ray node per plan instance, added to the deployment's cluster (also how replacements join)."""
+        with self._lock:
+            started = self._started[deployment]
+        cluster = started.cluster
+        if threading.current_thread() is not threading.main_thread():
+            cluster._shutdown_at_exit = False  # Ray installs signal handlers only from the main thread
         head_pids = _pids(cluster.head_node)
         ray_nodes = []
         for inst in plan.instances:
@@ -219,18 +239,28 @@ class LocalProvider(Provider):
                                               node_ip_address="127.0.0.1", resources=resources))
         cluster.wait_for_nodes(timeout=self.start_timeout_s)
         nodes = []
+        base = len(self.store.nodes(deployment))
         for k, (inst, rn) in enumerate(zip(plan.instances, ray_nodes, strict=True)):
-            ports = Ports(ENGINE_PORT + 20 * k, KV_PORT + 20 * k, AGENT_PORT + 4 * k)  # one host: no clashes
-            node_id = f"local-{deployment}-{slug(inst.id)}"
+            n = base + k
+            ports = Ports(ENGINE_PORT + 20 * n, KV_PORT + 20 * n, AGENT_PORT + 4 * n)  # one host: no clashes
+            node_id = self._new_node_id(deployment, inst.id)
             self.store.record_node_intent(
                 deployment, node_id, inst.id, rn.node_id, cloud="local", region="local", zone="",
                 instance_type=inst.instance_type, gpu=inst.gpu, gpus=inst.gpus, spot=False,
                 price_per_hour=inst.price_per_hour, host="127.0.0.1", status="ready", launched_at=now_utc(),
                 engine_port=ports.engine, kv_port=ports.kv, agent_port=ports.agent,
                 meta={"ray_node_id": rn.node_id, "address": cluster.address, "pids": _pids(rn),
-                      "head_pids": head_pids, "temp_dir": temp_dir, "emulate": self.emulate, "owned": True})
+                      "head_pids": head_pids, "temp_dir": started.temp_dir, "emulate": self.emulate, "owned": True})
             nodes.append(Node.from_record(self.store.node(node_id)))
         return nodes
+
+    def _new_node_id(self, deployment: str, instance_id: str) -> str:
+        taken = {r.id for r in self.store.nodes(deployment)}
+        base = f"local-{deployment}-{slug(instance_id)}"
+        k = 1
+        while (node_id := base if k == 1 else f"{base}-{k}") in taken:
+            k += 1
+        return node_id
 
     def _attach(self, deployment: str, plan: Plan) -> list[Node]:
         """Match every plan instance to a live node of the Ray cluster at `self.address`."""
@@ -254,7 +284,7 @@ class LocalProvider(Provider):
             if have < inst.gpus:
                 raise ProvisionError(f"Ray node for {inst.id} declares {have:g} {inst.gpu} GPUs, the plan needs "
                                      f"{inst.gpus}; restart it with --resources for {gpu_resource(inst.gpu)}")
-            node_id = f"local-{deployment}-{slug(inst.id)}"
+            node_id = self._new_node_id(deployment, inst.id)
             self.store.record_node_intent(
                 deployment, node_id, inst.id, match["NodeID"], cloud="local", region="local",
                 instance_type=inst.instance_type, gpu=inst.gpu, gpus=inst.gpus, spot=False,

@@ -28,7 +28,15 @@ from rich.table import Table
 from thunderops.agent import deployment_token
 from thunderops.errors import ProvisionError
 from thunderops.plan import Instance, Plan
-from thunderops.provision import DownResult, Node, Ports, Provider, ProvisionResult
+from thunderops.provision import (
+    DownResult,
+    Node,
+    Ports,
+    Provider,
+    ProvisionResult,
+    is_whole_plan,
+    stored_version,
+)
 from thunderops.provision.sky_adapter import CapacityError, Cluster, SkyCloud, get_sky_cloud
 from thunderops.provision.tasks import (
     accelerator_names,
@@ -178,8 +186,10 @@ class SkyPilotProvider(Provider):
         self.check(plan)
         if not plan.instances:
             raise ProvisionError("the plan has no instances to provision; re-plan with a larger --budget")
-        version = plan.version if plan.version in store.plan_versions(deployment) else store.add_plan(deployment, plan)
-        store.set_deployment_status(deployment, "provisioning")
+        whole = is_whole_plan(store, deployment, plan)
+        version = stored_version(store, deployment, plan)
+        if whole:
+            store.set_deployment_status(deployment, "provisioning")
         store.add_event(deployment, "provision-start", f"launching {len(plan.instances)} node(s)",
                         {"plan_version": version, "cost_per_hour": plan.cost_per_hour})
         accel = accelerator_names(plan)
@@ -189,6 +199,9 @@ class SkyPilotProvider(Provider):
             allowed_clouds &= {str(c).lower() for c in plan.inputs["clouds"]}
         regions = set(plan.inputs["regions"]) if plan.inputs.get("regions") else None
         slots = {i.id: _Slot(i, i) for i in plan.instances}
+        earlier: dict[str, int] = {}  # launches recorded before for the same instance id (names stay unique)
+        for r in store.nodes(deployment):
+            earlier[r.instance_id] = earlier.get(r.instance_id, 0) + 1
         lock = threading.Lock()
         abort = threading.Event()
         in_flight: set[str] = set()
@@ -216,7 +229,7 @@ class SkyPilotProvider(Provider):
                 slot.attempt += 1
                 if slot.attempt > self.max_attempts:
                     raise _GiveUp(f"{inst.id}: no offer came up after {self.max_attempts} attempts")
-                name = cluster_name(deployment, inst.id, slot.attempt)
+                name = cluster_name(deployment, inst.id, slot.attempt + earlier.get(inst.id, 0))
                 slot.cluster = name
                 ports = Ports()
                 config = engine_task(plan, replace(inst, zone=sky_zone(inst)), deployment=deployment, node_id=name,
@@ -291,16 +304,21 @@ class SkyPilotProvider(Provider):
             message = "; ".join(errors.values())
             store.add_event(deployment, "provision-failed", message, {"errors": errors, "keep_partial": keep_partial})
             if not keep_partial:
-                self.down(deployment)
+                if whole:
+                    self.down(deployment)
+                else:  # replacements for a running deployment: tear down only what this call launched
+                    self._down_clusters(deployment, [s.cluster for s in slots.values() if s.cluster])
                 nodes.clear()
-            store.set_deployment_status(deployment, "failed")
+            if whole:
+                store.set_deployment_status(deployment, "failed")
             return ProvisionResult(deployment, final, version, list(nodes.values()), ok=False, message=message)
-        if any(_key(s.current) != _key(s.original) for s in slots.values()):
+        if whole and any(_key(s.current) != _key(s.original) for s in slots.values()):
             new_version = store.add_plan(deployment, final, reason="provisioning fallbacks")
             store.add_event(deployment, "plan-changed", "offers replaced during provisioning",
                             {"before": version, "after": new_version})
             version = new_version
-        store.set_deployment_status(deployment, "up")
+        if whole:
+            store.set_deployment_status(deployment, "up")
         store.add_event(deployment, "provision-done", f"{len(nodes)} node(s) ready",
                         {"plan_version": version, "cost_per_hour": final.cost_per_hour})
         ordered = [nodes[i.id] for i in final.instances]
@@ -365,8 +383,27 @@ class SkyPilotProvider(Provider):
                 store.deployment(deployment)  # raises the one-line unknown-deployment error
             deps = {deployment} if store.has_deployment(deployment) else set()
         recorded = {r.cluster_name: r for d in deps for r in store.nodes(d) if r.live}
-        targets = sorted(set(clusters) | set(recorded))
-        result = DownResult(deployment)
+        result = self._terminate(sorted(set(clusters) | set(recorded)), recorded, DownResult(deployment))
+        for d in sorted(deps):
+            store.add_event(d, "down", f"terminated {len([n for n in result.terminated if deployment_of(n) == d])} "
+                            "cluster(s)", {"terminated": [n for n in result.terminated if deployment_of(n) == d],
+                                           "unrecorded": [n for n in result.unrecorded if deployment_of(n) == d],
+                                           "failed": result.failed})
+            if not any(deployment_of(n) == d for n in result.failed):
+                store.set_deployment_status(d, "down")
+        return result
+
+    def _down_clusters(self, deployment: str, names: list[str]) -> DownResult:
+        """Tear down some clusters of a deployment (the ones one `up` call launched), recording it."""
+        recorded = {r.cluster_name: r for r in self.store.nodes(deployment) if r.live and r.cluster_name in names}
+        result = self._terminate(sorted(set(names)), recorded, DownResult(deployment))
+        self.store.add_event(deployment, "down", f"terminated {len(result.terminated)} cluster(s) of a failed launch",
+                             {"terminated": result.terminated, "failed": result.failed})
+        return result
+
+    def _terminate(self, targets: list[str], recorded: dict, result: DownResult) -> DownResult:
+        """Down every target cluster in parallel; mark the recorded ones terminated once the cloud confirms."""
+        store = self.store
         for name in targets:
             if name in recorded:
                 store.update_node(recorded[name].id, status="terminating")
@@ -383,13 +420,6 @@ class SkyPilotProvider(Provider):
                 store.update_node(recorded[name].id, status="terminated", terminated_at=now_utc())
             else:
                 result.unrecorded.append(name)
-        for d in sorted(deps):
-            store.add_event(d, "down", f"terminated {len([n for n in result.terminated if deployment_of(n) == d])} "
-                            "cluster(s)", {"terminated": [n for n in result.terminated if deployment_of(n) == d],
-                                           "unrecorded": [n for n in result.unrecorded if deployment_of(n) == d],
-                                           "failed": result.failed})
-            if not any(deployment_of(n) == d for n in result.failed):
-                store.set_deployment_status(d, "down")
         return result
 
 
