@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from dataclasses import replace
@@ -96,8 +97,11 @@ def test_goodput_search_brackets_the_attainment_target():
     plan = pd_plan(p=1, d=1)
     wl = get_workload("conversation")
     g = goodput(plan, wl, SLO_, n=600, rel_tol=0.02)
-    assert simulate(plan, wl, SLO_, rate=g, n=600).attainment >= SLO_.attainment
-    assert simulate(plan, wl, SLO_, rate=g * 1.1, n=600).attainment < SLO_.attainment
+    def count(rate):  # goodput runs each rate for at least 20 simulated seconds
+        return max(600, math.ceil(rate * 20))
+
+    assert simulate(plan, wl, SLO_, rate=g, n=count(g)).attainment >= SLO_.attainment
+    assert simulate(plan, wl, SLO_, rate=g * 1.1, n=count(g * 1.1)).attainment < SLO_.attainment
     assert goodput(plan, wl, SLO_, n=600, max_rate=g / 2) == pytest.approx(g / 2)  # a cap it meets
     assert goodput(plan, wl, SLO_, n=600, max_rate=g * 3) == pytest.approx(g, rel=0.06)
 
@@ -340,3 +344,15 @@ def test_heterogeneous_pipeline_plan():
     whole = perf.decode_step_time(layout_of(plan, groups[0]), 16, 16000)
     assert perf.decode_step_time(layout, 16, 16000) > whole
     assert goodput(plan, get_workload("conversation"), SLO(2.0, 0.15), n=300, perf=perf) > 0
+
+
+def test_goodput_is_not_fooled_by_short_bursts():
+    """A few hundred requests at an absurd rate arrive as one burst and may all meet the SLO; goodput runs
+    each rate for a minimum simulated time, so the answer does not depend on n."""
+    plan = homogeneous_plan("Llama-3.1-8B", "H100", colocated=(4, 1))
+    wl = get_workload("conversation")
+    perf = PerfModel(plan.model)
+    short = goodput(plan, wl, SLO_, n=100, perf=perf)
+    long = goodput(plan, wl, SLO_, n=2500, perf=perf)
+    assert short == pytest.approx(long, rel=0.1)
+    assert goodput(plan, wl, SLO_, n=100, perf=perf, min_duration_s=0) > 2 * long  # what the guard prevents

@@ -568,17 +568,20 @@ def simulate(plan: Plan, workload: Workload, slo: SLO, rate: float | None = None
 
 
 def goodput(plan: Plan, workload: Workload, slo: SLO, n: int = 1000, seed: int = 0, perf: PerfModel | None = None,
-            routing: list[Route] | None = None, rel_tol: float = 0.03, max_rate: float | None = None) -> float:
+            routing: list[Route] | None = None, rel_tol: float = 0.03, max_rate: float | None = None,
+            min_duration_s: float = 20.0, max_requests: int = 20_000) -> float:
     """The highest request rate (req/s) at which the plan meets the SLO attainment target, by bracketing and
     bisection over simulated rates to `rel_tol` (0.0 when even a trickle misses it). `max_rate` caps the
     search (returned as is when the plan meets it); without it the search starts from the perf model's
-    capacity estimate."""
+    capacity estimate. Each run lasts at least `min_duration_s` of simulated time (up to `max_requests`):
+    a run of a few seconds starts from empty queues and passes rates the plan cannot sustain."""
     perf = perf or PerfModel(plan.model)
     sim_routing = routing if routing is not None else (plan.routing or default_routing(plan, perf, workload, slo))
     sim = Simulator(plan, perf, slo, sim_routing)  # validates once; each rate is a fresh run
 
     def meets(rate: float) -> bool:
-        return sim.run(requests_for(workload, rate, n, seed), seed=seed).attainment >= slo.attainment
+        count = max(n, min(max_requests, math.ceil(rate * min_duration_s)))
+        return sim.run(requests_for(workload, rate, count, seed), seed=seed).attainment >= slo.attainment
 
     lo = 0.0
     if max_rate is not None:  # a cap: the answer is at most max_rate
