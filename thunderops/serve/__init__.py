@@ -171,9 +171,12 @@ def start_local(
 
             if shutil.which("vllm") is None:
                 raise ServeError("`vllm` is not on PATH; install it (pip install 'thunderops[serve]') or use --emulate")
-            for cmd in engine_commands(plan):
+            for cmd in engine_commands(plan):  # all on this machine: every engine gets its own free ports
                 cmd.argv[cmd.argv.index("--port") + 1] = str(port := free_port(host))
                 cmd.argv[cmd.argv.index("--host") + 1] = host
+                if "VLLM_NIXL_SIDE_CHANNEL_PORT" in cmd.env:
+                    cmd.env["VLLM_NIXL_SIDE_CHANNEL_PORT"] = str(free_port(host))
+                    cmd.env["VLLM_NIXL_SIDE_CHANNEL_HOST"] = host
                 log = wd / f"engine-{cmd.group}.log"
                 pid = _spawn(cmd.argv, {**cmd.env, "VLLM_API_KEY": engine_key}, log)
                 started.append(pid)
