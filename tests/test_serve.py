@@ -358,3 +358,41 @@ def test_a_client_hanging_up_mid_stream_is_not_an_engine_failure(timed):
     assert 0 < recs[0]["output_tokens"] < 200
     status, health, _ = http(timed, "GET", "/health", key=None)
     assert status == 200 and set(health["healthy_replicas"]) == {"p0", "p1", "d0", "d1"}
+
+
+FAKE_VLLM = """#!{python}
+# A stand-in `vllm` executable (the GPU boundary): checks the serve command line it is given, records it, and
+# runs the engine emulator on the requested host and port with the key vLLM would read from VLLM_API_KEY.
+import json, os, sys
+argv = sys.argv[1:]
+assert argv[:2] == ["serve", "meta-llama/Llama-3.1-8B"], argv
+flags = {{argv[i]: argv[i + 1] for i in range(2, len(argv) - 1) if argv[i].startswith("--")}}
+with open(os.path.join({log!r}, flags["--port"] + ".json"), "w") as f:
+    json.dump({{"argv": argv, "nixl_port": os.environ.get("VLLM_NIXL_SIDE_CHANNEL_PORT")}}, f)
+os.environ["THUNDEROPS_ENGINE_KEY"] = os.environ["VLLM_API_KEY"]
+os.execv(sys.executable, [sys.executable, "-m", "thunderops.serve", "emulator", "--host", flags["--host"],
+         "--port", flags["--port"], "--model", argv[1], "--max-model-len", flags["--max-model-len"], "--delay-scale", "0"])
+"""
+
+
+def test_start_local_with_vllm_runs_the_generated_command_lines(tmp_path, monkeypatch):
+    import sys
+
+    bin_dir, log = tmp_path / "bin", tmp_path / "calls"
+    bin_dir.mkdir()
+    log.mkdir()
+    exe = bin_dir / "vllm"
+    exe.write_text(FAKE_VLLM.format(python=sys.executable, log=str(log)))
+    exe.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    h = start_local(pd_plan(FRACTIONS), emulate=False, workdir=tmp_path / "serve")
+    try:
+        r = client(h).completions.create(model=MODEL, prompt="real command lines", max_tokens=3)
+        assert r.usage.completion_tokens == 3
+    finally:
+        h.stop()
+    calls = [json.loads(p.read_text()) for p in log.iterdir()]
+    assert len(calls) == 4
+    assert len({c["nixl_port"] for c in calls}) == 4  # one NIXL side channel per engine on this machine
+    assert all(json.loads(c["argv"][c["argv"].index("--kv-transfer-config") + 1])["kv_connector"] == "NixlConnector"
+               for c in calls)
