@@ -191,6 +191,7 @@ class LocalEmulators:
     workdir: str | None = None
     timeout_s: float = 60.0
     pids: dict[str, int] = field(default_factory=dict)
+    urls: dict[str, str] = field(default_factory=dict)
 
     def start(self, deployment: str, plan: Plan, groups: list[str], nodes: Mapping[str, Any]) -> dict[str, str]:
         import tempfile
@@ -213,6 +214,7 @@ class LocalEmulators:
             urls[gid] = f"http://{self.host}:{port}"
         for gid, url in urls.items():
             wait_healthy(url, self.pids[gid], self.timeout_s, str(wd / f"engine-{gid}.log"))
+        self.urls.update(urls)
         return urls
 
     def stop(self) -> None:

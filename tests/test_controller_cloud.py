@@ -1,0 +1,150 @@
+"""The controller with the cloud side: the SkyPilot provider over FakeSkyCloud (the cloud boundary) for spot
+preemptions and replacements, and a real node agent relaying a preemption notice from a metadata-service double."""
+
+from __future__ import annotations
+
+import http.server
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+from fakes.fake_sky import FakeSkyCloud
+from provision_helpers import cheapest, max_concurrent_cost, plan_of
+from test_controller import run_load, serve, wait_for
+
+from thunderops.controller import Controller, ControllerConfig
+from thunderops.provision.skypilot import SkyPilotProvider
+from thunderops.serve import free_port, stop_pids
+from thunderops.state import Store
+
+
+def _spot_plan():
+    """Three one-GPU L4 spot nodes on AWS; the budget leaves room for one on-demand replacement."""
+    from thunderops.catalog import load_offers
+
+    row = cheapest("L4", 1, cloud="aws", spot=True)
+    plan = plan_of([(name, row, True) for name in ("a", "b", "c")], model="llama-2-7b")
+    offers = load_offers(clouds="aws", gpus="L4")
+    ondemand = float(offers[offers["gpus_per_node"] == 1]["price_ondemand"].min())
+    spot = plan.instances[0].price_per_hour
+    plan.budget_per_hour = round(plan.cost_per_hour - spot + ondemand + 0.01, 4)
+    return plan
+
+
+def test_spot_preemption_avoids_the_zone_then_falls_back_to_on_demand(tmp_path):
+    cloud = FakeSkyCloud(tmp_path / "fake-sky.json")
+    store = Store()
+    plan = _spot_plan()
+    store.create_deployment("spot", provider="skypilot", model=plan.model, budget_per_hour=plan.budget_per_hour)
+    store.add_plan("spot", plan)
+    prov = SkyPilotProvider(store, cloud, launch_timeout_s=10, cancel_grace_s=2)
+    assert prov.up("spot", plan).ok
+    s = serve(tmp_path, plan, deployment="spot", store=store, record_nodes=False)
+    ctl = Controller("spot", store=store, provider=prov, launcher=s.engines,
+                     config=ControllerConfig(interval_s=0.2, usage_interval_s=3600, restart_grace_s=1.0))
+    try:
+        def preempt(instance: str, group: str) -> None:
+            rec = [r for r in store.nodes("spot") if r.instance_id == instance and r.live][-1]
+            cloud.down(rec.cluster_name)  # the cloud takes the spot VM back
+            os.killpg(s.engines.pids[group], signal.SIGKILL)
+
+        def step_until(pred, what):
+            return wait_for(lambda: (ctl.step(), pred())[1], 60, what)
+
+        zone_a = plan.instance("a").zone
+        preempt("a", "g0")
+        first = step_until(lambda: [e for e in store.events("spot", "reprovisioned")], "first replacement")[0]
+        (new_id,) = first.payload["instances"]
+        repl = [r for r in store.nodes("spot") if r.instance_id == new_id][-1]
+        assert repl.spot and repl.zone != zone_a  # spot again, elsewhere
+        assert any(e.payload.get("preempted_zones") == [["aws", zone_a]] for e in store.events("spot", "reschedule"))
+        assert store.nodes("spot")[0].status == "preempted"
+        (new_group,) = first.payload["groups"]
+        preempt(new_id, new_group)
+        step_until(lambda: len(store.events("spot", "reprovisioned")) >= 2, "second replacement")
+        second = store.events("spot", "reprovisioned")[1]
+        repl2 = [r for r in store.nodes("spot") if r.instance_id == second.payload["instances"][0]][-1]
+        assert not repl2.spot  # spot kept failing for L4: on demand now
+        final = store.latest_plan("spot")
+        assert len(final.groups) == 3 and {i.id for i in final.instances} == {"b", "c", repl2.instance_id}
+        assert max_concurrent_cost(store.nodes("spot")) <= plan.budget_per_hour + 1e-6
+        assert set(s.table().replicas) == {g.id for g in final.groups}
+        res = run_load(s, 40, concurrency=8)
+        assert res.failures == [] and {r["decode_replica"] for r in s.usage()["records"][-40:]} >= {second.payload["groups"][0]}
+    finally:
+        ctl.close()
+        s.stop()
+        prov.down("spot")
+
+
+class _Metadata(http.server.BaseHTTPRequestHandler):
+    """GCP's metadata service double: instance/preempted answers FALSE until the test flips it."""
+
+    preempted = False
+
+    def do_GET(self):  # noqa: N802
+        body = b"TRUE" if _Metadata.preempted else b"FALSE"
+        self.send_response(200)
+        self.send_header("Metadata-Flavor", "Google")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+def test_preemption_notice_moves_traffic_off_the_node_before_it_dies(tmp_path):
+    from test_controller import small_plan
+
+    from thunderops.agent import deployment_token, token_path
+
+    plan = small_plan(3, spot=True)
+    s = serve(tmp_path, plan, deployment="ntc")
+    deployment_token("ntc")
+    meta = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Metadata)
+    threading.Thread(target=meta.serve_forever, daemon=True).start()
+    victim = plan.groups[0]
+    inst = victim.instances[0]
+    port = free_port()
+    agent = subprocess.Popen([sys.executable, "-m", "thunderops.agent", "--host", "127.0.0.1", "--port", str(port),
+                              "--data-port", "0", "--iperf-port", "0", "--token-file", str(token_path("ntc")),
+                              "--cloud", "gcp", "--metadata-url", f"http://127.0.0.1:{meta.server_port}"],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    rec = [r for r in s.store.nodes("ntc") if r.instance_id == inst][0]
+    s.store.update_node(rec.id, agent_port=port)
+    try:
+        wait_for(lambda: _up(f"http://127.0.0.1:{port}/v1/health"), 30, "the agent")
+        ctl = Controller("ntc", store=s.store, config=ControllerConfig(interval_s=0.2, notice_interval_s=0.2,
+                                                                        usage_interval_s=3600))
+        for _ in range(3):
+            ctl.step()
+        assert s.store.events("ntc", "reschedule") == []  # no notice, nothing to do
+        _Metadata.preempted = True
+        t0 = time.time()
+        ev = wait_for(lambda: (ctl.step(), s.store.events("ntc", "reschedule"))[1], 10, "reschedule")[0]
+        assert time.time() - t0 < 3.0
+        assert ev.payload["lost"] == {inst: "preemption notice"}
+        assert [e.payload["instance"] for e in s.store.events("ntc", "preemption-notice")] == [inst]
+        assert victim.id not in s.table().replicas
+        assert httpx.get(s.engines.urls[victim.id] + "/health").status_code == 200  # moved before it died
+        assert [r.status for r in s.store.nodes("ntc") if r.instance_id == inst] == ["preempted"]
+        ctl.close()
+    finally:
+        _Metadata.preempted = False
+        meta.shutdown()
+        stop_pids([agent.pid])
+        s.stop()
+
+
+def _up(url: str) -> bool:
+    try:
+        httpx.get(url, timeout=0.5)
+        return True
+    except httpx.HTTPError:
+        return False
+
