@@ -114,3 +114,17 @@ def test_quick_calibration_on_a_real_gpu(tmp_path):
     doc = cal.run_calibration(["Llama-3.1-8B"], quick=True, reps=5, log=lambda s: None)
     assert doc["errors"]["layers"]["median_abs_error_pct"] < 25
     cal.write_document(doc, tmp_path / "x.json")
+
+
+def test_thunderops_calibrate_refit_cli(tmp_path):
+    import subprocess
+    import sys
+
+    out = tmp_path / "H200.json"
+    code = "import sys; from thunderops.cli import main; sys.argv = ['thunderops', *sys.argv[1:]]; main()"
+    r = subprocess.run([sys.executable, "-c", code, "calibrate", "--refit", str(calibration_dir() / "H200.json"),
+                        "--out", str(out), "--json"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    summary = json.loads(r.stdout)
+    assert summary["calibration"]["gpu"] == "H200" and summary["errors"]["layers"]["n"] > 0
+    assert json.loads(out.read_text())["gpu"] == "H200"
