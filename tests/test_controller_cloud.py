@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import httpx
 from fakes.fake_sky import FakeSkyCloud
@@ -148,3 +149,65 @@ def _up(url: str) -> bool:
     except httpx.HTTPError:
         return False
 
+
+
+def test_controller_killed_mid_reprovision_restarts_finishes_it_and_leaks_nothing(tmp_path):
+    """`thunderops watch` as a process, SIGKILLed while a replacement is launching: the restarted one tears
+    down the half-launched node, reprovisions once, and no decision is taken twice."""
+    from thunderops.controller import save_router
+
+    cloud = FakeSkyCloud(tmp_path / "fake-sky.json")
+    store = Store()
+    plan = _spot_plan()
+    store.create_deployment("crash", provider="skypilot", model=plan.model, budget_per_hour=plan.budget_per_hour)
+    store.add_plan("crash", plan)
+    prov = SkyPilotProvider(store, cloud, launch_timeout_s=30, cancel_grace_s=2)
+    assert prov.up("crash", plan).ok
+    s = serve(tmp_path, plan, deployment="crash", store=store, record_nodes=False)
+    save_router("crash", s.url, s.api_key, engines={"kind": "local-emulators", "engine_key": s.engines.engine_key,
+                                                     "speedup": 20})
+    env = {**os.environ, "THUNDEROPS_SKY_ADAPTER": "fakes.fake_sky:FakeSkyCloud",
+           "FAKE_SKY_STATE": str(tmp_path / "fake-sky.json"),
+           "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
+    argv = [sys.executable, "-c", "from thunderops.cli import main; main()", "watch", "crash", "--interval", "0.2"]
+    logs = []
+
+    def watch() -> subprocess.Popen:
+        log = open(tmp_path / f"watch-{len(logs)}.log", "w")
+        logs.append(log)
+        return subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+    procs = [watch()]
+    try:
+        wait_for(lambda: store.events("crash", "controller-start"), 60, "the controller to start")
+        cloud.set(launch_delay_s=60)  # replacements take long: time to kill the controller mid-launch
+        rec = [r for r in store.nodes("crash") if r.instance_id == "a"][0]
+        cloud.down(rec.cluster_name)
+        os.killpg(s.engines.pids["g0"], signal.SIGKILL)
+        wait_for(lambda: [r for r in store.nodes("crash") if r.instance_id.startswith("ar") and r.status == "provisioning"],
+                 30, "a replacement launching")
+        os.killpg(procs[0].pid, signal.SIGKILL)
+        procs[0].wait(10)
+        half = [r for r in store.nodes("crash") if r.instance_id.startswith("ar")][0]
+        assert half.cluster_name in cloud.names()  # the launch had made a cluster before the crash
+        cloud.set(launch_delay_s=0)
+        procs.append(watch())
+        wait_for(lambda: store.events("crash", "reprovisioned"), 90, "the restarted controller to finish")
+        assert half.cluster_name not in cloud.names()  # torn down, not leaked
+        assert store.node(half.id).status == "terminated"
+        assert len(store.events("crash", "orphans")) == 1
+        assert len([e for e in store.events("crash", "reschedule") if e.payload["lost"]]) == 1
+        keys = [e.payload["key"] for e in store.events("crash", "reprovisioned")]
+        assert len(keys) == len(set(keys)) == 1
+        final = store.latest_plan("crash")
+        assert len(final.groups) == 3 and set(s.table().replicas) == {g.id for g in final.groups}
+        live = {r.cluster_name for r in store.nodes("crash", live_only=True)}
+        assert live == cloud.names()  # the store and the cloud agree: nothing running unknown to us
+        assert [e.payload["restart"] for e in store.events("crash", "controller-start")] == [False, True]
+    finally:
+        for p in procs:
+            stop_pids([p.pid])
+        for log in logs:
+            log.close()
+        s.stop()
+        prov.down("crash")

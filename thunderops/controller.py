@@ -89,29 +89,46 @@ def _router_file(deployment: str) -> Path:
     return default_home() / "tokens" / f"{deployment}.router.json"
 
 
-def save_router(deployment: str, url: str, admin_key: str) -> Path:
+def save_router(deployment: str, url: str, admin_key: str, engines: Mapping[str, Any] | None = None) -> Path:
     """Remember where a deployment's router listens and its admin key ($THUNDEROPS_HOME/tokens, mode 0600),
-    so `thunderops watch` and a restarted controller find it. `thunderops up` calls this after serving starts."""
+    so `thunderops watch` and a restarted controller find it. `thunderops up` calls this after serving starts.
+    `engines` says how replacement engines start (see `launcher_from`): {"kind": "node"} (the node's own
+    setup, the default), {"kind": "ray-emulators", "address", "engine_key", "speedup"} or
+    {"kind": "local-emulators", "engine_key", "speedup"}."""
     path = _router_file(deployment)
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     tmp = path.with_name(path.name + ".tmp")
     fd = os.open(tmp, os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:
-        json.dump({"url": url.rstrip("/").removesuffix("/v1"), "admin_key": admin_key}, f)
+        json.dump({"url": url.rstrip("/").removesuffix("/v1"), "admin_key": admin_key,
+                   "engines": dict(engines or {"kind": "node"})}, f)
     tmp.replace(path)
     return path
+
+
+def _saved(deployment: str) -> dict[str, Any]:
+    path = _router_file(deployment)
+    try:
+        return json.loads(path.read_text()) if path.exists() else {}
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def launcher_from(deployment: str, timeout_s: float = 1800.0) -> EngineLauncher:
+    """The engine launcher `save_router` recorded for the deployment (NodeEngines when none was)."""
+    cfg = _saved(deployment).get("engines") or {}
+    kind = cfg.get("kind", "node")
+    if kind == "ray-emulators":
+        return RayEmulators(cfg["address"], engine_key=cfg.get("engine_key"), speedup=float(cfg.get("speedup", 1.0)))
+    if kind == "local-emulators":
+        return LocalEmulators(engine_key=cfg.get("engine_key"), speedup=float(cfg.get("speedup", 1.0)))
+    return NodeEngines(timeout_s)
 
 
 def load_router(deployment: str, url: str | None = None, admin_key: str | None = None) -> tuple[str, str]:
     """The router's base URL and admin key: arguments first, then THUNDEROPS_ADMIN_KEY / THUNDEROPS_API_KEY,
     then what `save_router` wrote."""
-    saved: dict[str, str] = {}
-    path = _router_file(deployment)
-    if path.exists():
-        try:
-            saved = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError):
-            saved = {}
+    saved = _saved(deployment)
     url = url or saved.get("url")
     key = admin_key or os.environ.get("THUNDEROPS_ADMIN_KEY") or saved.get("admin_key") or os.environ.get(
         "THUNDEROPS_API_KEY")
@@ -467,7 +484,7 @@ class Controller:
         self.provider = provider
         url, key = load_router(deployment, router_url, admin_key)
         self.router = RouterAdmin(url, key, timeout_s=max(2.0, self.config.probe_timeout_s * 4))
-        self.launcher: EngineLauncher = launcher or NodeEngines(self.config.engine_timeout_s)
+        self.launcher: EngineLauncher = launcher or launcher_from(deployment, self.config.engine_timeout_s)
         self._offers = offers
         self.on_event = on_event
         self.urls: dict[str, str] = {}  # group id -> engine URL
@@ -532,12 +549,45 @@ class Controller:
         self.urls = {rid: rep.url for rid, rep in table.replicas.items()}
         known = [k for k in (self.store.events(self.deployment, "controller-start")) if k]
         plan = self.store.latest_plan(self.deployment)
+        in_plan = {i.id for i in plan.instances}
+        orphans = [r for r in self.store.nodes(self.deployment, live_only=True) if r.instance_id not in in_plan]
+        if orphans:  # launched by a reprovision that a crash interrupted (or lost, not yet torn down)
+            self.event("orphans", f"tearing down {len(orphans)} node(s) outside plan v{plan.version}: "
+                       f"{', '.join(r.cluster_name for r in orphans)}", {"nodes": [r.id for r in orphans]})
+            self._terminate(orphans, wait=True)
         if plan.groups and all(g.id in self.urls for g in plan.groups) \
                 and _routes_of(self.table_for(plan)) != _routes_of(table):
             self._push(plan, "the router was not on the latest plan")
         self.event("controller-start", f"watching plan v{plan.version} ({len(plan.groups)} replicas"
                    f"{', restarted' if known else ''})",
                    {"plan_version": plan.version, "pending": sorted(self.pending), "restart": bool(known)})
+
+    def _terminate(self, recs: list[Any], wait: bool = False) -> None:
+        """Stop paying for nodes we no longer use: the provider's per-node teardown where it has one
+        (`down_node(node_id)`, or SkyPilot's cluster down), then record them terminated."""
+        if not recs or self.provider is None:
+            return
+
+        def run() -> None:
+            for rec in recs:
+                try:
+                    if hasattr(self.provider, "down_node"):
+                        self.provider.down_node(rec.id)
+                    elif hasattr(self.provider, "cloud"):
+                        self.provider.cloud.down(rec.cluster_name)
+                    else:
+                        continue
+                    cur = self.store.node(rec.id)
+                    if cur.live or not cur.terminated_at:
+                        self.store.update_node(rec.id, status="terminated" if cur.status != "preempted" else "preempted",
+                                               terminated_at=cur.terminated_at or now_utc())
+                except Exception as e:  # keep going; `thunderops down` reconciles what is left
+                    log.warning("could not tear down %s: %s", rec.cluster_name, e)
+
+        if wait:
+            run()
+        else:
+            threading.Thread(target=run, name="teardown", daemon=True).start()
 
     # -- looking -----------------------------------------------------------------------------------------
     def _probe(self, gid: str, url: str) -> bool | None:
@@ -714,13 +764,13 @@ class Controller:
         needed = [plan.instance(i) for i in dict.fromkeys(i for g in back for i in g.instances)]
         reprov = ({"instances": [asdict(i) for i in needed], "groups": [asdict(g) for g in back]}
                   if back and self.config.reprovision else None)
+        gone_recs = [r for r in self.store.nodes(self.deployment, live_only=True) if r.instance_id in lost]
         with self.store.transaction():
-            for rec in self.store.nodes(self.deployment, live_only=True):
-                if rec.instance_id in lost:
-                    why = lost[rec.instance_id]
-                    gone = "notice" in why or "preempted" in why or "missing" in why
-                    self.store.update_node(rec.id, status="preempted" if gone else "failed",
-                                           terminated_at=now_utc(), error=why[:200])
+            for rec in gone_recs:
+                why = lost[rec.instance_id]
+                gone = "notice" in why or "preempted" in why or "missing" in why
+                self.store.update_node(rec.id, status="preempted" if gone else "failed",
+                                       terminated_at=now_utc(), error=why[:200])
             if new is None:
                 # Nothing survives: keep the plan empty of groups so the status is plain, and reprovision all.
                 empty = copy.deepcopy(plan)
@@ -754,6 +804,7 @@ class Controller:
                                              "goodput_after": new.predicted.goodput_rps,
                                              "tokens_per_s_after": new.predicted.tokens_per_s},
                                "reprovision": reprov, "preempted_zones": preempted_zones, "spot_lost": spot_lost})
+        self._terminate(gone_recs)  # a doomed or half-dead machine may still bill: let it go now
         for z in preempted_zones:
             self.avoid[tuple(z)] = time.time() + self.config.avoid_zone_s
         for gpu in spot_lost:
