@@ -294,6 +294,8 @@ def test_cli_simulate(tmp_path, cli):
 @pytest.mark.parametrize("args,needle", [
     (["--rate", "0"], "positive"),
     (["--rate", "-2"], "positive"),
+    (["--requests", "0"], "positive"),
+    (["--attainment", "1.5"], "attainment"),
 ])
 def test_cli_simulate_bad_rate(tmp_path, cli, args, needle):
     path = tmp_path / "plan.json"
