@@ -16,6 +16,7 @@ from thunderops.cli import netbench as _netbench  # noqa: E402,F401
 from thunderops.cli import serve as _serve  # noqa: E402,F401
 from thunderops.cli import report as _report  # noqa: E402,F401
 from thunderops.cli import watch as _watch  # noqa: E402,F401
+from thunderops.cli import deploy as _deploy  # noqa: E402,F401
 
 
 def main() -> None:

@@ -47,7 +47,7 @@ from thunderops.provision.tasks import (
 )
 from thunderops.state import Store, now_utc
 
-_AWS_ZONE_ID = re.compile(r"^[a-z]+\d-az\d+$")
+_AWS_ZONE_ID = re.compile(r"^[a-z0-9-]+-az\d+$")  # use1-az1, use1-atl2-az1 (Local Zones)
 BUDGET_EPS = 1e-6  # $/h: float slack when comparing sums of prices with the budget
 
 
@@ -375,13 +375,12 @@ class SkyPilotProvider(Provider):
 
     def down(self, deployment: str | None) -> DownResult:
         store = self.store
-        clusters = self.clusters(deployment)
         if deployment is None:
             deps = {d.id for d in store.deployments() if d.provider in ("", self.name)}
         else:
-            if not store.has_deployment(deployment) and not clusters:
-                store.deployment(deployment)  # raises the one-line unknown-deployment error
-            deps = {deployment} if store.has_deployment(deployment) else set()
+            store.deployment(deployment)  # unknown -> one-line error (intent is recorded before any launch)
+            deps = {deployment}
+        clusters = self.clusters(deployment)
         recorded = {r.cluster_name: r for d in deps for r in store.nodes(d) if r.live}
         result = self._terminate(sorted(set(clusters) | set(recorded)), recorded, DownResult(deployment))
         for d in sorted(deps):

@@ -185,9 +185,21 @@ def _fill_lines(run: str, lines: list[str], marker: str = ENGINES_MARKER) -> str
     return "\n".join(out) + "\n"
 
 
+class _Dumper(yaml.SafeDumper):
+    """SafeDumper that writes multi-line scripts as literal blocks (PyYAML falls back to a quoted style
+    whenever a block cannot hold the text exactly)."""
+
+
+def _str(dumper: yaml.SafeDumper, value: str) -> yaml.Node:
+    return dumper.represent_scalar("tag:yaml.org,2002:str", value, style="|" if "\n" in value else None)
+
+
+_Dumper.add_representer(str, _str)
+
+
 def render(config: dict[str, Any]) -> str:
-    """YAML text of a task config (safe_dump: every string is quoted or escaped as YAML needs)."""
-    return yaml.safe_dump(config, sort_keys=False, default_flow_style=False, width=1000)
+    """YAML text of a task config (safe dumping: every string is quoted or escaped as YAML needs)."""
+    return yaml.dump(config, Dumper=_Dumper, sort_keys=False, default_flow_style=False, width=1000)
 
 
 def accelerator_names(plan: Plan) -> dict[str, str]:

@@ -1,0 +1,153 @@
+"""`thunderops up / status / down` as a user runs them (real processes, real SQLite), with FakeSkyCloud standing
+in for the clouds behind SkyPilot's SDK. Includes `up` killed with SIGKILL mid-way: after `thunderops down`,
+the clusters that exist but should not == 0."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from fakes.fake_sky import FakeSkyCloud
+from provision_helpers import cheapest, plan_of
+
+from thunderops.state import Store
+
+TESTS = Path(__file__).resolve().parent
+
+
+@pytest.fixture
+def cloud(tmp_path, monkeypatch) -> FakeSkyCloud:
+    path = tmp_path / "fake-sky.json"
+    monkeypatch.setenv("FAKE_SKY_STATE", str(path))
+    monkeypatch.setenv("THUNDEROPS_SKY_ADAPTER", "fakes.fake_sky:FakeSkyCloud")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]))
+    return FakeSkyCloud(path)
+
+
+@pytest.fixture
+def plan_file(tmp_path) -> Path:
+    plan = plan_of([("a100", cheapest("A100-80GB", 1, cloud="gcp"), False),
+                    ("l4", cheapest("L4", 1, cloud="aws", spot=True), True)], slack=1.0)
+    path = tmp_path / "plan.json"
+    plan.save(path)
+    return path
+
+
+def cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    code = "import sys; from thunderops.cli import main; sys.argv = ['thunderops', *sys.argv[1:]]; main()"
+    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=timeout,
+                          env=dict(os.environ, COLUMNS="200"))
+
+
+def one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> None:
+    assert proc.returncode == 2, (proc.stdout, proc.stderr)
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    for n in needles:
+        assert n in lines[0], lines[0]
+
+
+def test_dry_run_prints_plan_tasks_and_cost_and_writes_nothing(plan_file, thunderops_home):
+    proc = cli("up", "--plan", str(plan_file), "--dry-run")
+    assert proc.returncode == 0, proc.stderr
+    assert "dry run: nothing provisioned" in proc.stdout and "$/h" in proc.stdout
+    assert "SkyPilot task: to-dryrun-a100-1" in proc.stdout and "vllm serve" in proc.stdout
+    data = json.loads(cli("up", "--plan", str(plan_file), "--dry-run", "--json").stdout)
+    assert data["cost_per_hour"] == pytest.approx(sum(i["price_per_hour"] for i in data["plan"]["instances"]))
+    tasks = {name: yaml.safe_load(text) for name, text in data["skypilot_tasks"].items()}
+    assert set(tasks) == {"to-dryrun-a100-1", "to-dryrun-l4-1", "to-dryrun-router-1"}
+    assert tasks["to-dryrun-l4-1"]["resources"]["use_spot"] is True
+    assert not thunderops_home.exists()  # no state store, no token: a dry run is read-only
+
+
+@pytest.mark.slow
+def test_dry_run_plans_offline_from_the_shipped_catalogs(thunderops_home):
+    proc = cli("up", "--dry-run", "--budget", "6", "--model", "llama-2-7b", "--time-limit", "3")
+    assert proc.returncode == 0, proc.stderr
+    assert "dry run: nothing provisioned" in proc.stdout and "budget 6.00 $/h" in proc.stdout
+    assert not thunderops_home.exists()
+
+
+def test_bad_input_is_one_line_and_exit_2(plan_file, tmp_path, cloud):
+    plan = json.loads(plan_file.read_text())
+    one_line_error(cli("up", "--plan", str(plan_file), "--provider", "nope"), "unknown provider 'nope'")
+    one_line_error(cli("up", "--plan", str(plan_file), "--budget", "0.5", "--dry-run"), "below the plan's")
+    bad = tmp_path / "bad.json"
+    plan["instances"][0]["cloud"] = "gpc"
+    bad.write_text(json.dumps(plan))
+    one_line_error(cli("up", "--plan", str(bad), "--dry-run"), "unknown cloud 'gpc'", "gcp")
+    plan["instances"][0]["cloud"], plan["instances"][0]["region"] = "gcp", "us-centrall"
+    bad.write_text(json.dumps(plan))
+    one_line_error(cli("up", "--plan", str(bad), "--dry-run"), "unknown gcp region 'us-centrall'", "us-central1")
+    one_line_error(cli("up", "--dry-run", "--budget", "0.01", "--model", "llama-2-70b", "--time-limit", "1"))
+    one_line_error(cli("up", "--plan", str(plan_file), "--name", "Bad-Name"), "not valid")
+    cloud.set(enabled=["gcp"])
+    one_line_error(cli("up", "--plan", str(plan_file), "--name", "nocreds"), "no credentials for aws",
+                   "sky check aws")
+    assert cloud.read()["launches"] == []
+    one_line_error(cli("status", "nocreds"), "unknown deployment 'nocreds'")  # nothing half-written
+    one_line_error(cli("down", "nope"), "unknown deployment 'nope'")
+    one_line_error(cli("down"), "--all")
+
+
+def test_up_status_down_through_the_cli(plan_file, cloud):
+    proc = cli("up", "--plan", str(plan_file), "--name", "web", "--no-serve", "--json")
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert out["deployment"] == "web" and len(out["nodes"]) == 2
+    assert cloud.names() == {"to-web-a100-1", "to-web-l4-1"}
+    st = json.loads(cli("status", "web", "--json").stdout)
+    assert {n["status"] for n in st["nodes"]} == {"ready"}
+    plan = json.loads(plan_file.read_text())
+    assert st["deployments"][0]["cost_per_hour"] == pytest.approx(plan["cost_per_hour"])
+    assert st["deployments"][0]["spend"] >= 0
+    table = cli("status", "web")
+    assert table.returncode == 0 and "$/h" in table.stdout and "to-web-a100-1" in table.stdout
+    gone = json.loads(cli("down", "web", "--json").stdout)
+    assert sorted(gone["terminated"]) == ["to-web-a100-1", "to-web-l4-1"] and cloud.names() == set()
+    assert cli("down", "web").returncode == 0  # idempotent
+    st = json.loads(cli("status", "web", "--json").stdout)
+    assert st["deployments"][0]["status"] == "down" and {n["status"] for n in st["nodes"]} == {"terminated"}
+
+
+def test_failed_provisioning_exits_1_with_everything_torn_down(plan_file, cloud):
+    cloud.add_rule("to-fail-l4-", "error")
+    proc = cli("up", "--plan", str(plan_file), "--name", "fail", "--no-serve")
+    assert proc.returncode == 1 and "provisioning failed" in proc.stderr and "torn down" in proc.stderr
+    assert cloud.names() == set()
+    assert Store().deployment("fail").status == "failed"
+
+
+@pytest.mark.parametrize("stage", ["launching", "some-up"])
+def test_up_killed_with_sigkill_midway_then_down_leaves_no_cluster(plan_file, cloud, stage):
+    if stage == "launching":
+        cloud.set(launch_delay_s=120)  # every launch still in flight when the kill comes
+    else:
+        cloud.add_rule("to-kill-l4-", "hang")  # a100 comes up, l4 hangs
+    up = subprocess.Popen([sys.executable, "-c", "from thunderops.cli import main; main()", "up", "--plan",
+                           str(plan_file), "--name", "kill", "--no-serve"], stdout=subprocess.DEVNULL,
+                          stderr=subprocess.DEVNULL, env=dict(os.environ, COLUMNS="200"))
+    want = {"to-kill-a100-1", "to-kill-l4-1"}
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        clusters = cloud.read()["clusters"]
+        if set(clusters) == want and (stage == "launching" or clusters["to-kill-a100-1"]["status"] == "UP"):
+            break
+        time.sleep(0.2)
+    os.kill(up.pid, signal.SIGKILL)
+    up.wait()
+    assert cloud.names() == want  # the kill left running (billed) clusters behind
+    proc = cli("down", "kill", "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert cloud.names() == set()
+    recs = Store().nodes("kill")
+    assert {r.cluster_name for r in recs} == want and {r.status for r in recs} == {"terminated"}
+    kinds = [e.kind for e in Store().events("kill")]
+    assert kinds[0] == "provision-start" and kinds[-1] == "down"  # the store tells what happened

@@ -1,0 +1,437 @@
+"""`thunderops up`, `thunderops status`, `thunderops down`: plan, provision, hand over; look; tear down.
+
+`up` runs the pipeline as clearly separated steps: plan -> provision -> netbench finalize -> serve -> controller.
+Each step after provisioning is one function below, so the steps can change without touching the others.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import signal
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+
+from thunderops.cli.app import app, console, err_console, print_json
+from thunderops.errors import ProvisionError, UserError
+from thunderops.plan import Plan
+
+DEFAULT_BUDGET = 13.54  # $/h: ThunderServe's cloud setup (32 GPUs), the default when no budget is given
+PROVIDERS = ("skypilot", "local")
+
+
+def _split(value: str | None) -> list[str] | None:
+    return [v.strip() for v in value.split(",") if v.strip()] if value else None
+
+
+@app.command("up")
+def up(
+    budget: Annotated[float | None, typer.Option(help=f"$/h hard limit for all instances (default {DEFAULT_BUDGET})")] = None,
+    model: Annotated[str, typer.Option(help="Model name (`thunderops catalog models`) or a HF config.json")] = "llama-30b",
+    workload: Annotated[str, typer.Option(help="coding, conversation, or a trace CSV")] = "conversation",
+    rate: Annotated[float | None, typer.Option(help="Target req/s: the cheapest plan that serves it")] = None,
+    slo_ttft: Annotated[float | None, typer.Option(help="Time-to-first-token target, s")] = None,
+    slo_tpot: Annotated[float | None, typer.Option(help="Time-per-output-token target, s")] = None,
+    attainment: Annotated[float | None, typer.Option(help="Share of requests that must meet the SLO")] = None,
+    clouds: Annotated[str | None, typer.Option(help="Comma-separated clouds to rent from")] = None,
+    regions: Annotated[str | None, typer.Option(help="Comma-separated regions")] = None,
+    spot: Annotated[bool | None, typer.Option("--spot/--no-spot", help="Spot only / on-demand only")] = None,
+    inventory: Annotated[Path | None, typer.Option(help="YAML of GPUs you already have (implies --provider local)")] = None,
+    bandwidth: Annotated[Path | None, typer.Option(help="Measured Gbps between instances (JSON or CSV)")] = None,
+    seed: Annotated[int, typer.Option(help="Search seed")] = 0,
+    time_limit: Annotated[float, typer.Option(help="Search time limit, s")] = 60.0,
+    plan_file: Annotated[Path | None, typer.Option("--plan", help="Use this plan JSON instead of planning")] = None,
+    provider: Annotated[str | None, typer.Option(help="skypilot (clouds) or local (your machines, Ray)")] = None,
+    emulate: Annotated[bool, typer.Option(help="Local provider: Ray nodes on this machine with declared GPUs, "
+                                                "engine emulators instead of vLLM")] = False,
+    ray_address: Annotated[str | None, typer.Option(help="Local provider: attach to this Ray cluster")] = None,
+    name: Annotated[str | None, typer.Option(help="Deployment name (lower-case letters and digits)")] = None,
+    dry_run: Annotated[bool, typer.Option(help="Print the plan, the SkyPilot tasks and the $/h; provision nothing")] = False,
+    keep_partial: Annotated[bool, typer.Option(help="If the plan cannot be met, keep the nodes that came up")] = False,
+    launch_timeout: Annotated[float, typer.Option(help="Seconds one node's launch may take before it is replaced")] = 1800.0,
+    pip_spec: Annotated[str | None, typer.Option(help="What engine nodes pip-install (default: thunderops[serve])")] = None,
+    serve: Annotated[bool, typer.Option("--serve/--no-serve", help="Start engines and router after provisioning")] = True,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the outcome as JSON")] = False,
+) -> None:
+    """Plan a deployment under a $/h budget, provision it (SkyPilot or your own machines), then measure the
+    network, start serving and the controller. `--dry-run` shows what would be rented and run, offline."""
+    provider = provider or ("local" if (inventory or emulate or ray_address) else "skypilot")
+    if provider not in PROVIDERS:
+        raise ProvisionError(f"unknown provider {provider!r}: use --provider skypilot or --provider local")
+    if provider == "skypilot" and (emulate or ray_address):
+        raise ProvisionError("--emulate and --ray-address are for the local provider; add --provider local")
+    if budget is not None and budget <= 0:
+        raise ProvisionError(f"--budget must be a positive $/h amount, got {budget:g}")
+    if name is not None:
+        from thunderops.state import check_deployment_id
+
+        check_deployment_id(name)
+
+    plan = plan_step(budget=budget, model=model, workload=workload, rate=rate, slo_ttft=slo_ttft, slo_tpot=slo_tpot,
+                     attainment=attainment, clouds=_split(clouds), regions=_split(regions), spot=spot,
+                     inventory=inventory, bandwidth=bandwidth, seed=seed, time_limit=time_limit, plan_file=plan_file,
+                     quiet=json_out)
+    if provider == "skypilot":
+        check_offers(plan)
+    if dry_run:
+        dry_run_step(plan, provider, name or "dryrun", pip_spec, json_out)
+        return
+
+    dep = name or _new_name()
+    prov = _provider(provider, emulate=emulate, ray_address=ray_address, launch_timeout=launch_timeout,
+                     pip_spec=pip_spec, quiet=json_out)
+    if provider == "skypilot":
+        prov.check(plan)  # budget and credentials, before anything is written or launched
+    result = provision_step(dep, plan, prov, provider, keep_partial)
+    if not result.ok:
+        err_console.print(f"[bold red]provisioning failed:[/] {result.message}", highlight=False, soft_wrap=True)
+        err_console.print("everything launched was torn down" if not keep_partial else
+                          f"kept what came up (--keep-partial): `thunderops down {dep}` when done", highlight=False)
+        raise typer.Exit(1)
+    handover: dict[str, Any] = {"deployment": dep, "provider": provider, "plan_version": result.plan_version,
+                                "cost_per_hour": result.plan.cost_per_hour, "nodes": [n.host for n in result.nodes]}
+    if serve:
+        netbench_step(dep, result, provider, emulate, json_out)
+        handover.update(serve_step(dep, prov, provider, emulate))
+        controller_step(dep, handover)
+    if json_out:
+        print_json(handover)
+    else:
+        console.print(f"deployment [bold]{dep}[/] up: {len(result.nodes)} node(s), "
+                      f"{result.plan.cost_per_hour:.2f} $/h (budget {result.plan.budget_per_hour:.2f} $/h); "
+                      f"`thunderops status {dep}`, `thunderops down {dep}`", highlight=False)
+    if provider == "local" and not ray_address:
+        _foreground(dep, prov, handover)
+
+
+# --------------------------------------------------------------------------------------------- the steps
+
+
+def plan_step(*, budget, model, workload, rate, slo_ttft, slo_tpot, attainment, clouds, regions, spot, inventory,
+              bandwidth, seed, time_limit, plan_file, quiet) -> Plan:
+    """A plan from --plan FILE, else from the scheduler (offline, from the shipped catalogs)."""
+    if plan_file is not None:
+        plan = Plan.load(plan_file)
+        if budget is not None:
+            if plan.cost_per_hour > budget + 1e-9:
+                raise ProvisionError(f"--budget {budget:.2f} $/h is below the plan's {plan.cost_per_hour:.2f} $/h; "
+                                     "raise it or re-plan with `thunderops plan --budget`")
+            plan.budget_per_hour = budget
+        return plan
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from thunderops.scheduler import solve
+
+    if budget is None and inventory is None:
+        budget = DEFAULT_BUDGET
+        if not quiet:
+            err_console.print(f"no --budget given: planning for {DEFAULT_BUDGET} $/h", highlight=False)
+    with Progress(TextColumn("[bold]planning"), BarColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
+                  console=err_console, transient=True, disable=quiet or not err_console.is_terminal) as bar:
+        task = bar.add_task("", total=1.0)
+        result = solve(budget, model, workload, rate=rate, slo_ttft=slo_ttft, slo_tpot=slo_tpot, attainment=attainment,
+                       clouds=clouds, regions=regions, spot=spot, inventory=inventory, bandwidth=bandwidth, seed=seed,
+                       time_limit=time_limit,
+                       progress=lambda f, m: bar.update(task, completed=min(1.0, f), description=m))
+    return result.plan
+
+
+def check_offers(plan: Plan) -> None:
+    """Every instance of a cloud plan names a cloud and region our catalog (and SkyPilot) knows."""
+    from thunderops.catalog import load_offers
+    from thunderops.errors import suggest
+
+    offers = load_offers()
+    clouds = set(offers["cloud"])
+    for inst in plan.instances:
+        if inst.cloud not in clouds:
+            raise ProvisionError(f"instance {inst.id}: unknown cloud {inst.cloud!r}{suggest(inst.cloud, clouds)}; "
+                                 f"known: {', '.join(sorted(clouds))}")
+        regions = set(offers.loc[offers["cloud"] == inst.cloud, "region"])
+        if inst.region not in regions:
+            raise ProvisionError(f"instance {inst.id}: unknown {inst.cloud} region {inst.region!r}"
+                                 f"{suggest(inst.region, regions)}; `thunderops catalog list --cloud {inst.cloud}`")
+
+
+def dry_run_step(plan: Plan, provider: str, dep: str, pip_spec: str | None, json_out: bool) -> None:
+    """Show the plan, what would be launched and the $/h. Writes nothing: no state, no token, no cluster."""
+    from thunderops.provision.skypilot import sky_zone
+    from thunderops.provision.tasks import accelerator_names, cluster_name, engine_task, render, router_task
+
+    tasks: dict[str, str] = {}
+    if provider == "skypilot":
+        accel = accelerator_names(plan)
+        for inst in plan.instances:
+            name = cluster_name(dep, inst.id, 1)
+            shown = Plan.from_dict(plan.to_dict()).instance(inst.id)
+            shown.zone = sky_zone(inst)
+            cfg = engine_task(plan, shown, deployment=dep, node_id=name, cluster=name, accelerator=accel[inst.id],
+                              pip_spec=pip_spec, agent_token="<made at launch>")
+            tasks[name] = render(cfg)
+        router = router_task(plan, deployment=dep, plan_path="<the deployment's plan.json>", api_key="<made at launch>")
+        tasks[router["name"]] = render(router)
+    if json_out:
+        print_json({"dry_run": True, "provider": provider, "plan": plan.to_dict(), "skypilot_tasks": tasks,
+                    "cost_per_hour": plan.cost_per_hour, "budget_per_hour": plan.budget_per_hour})
+        return
+    from thunderops.cli.plan import render as render_plan
+
+    render_plan(plan)
+    for name, text in tasks.items():
+        console.rule(f"SkyPilot task: {name}")
+        console.print(text, highlight=False, markup=False, soft_wrap=True)
+    if provider == "local":
+        console.print(f"local provider: {len(plan.instances)} Ray node(s) with declared GPUs: "
+                      + ", ".join(f"{i.id} ({i.gpus}x{i.gpu})" for i in plan.instances), highlight=False)
+    console.print(f"dry run: nothing provisioned. {plan.cost_per_hour:.2f} $/h for {len(plan.instances)} instance(s) "
+                  f"({plan.total_gpus} GPUs), budget {plan.budget_per_hour:.2f} $/h", highlight=False)
+
+
+def provision_step(dep: str, plan: Plan, prov: Any, provider: str, keep_partial: bool):
+    """Record the deployment and its plan, then bring the nodes up (intent and outcome go to the store)."""
+    from thunderops.state import Store
+
+    store = prov.store if hasattr(prov, "store") else Store()
+    store.create_deployment(dep, provider=provider, model=plan.model, budget_per_hour=plan.budget_per_hour,
+                            meta={"keep_partial": keep_partial})
+    store.add_plan(dep, plan, reason="thunderops up")
+    return prov.up(dep, plan, keep_partial=keep_partial)
+
+
+def netbench_step(dep: str, result: Any, provider: str, emulate: bool, quiet: bool) -> None:
+    """Measure the links between the nodes' agents and re-plan on them (needs two or more nodes with agents)."""
+    if len(result.nodes) < 2 or (provider == "local" and emulate):
+        return  # emulated nodes run no agents: the plan keeps its assumed bandwidth
+    try:
+        from thunderops.netbench import measure_and_finalize
+    except ImportError:
+        return
+    measure_and_finalize(dep, console=None if quiet else console)
+
+
+def serve_step(dep: str, prov: Any, provider: str, emulate: bool) -> dict[str, Any]:
+    """Engines on the nodes, then the router on this machine; returns where the router listens."""
+    from thunderops.serve import _spawn, free_port, serve_module_argv, wait_healthy
+    from thunderops.serve.router import RoutingTable
+    from thunderops.state import default_home
+
+    store = prov.store
+    plan = store.latest_plan(dep)
+    nodes = {n.instance_id: n for n in prov.status(dep) if n.status == "ready"}
+    engine_key = secrets.token_urlsafe(16)
+    if provider == "local":
+        from thunderops.controller import RayEmulators
+
+        if not emulate:
+            raise ProvisionError("real vLLM engines on local Ray nodes are started with `thunderops serve local "
+                                 "--vllm`; use --emulate here or --no-serve")
+        launcher = RayEmulators(prov.ray_address(dep), engine_key=engine_key)
+    else:
+        from thunderops.controller import NodeEngines
+
+        launcher = NodeEngines()
+    urls = launcher.start(dep, plan, [g.id for g in plan.groups], nodes)
+    workdir = default_home() / "deployments" / dep
+    workdir.mkdir(parents=True, exist_ok=True)
+    table = workdir / "routing.json"
+    table.write_text(json.dumps(RoutingTable.from_plan(plan, urls).to_dict()))
+    port = free_port("127.0.0.1")
+    api_key = f"tok-{secrets.token_urlsafe(24)}"
+    log = workdir / "router.log"
+    argv = serve_module_argv("router", "--routing", str(table), "--model", plan.model, "--host", "127.0.0.1",
+                             "--port", str(port), "--usage-db", str(store.path), "--deployment", dep)
+    pid = _spawn(argv, {"THUNDEROPS_API_KEY": api_key, "THUNDEROPS_ENGINE_KEY": engine_key}, log)
+    wait_healthy(f"http://127.0.0.1:{port}", pid, 60, str(log))
+    store.add_event(dep, "serving", f"router at http://127.0.0.1:{port}/v1", {"router_pid": pid, "engines": urls})
+    return {"endpoint": f"http://127.0.0.1:{port}/v1", "api_key": api_key, "router_pid": pid,
+            "router_url": f"http://127.0.0.1:{port}", "engines": urls}
+
+
+def controller_step(dep: str, handover: dict[str, Any]) -> None:
+    """Start the controller (`thunderops watch`) in the background, where it lands."""
+    try:
+        from thunderops.controller import start_background
+    except ImportError:
+        return
+    from thunderops.state import Store
+
+    pid = start_background(dep, router_url=handover.get("router_url"), admin_key=handover.get("api_key"))
+    handover["controller_pid"] = pid
+    Store().add_event(dep, "controller-started", f"thunderops watch {dep} (pid {pid})", {"controller_pid": pid})
+
+
+def _foreground(dep: str, prov: Any, handover: dict[str, Any]) -> None:
+    """Ray nodes started here live as long as this process: serve until Ctrl-C, then tear down."""
+    console.print(f"serving at {handover.get('endpoint', '-')} (api key {handover.get('api_key', '-')}); "
+                  "Ctrl-C tears the deployment down", highlight=False)
+    stop = False
+
+    def _stop(*_: object) -> None:
+        nonlocal stop
+        stop = True
+
+    signal.signal(signal.SIGTERM, _stop)
+    try:
+        while not stop:
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        _stop_pids([handover.get("router_pid"), handover.get("controller_pid")])
+        prov.down(dep)
+
+
+def _stop_pids(pids: list[int | None]) -> None:
+    from thunderops.serve import stop_pids
+
+    stop_pids([p for p in pids if p])
+
+
+def _new_name() -> str:
+    return "d" + secrets.token_hex(3)
+
+
+def _provider(name: str, *, emulate: bool = False, ray_address: str | None = None, launch_timeout: float = 1800.0,
+              pip_spec: str | None = None, quiet: bool = False):
+    from thunderops.provision import get_provider
+
+    if name == "skypilot":
+        return get_provider(name, console=None if quiet else console, launch_timeout_s=launch_timeout,
+                            pip_spec=pip_spec)
+    return get_provider(name, emulate=emulate, address=ray_address)
+
+
+# ------------------------------------------------------------------------------------------ status / down
+
+
+@app.command("status")
+def status(
+    deployment: Annotated[str | None, typer.Argument(help="Deployment name (default: all)")] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print JSON")] = False,
+) -> None:
+    """Deployments, their nodes and state, uptime, $/h now and $ spent so far."""
+    from thunderops.state import Store, default_db_path
+
+    if deployment is None and not default_db_path().exists():
+        console.print("no deployments yet (`thunderops up` makes one)")
+        return
+    store = Store()
+    deps = [store.deployment(deployment)] if deployment else store.deployments()
+    now = datetime.now(UTC)
+    rows = []
+    for d in deps:
+        recs = store.nodes(d.id)
+        live = {n.id: n.status for n in _provider_status(d, store)} if deployment else {}
+        for r in recs:
+            rows.append({"deployment": d.id, "node": r.id, "instance": r.instance_id, "cluster": r.cluster_name,
+                         "cloud": r.cloud, "where": "/".join(x for x in (r.region, r.zone) if x and x != "local"),
+                         "type": r.instance_type, "gpus": f"{r.gpus}x{r.gpu}", "spot": r.spot,
+                         "status": live.get(r.id, r.status), "host": r.host, "uptime_h": r.hours(now),
+                         "price_per_hour": r.price_per_hour, "spend": r.spend(now)})
+    summary = [{"deployment": d.id, "status": d.status, "provider": d.provider, "model": d.model,
+                "created_at": d.created_at, "budget_per_hour": d.budget_per_hour,
+                "cost_per_hour": store.cost_per_hour(d.id), "spend": store.spend(d.id, now)} for d in deps]
+    if json_out:
+        print_json({"deployments": summary, "nodes": rows})
+        return
+    t = Table(title="deployments ($/h: nodes running now; $: spent so far on all nodes)")
+    for col in ("deployment", "status", "provider", "model", "created (UTC)", "$/h now", "budget $/h", "spent $"):
+        t.add_column(col, justify="right" if "$" in col else "left")
+    for s in summary:
+        t.add_row(s["deployment"], s["status"], s["provider"], s["model"], s["created_at"][:19],
+                  f"{s['cost_per_hour']:.2f}", f"{s['budget_per_hour'] or 0:.2f}", f"{s['spend']:.4f}")
+    console.print(t)
+    if rows:
+        n = Table(title="nodes")
+        for col in ("deployment", "instance", "cluster", "where", "GPUs", "pricing", "status", "host", "uptime",
+                    "$/h", "spent $"):
+            n.add_column(col, justify="right" if col in ("$/h", "spent $", "uptime") else "left")
+        for r in rows:
+            n.add_row(r["deployment"], r["instance"], r["cluster"][:28], r["where"], r["gpus"],
+                      "spot" if r["spot"] else "on-demand", r["status"], r["host"] or "-",
+                      f"{r['uptime_h'] * 60:.1f} min", f"{r['price_per_hour']:.3f}", f"{r['spend']:.4f}")
+        console.print(n)
+
+
+def stop_processes(store: Any, deployment: str) -> list[int]:
+    """Stop the router and controller processes `up` started for the deployment on this machine (recorded
+    as events), checking each pid still runs thunderops so a reused pid is left alone."""
+    from thunderops.serve import stop_pids
+
+    pids = []
+    for e in store.events(deployment):
+        for key in ("router_pid", "controller_pid"):
+            pid = e.payload.get(key)
+            if isinstance(pid, int) and _runs_thunderops(pid):
+                pids.append(pid)
+    stop_pids(pids)
+    return pids
+
+
+def _runs_thunderops(pid: int) -> bool:
+    try:
+        return b"thunderops" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+
+
+def _provider_status(dep: Any, store: Any) -> list:
+    """The provider's live view where it can give one cheaply (else the store's)."""
+    from thunderops.provision import get_provider
+
+    if not dep.provider or not store.nodes(dep.id, live_only=True):
+        return []
+    try:
+        return get_provider(dep.provider, store=store).status(dep.id)
+    except UserError:
+        raise
+    except Exception as e:  # a cloud API hiccup must not hide the store's view
+        err_console.print(f"[yellow]warning:[/] {dep.provider} status unavailable ({type(e).__name__}); "
+                          "showing the last recorded state", highlight=False)
+        return []
+
+
+@app.command("down")
+def down(
+    deployment: Annotated[str | None, typer.Argument(help="Deployment name")] = None,
+    all_: Annotated[bool, typer.Option("--all", help="Every deployment, and every thunderops cluster SkyPilot lists")] = False,
+    json_out: Annotated[bool, typer.Option("--json", help="Print JSON")] = False,
+) -> None:
+    """Tear down a deployment (idempotent). Reconciles with SkyPilot's own cluster list, so clusters that were
+    launched but never recorded (a crash between launch and record) are found and torn down too."""
+    from thunderops.provision import get_provider
+    from thunderops.state import Store
+
+    if (deployment is None) == (not all_):
+        raise UserError("give a DEPLOYMENT or --all (`thunderops status` lists deployments)")
+    store = Store()
+    results = []
+    if all_:
+        for d in store.deployments():
+            stop_processes(store, d.id)
+        providers = {d.provider for d in store.deployments()} | {"skypilot"}
+        for name in sorted(p for p in providers if p in PROVIDERS):
+            results.append(get_provider(name, store=store).down(None))
+    else:
+        dep = store.deployment(deployment)  # unknown -> one line, exit 2 (intent is recorded before any launch)
+        name = dep.provider if dep.provider in PROVIDERS else "skypilot"
+        stop_processes(store, deployment)
+        results.append(get_provider(name, store=store).down(deployment))
+    out = {"terminated": [c for r in results for c in r.terminated],
+           "unrecorded": [c for r in results for c in r.unrecorded],
+           "failed": {k: v for r in results for k, v in r.failed.items()}}
+    if json_out:
+        print_json(out)
+    else:
+        console.print(f"terminated {len(out['terminated'])} node(s)"
+                      + (f", of which {len(out['unrecorded'])} unrecorded: {', '.join(out['unrecorded'])}"
+                         if out["unrecorded"] else ""), highlight=False)
+    if out["failed"]:
+        err_console.print("[bold red]could not terminate:[/] " + "; ".join(f"{k}: {v}" for k, v in out["failed"].items()),
+                          highlight=False, soft_wrap=True)
+        raise typer.Exit(1)
