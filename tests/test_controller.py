@@ -254,7 +254,8 @@ def test_killed_engine_is_dropped_rescheduled_and_no_request_is_lost(served):
     try:
         thread, box = background_load(s, 300, concurrency=12)
         wait_for(lambda: s.usage()["totals"]["requests"] >= 60, 60, "load to start")
-        victim = next(g for g in s.plan.groups if g.phase == "colocated")
+        victim = next(g for g in s.plan.groups if len(g.instances) == 1 and
+                      sum(1 for x in s.plan.groups if g.instances[0] in x.instances) == 1)
         killed_at = time.time()
         os.killpg(s.engines.pids[victim.id], signal.SIGKILL)
         ev = wait_for(lambda: s.store.events(s.deployment, "reschedule"), 10, "a reschedule event")[0]

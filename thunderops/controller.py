@@ -1121,13 +1121,15 @@ class Controller:
 
 
 def start_background(deployment: str, *, router_url: str | None = None, admin_key: str | None = None,
-                     max_spend: float | None = None, log_path: str | Path | None = None) -> int:
-    """Start `thunderops watch DEPLOYMENT` as a detached process (what `thunderops up` calls). Returns its pid."""
+                     engines: Mapping[str, Any] | None = None, max_spend: float | None = None,
+                     log_path: str | Path | None = None) -> int:
+    """Start `thunderops watch DEPLOYMENT` as a detached process (what `thunderops up` calls once serving is
+    up; `engines` as for `save_router`). Returns its pid; its log is $THUNDEROPS_HOME/logs/<dep>-controller.log."""
     import subprocess
     import sys
 
     if router_url and admin_key:
-        save_router(deployment, router_url, admin_key)
+        save_router(deployment, router_url, admin_key, engines)
     log_path = Path(log_path or default_home() / "logs" / f"{deployment}-controller.log")
     log_path.parent.mkdir(parents=True, exist_ok=True)
     argv = [sys.executable, "-c", "from thunderops.cli import main; main()", "watch", deployment]
