@@ -15,6 +15,7 @@ from scipy.optimize import Bounds, LinearConstraint, milp
 
 from thunderops.scheduler.harness import Evaluation, Harness, State, canon
 from thunderops.scheduler.search import SearchConfig, Tabu, designate, fits_alone, greedy_groups
+from thunderops.specs import get_gpu
 
 BASELINES = ("vllm", "distserve", "hexgen", "melange")
 
@@ -49,10 +50,26 @@ def _merge_pairs(groups: list[tuple]) -> list[tuple]:
     return [groups[k] + groups[k + 1] if k + 1 < len(groups) else groups[k] for k in range(0, len(groups), 2)]
 
 
+def _candidates(h: Harness, top: int = 6) -> list[list[int]]:
+    """The GPU kinds worth trying as a single type: the best few by memory bandwidth per $ (decode) and by
+    compute per $ (prefill), of what the budget buys."""
+    kinds = [insts for insts in templates(h, by_place=False).values() if _affordable(h, insts)]
+    if len(kinds) <= 2 * top:
+        return kinds
+
+    def per_dollar(insts, attr):
+        i = h.pool[insts[0]]
+        return getattr(get_gpu(i.gpu), attr) * i.gpus / max(i.price_per_hour, 1e-3)
+
+    by_bw = sorted(kinds, key=lambda k: -per_dollar(k, "memory_gbps"))[:top]
+    by_flops = sorted(kinds, key=lambda k: -per_dollar(k, "bf16_tflops"))[:top]
+    return list({tuple(k): k for k in by_bw + by_flops}.values())
+
+
 def _homogeneous(h: Harness, phase_split: bool) -> Evaluation | None:
     """Best single instance kind: as many copies as affordable (with a rate, the fewest that serve it)."""
     best: Evaluation | None = None
-    for insts in templates(h, by_place=False).values():
+    for insts in _candidates(h):
         avail = _affordable(h, insts)
         if not avail:
             continue

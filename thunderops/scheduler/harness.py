@@ -70,6 +70,9 @@ class Harness:
         self._unit_memo: dict[tuple[str, int], int] = {}
         self.unit_gpus = [self._unit_size(i) for i in pool]
         self.units_of = [[(k, s) for s in range(inst.gpus // self.unit_gpus[k])] for k, inst in enumerate(pool)]
+        self._per_replica: dict[tuple[str, int], int] = {}
+        self._holds_memo: dict[tuple[str, int], bool] = {}
+        self.unit_alone = [self._holds((inst.gpu, self.unit_gpus[k])) for k, inst in enumerate(pool)]
         self._bw: dict[tuple[int, int], float] = {}
         self._pair: dict[tuple[tuple[int, ...], tuple[int, ...]], tuple[float, float]] = {}
         self.mean_prompt = workload.mean_prompt
@@ -91,6 +94,42 @@ class Harness:
                     break
             self._unit_memo[key] = size
         return self._unit_memo[key]
+
+    def _holds(self, key: tuple[str, int]) -> bool:
+        """Whether `gpus` GPUs of this type (one TP stage, or stages of the widest valid TP) hold a replica."""
+        if key not in self._holds_memo:
+            gpu, n = key
+            tps = [t for t in valid_tps(self.perf.model.heads, n) if n % t == 0]
+            t = max(tps) if tps else 1
+            stages = [(get_gpu(gpu), t)] * (n // t)
+            self._holds_memo[key] = len(stages) <= self.perf.model.layers and \
+                self.perf.split_layers(stages, "decode") is not None
+        return self._holds_memo[key]
+
+    def holds(self, units: tuple[Unit, ...]) -> bool:
+        """Whether these units' memory holds a replica (widest TP per instance, layers by the perf model's
+        split): a cheap check, no capacity computed."""
+        parts, _, _ = self.parts(units)
+        key = ("group", parts)
+        if key not in self._holds_memo:
+            stages = []
+            for gpu, n in parts:
+                tps = [t for t in valid_tps(self.perf.model.heads, n) if n % t == 0]
+                t = max(tps) if tps else 1
+                stages += [(get_gpu(gpu), t)] * (n // t)
+            self._holds_memo[key] = len(stages) <= self.perf.model.layers and \
+                self.perf.split_layers(stages, "decode") is not None
+        return self._holds_memo[key]
+
+    def instances_per_replica(self, k: int) -> int:
+        """How many instances like pool[k] one replica needs (memory only; 1 when one holds several)."""
+        inst = self.pool[k]
+        key = (inst.gpu, inst.gpus)
+        if key not in self._per_replica:
+            from thunderops.scheduler.procure import min_nodes_for_replica
+
+            self._per_replica[key] = min_nodes_for_replica(self.perf, inst.gpu, inst.gpus, 4) or 4
+        return self._per_replica[key]
 
     def cost(self, state: State) -> float:
         return sum(self.pool[i].price_per_hour for i in self.instances_of(state))

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from thunderops.scheduler.harness import Evaluation, Harness, State, Unit, canon
+from thunderops.specs import get_gpu
 
 Progress = Callable[[float, str], None]
 
@@ -44,8 +45,8 @@ class SearchConfig:
 
 
 def fits_alone(h: Harness, units: tuple[Unit, ...]) -> bool:
-    cfgs = h.configs(units)
-    return any(cfgs[ph].capacity > 0 for ph in ("decode", "prefill", "colocated"))  # cheapest phases first
+    """These units hold a replica in memory (cheap: no capacity computed)."""
+    return h.holds(units)
 
 
 def greedy_groups(h: Harness, instances: Iterable[int]) -> list[tuple[Unit, ...]]:
@@ -115,20 +116,38 @@ class Tabu:
             self.templates[(inst.instance_type, inst.cloud, inst.region, inst.zone, inst.spot,
                             inst.price_per_hour)].append(k)
         self.template_keys = list(self.templates)
+        self.value = {}
+        for key, insts in self.templates.items():
+            inst = h.pool[insts[0]]
+            spec = get_gpu(inst.gpu)
+            self.value[key] = spec.memory_gbps * inst.gpus / max(inst.price_per_hour, 1e-3)
         self.elites: dict[State, Evaluation] = {}
 
     def _pick(self, seq):
         return seq[int(self.rng.integers(len(seq)))]
 
-    def _idle(self, used: set[int], exclude_template: tuple | None = None) -> int | None:
-        keys = [k for k in self.template_keys if k != exclude_template]
+    def _idle(self, used: set[int], exclude_template: tuple | None = None, spend: float = math.inf,
+              copies: bool = False) -> list[int]:
+        """Idle instances of one kind to rent: a kind picked with weight by memory bandwidth per $ (decode
+        speed per $) among those affordable with `spend` $/h; with `copies`, as many as one replica needs."""
+        keys, weights, picks = [], [], []
+        for key in self.template_keys:
+            if key == exclude_template:
+                continue
+            idle = [i for i in self.templates[key] if i not in used]
+            if not idle:
+                continue
+            need = self.h.instances_per_replica(idle[0]) if copies else 1
+            price = self.h.pool[idle[0]].price_per_hour
+            if need > len(idle) or need * price > spend + 1e-9:
+                continue
+            keys.append(key)
+            picks.append(idle[:need])
+            weights.append(self.value[key])
         if not keys:
-            return None
-        key = self._pick(keys)
-        for i in self.templates[key]:
-            if i not in used:
-                return i
-        return None
+            return []
+        w = np.asarray(weights) / sum(weights)
+        return picks[int(self.rng.choice(len(keys), p=w))]
 
     def _template(self, i: int) -> tuple:
         inst = self.h.pool[i]
@@ -191,28 +210,35 @@ class Tabu:
             phases.append(self._pick(self.phases))
             attrs = (("g", part[0]),)
         elif kind == "add":
-            i = self._idle(used)
-            if i is None:
+            spend = (self.h.budget - self.h.cost(state)) if self.h.budget is not None else math.inf
+            join = n > 0 and self.rng.random() < 0.3  # extend an existing group rather than start replicas
+            insts = self._idle(used, spend=spend, copies=not join)
+            if not insts:
                 return None
-            units = list(self.h.units_of[i])
-            if n and (not fits_alone(self.h, (units[0],)) and self.rng.random() < 0.7):
-                k = int(self.rng.integers(n))
-                groups[k] += units
-            else:
-                ph = self._pick(self.phases)
+            units = [u for i in insts for u in self.h.units_of[i]]
+            ph = self._pick(self.phases)
+            if join:
+                groups[int(self.rng.integers(n))] += units
+            elif self.h.unit_alone[insts[0]]:
                 for u in units:
                     groups.append([u])
                     phases.append(ph)
-            attrs = (("i", i),)
+            else:
+                groups.append(units)
+                phases.append(ph)
+            attrs = tuple(("i", i) for i in insts)
         elif kind == "remove" and used:
             i = self._pick(sorted(used))
             groups = [[u for u in g if u[0] != i] for g in groups]
             attrs = (("i", i),)
         elif kind == "replace" and used:
             i = self._pick(sorted(used))
-            j = self._idle(used, exclude_template=self._template(i))
-            if j is None:
+            spend = (self.h.budget - self.h.cost(state) + self.h.pool[i].price_per_hour
+                     if self.h.budget is not None else math.inf)
+            picked = self._idle(used, exclude_template=self._template(i), spend=spend)
+            if not picked:
                 return None
+            j = picked[0]
             home = next(k for k, g in enumerate(groups) if any(u[0] == i for u in g))
             groups = [[u for u in g if u[0] != i] for g in groups]
             groups[home] += list(self.h.units_of[j])
