@@ -7,6 +7,7 @@ Each step after provisioning is one function below, so the steps can change with
 from __future__ import annotations
 
 import json
+import os
 import secrets
 import signal
 import time
@@ -82,6 +83,8 @@ def up(
         dry_run_step(plan, provider, name or "dryrun", pip_spec, json_out)
         return
 
+    if serve and (problem := servable(plan)) is not None:
+        raise ProvisionError(f"the engines cannot start on this plan ({problem}); nothing was rented")
     dep = name or _new_name()
     prov = _provider(provider, emulate=emulate, ray_address=ray_address, launch_timeout=launch_timeout,
                      pip_spec=pip_spec, quiet=json_out)
@@ -164,7 +167,8 @@ def dry_run_step(plan: Plan, provider: str, dep: str, pip_spec: str | None, json
     from thunderops.provision.tasks import accelerator_names, cluster_name, engine_task, render, router_task
 
     tasks: dict[str, str] = {}
-    if provider == "skypilot":
+    problem = servable(plan)
+    if provider == "skypilot" and problem is None:
         accel = accelerator_names(plan)
         for inst in plan.instances:
             name = cluster_name(dep, inst.id, 1)
@@ -177,7 +181,8 @@ def dry_run_step(plan: Plan, provider: str, dep: str, pip_spec: str | None, json
         tasks[router["name"]] = render(router)
     if json_out:
         print_json({"dry_run": True, "provider": provider, "plan": plan.to_dict(), "skypilot_tasks": tasks,
-                    "cost_per_hour": plan.cost_per_hour, "budget_per_hour": plan.budget_per_hour})
+                    "cost_per_hour": plan.cost_per_hour, "budget_per_hour": plan.budget_per_hour,
+                    "problem": problem})
         return
     from thunderops.cli.plan import render as render_plan
 
@@ -185,11 +190,25 @@ def dry_run_step(plan: Plan, provider: str, dep: str, pip_spec: str | None, json
     for name, text in tasks.items():
         console.rule(f"SkyPilot task: {name}")
         console.print(text, highlight=False, markup=False, soft_wrap=True)
+    if problem is not None:
+        err_console.print(f"[yellow]warning:[/] the engines cannot start on this plan: {problem}; `up` would "
+                          "refuse it before renting anything", highlight=False, soft_wrap=True)
     if provider == "local":
         console.print(f"local provider: {len(plan.instances)} Ray node(s) with declared GPUs: "
                       + ", ".join(f"{i.id} ({i.gpus}x{i.gpu})" for i in plan.instances), highlight=False)
     console.print(f"dry run: nothing provisioned. {plan.cost_per_hour:.2f} $/h for {len(plan.instances)} instance(s) "
                   f"({plan.total_gpus} GPUs), budget {plan.budget_per_hour:.2f} $/h", highlight=False)
+
+
+def servable(plan: Plan) -> str | None:
+    """Why the serving step could not start engines on this plan (None when it can)."""
+    from thunderops.serve.vllm import engine_commands
+
+    try:
+        engine_commands(plan)
+    except UserError as e:
+        return str(e)
+    return None
 
 
 def provision_step(dep: str, plan: Plan, prov: Any, provider: str, keep_partial: bool):
@@ -276,6 +295,8 @@ def _foreground(dep: str, prov: Any, handover: dict[str, Any]) -> None:
         stop = True
 
     signal.signal(signal.SIGTERM, _stop)
+    prov.store.add_event(dep, "foreground", f"`thunderops up` holds the local nodes (pid {os.getpid()})",
+                         {"up_pid": os.getpid()})  # so `thunderops down` from another shell can end it
     try:
         while not stop:
             time.sleep(0.5)
@@ -359,13 +380,14 @@ def status(
 
 
 def stop_processes(store: Any, deployment: str) -> list[int]:
-    """Stop the router and controller processes `up` started for the deployment on this machine (recorded
-    as events), checking each pid still runs thunderops so a reused pid is left alone."""
+    """Stop the router and controller processes `up` started for the deployment on this machine, and a
+    foreground `up` holding local nodes (all recorded as events), checking each pid still runs thunderops
+    so a reused pid is left alone."""
     from thunderops.serve import stop_pids
 
     pids = []
     for e in store.events(deployment):
-        for key in ("router_pid", "controller_pid"):
+        for key in ("router_pid", "controller_pid", "up_pid"):
             pid = e.payload.get(key)
             if isinstance(pid, int) and _runs_thunderops(pid):
                 pids.append(pid)
