@@ -385,14 +385,19 @@ def stop_processes(store: Any, deployment: str) -> list[int]:
     so a reused pid is left alone."""
     from thunderops.serve import stop_pids
 
-    pids = []
+    pids, ups = [], []
     for e in store.events(deployment):
         for key in ("router_pid", "controller_pid", "up_pid"):
             pid = e.payload.get(key)
-            if isinstance(pid, int) and _runs_thunderops(pid):
-                pids.append(pid)
+            if isinstance(pid, int) and pid != os.getpid() and _runs_thunderops(pid):
+                (ups if key == "up_pid" else pids).append(pid)
     stop_pids(pids)
-    return pids
+    for pid in ups:  # SIGTERM only: it tears its nodes down itself (and this `down` does too)
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    return pids + ups
 
 
 def _runs_thunderops(pid: int) -> bool:
