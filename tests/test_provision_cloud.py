@@ -4,9 +4,6 @@ server afterwards (`sky api stop`)."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pytest
 from provision_helpers import plan_of
 
@@ -22,7 +19,9 @@ pytestmark = pytest.mark.cloud
 def sdk():
     cloud = SkyPilotSDK()
     yield cloud
-    subprocess.run([sys.executable, "-m", "sky.cli", "api", "stop"], capture_output=True, timeout=120)
+    import sky
+
+    sky.api_stop()  # `sky api stop`: the SDK's local API server holds 1-2 GiB
 
 
 def test_one_real_cheap_node_up_and_down(sdk):
