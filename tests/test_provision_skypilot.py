@@ -210,6 +210,20 @@ def test_missing_credentials_and_over_budget_plans_are_refused_before_any_launch
     assert cloud.read()["launches"] == []
 
 
+def test_status_reports_what_the_cloud_says_happened_to_ready_nodes(cloud):
+    p = provider(cloud)
+    plan = three_node_plan()
+    start(p.store, "d1", plan)
+    assert p.up("d1", plan).ok
+    with cloud._state() as s:  # the clouds' doing, outside thunderops: a spot VM preempted, a VM deleted
+        s["clusters"][cluster_name("d1", "l4", 1)]["status"] = "STOPPED"
+        del s["clusters"][cluster_name("d1", "t4", 1)]
+    assert {n.instance_id: n.status for n in p.status("d1")} == {"a100": "ready", "l4": "preempted",
+                                                                 "t4": "missing"}
+    p.down("d1")
+    assert cloud.names() == set()
+
+
 def test_unknown_deployment_is_a_one_line_error(cloud):
     p = provider(cloud)
     with pytest.raises(StateError, match="unknown deployment 'nope'"):

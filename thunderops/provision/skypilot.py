@@ -368,8 +368,12 @@ class SkyPilotProvider(Provider):
         out = []
         for r in recs:
             node = Node.from_record(r)
-            if r.live and r.cluster_name not in seen and r.status == "ready":
-                node.status = "missing"  # the cloud no longer has it: preempted or deleted outside thunderops
+            if r.live and r.status == "ready":
+                cluster = seen.get(r.cluster_name)
+                if cluster is None:
+                    node.status = "missing"  # the cloud no longer has it: deleted outside thunderops
+                elif cluster.status != "UP":  # SkyPilot shows a preempted spot VM as STOPPED or INIT
+                    node.status = "preempted" if r.spot else "missing"
             out.append(node)
         return out
 
