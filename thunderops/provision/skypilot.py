@@ -171,7 +171,7 @@ class SkyPilotProvider(Provider):
         missing = sorted({i.cloud for i in plan.instances} - enabled)
         if missing:
             raise ProvisionError(f"no credentials for {', '.join(missing)}: set them up and run "
-                                 f"`sky check {' '.join(missing)}` (or plan with --cloud {','.join(sorted(enabled)) or 'CLOUD'})")
+                                 f"`sky check {' '.join(missing)}` (or plan with --clouds {','.join(sorted(enabled)) or 'CLOUD'})")
 
     def offers(self) -> pd.DataFrame:
         if self._offers is None:
