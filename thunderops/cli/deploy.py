@@ -175,7 +175,7 @@ def dry_run_step(plan: Plan, provider: str, dep: str, pip_spec: str | None, json
             shown = Plan.from_dict(plan.to_dict()).instance(inst.id)
             shown.zone = sky_zone(inst)
             cfg = engine_task(plan, shown, deployment=dep, node_id=name, cluster=name, accelerator=accel[inst.id],
-                              pip_spec=pip_spec, agent_token="<made at launch>")
+                              pip_spec=pip_spec, agent_token="<made at launch>", engine_key="<made at launch>")
             tasks[name] = render(cfg)
         router = router_task(plan, deployment=dep, plan_path="<the deployment's plan.json>", api_key="<made at launch>")
         tasks[router["name"]] = render(router)
@@ -251,8 +251,11 @@ def serve_step(dep: str, prov: Any, provider: str, emulate: bool) -> dict[str, A
                                  "--vllm`; use --emulate here or --no-serve")
         launcher = RayEmulators(prov.ray_address(dep), engine_key=engine_key)
     else:
+        from thunderops.agent import deployment_token
         from thunderops.controller import NodeEngines
+        from thunderops.provision.tasks import engine_key_name
 
+        engine_key = deployment_token(engine_key_name(dep), create=False)  # the nodes' VLLM_API_KEY
         launcher = NodeEngines()
     urls = launcher.start(dep, plan, [g.id for g in plan.groups], nodes)
     workdir = default_home() / "deployments" / dep

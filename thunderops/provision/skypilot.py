@@ -43,6 +43,7 @@ from thunderops.provision.tasks import (
     cluster_name,
     cluster_prefix,
     deployment_of,
+    engine_key_name,
     engine_task,
 )
 from thunderops.state import Store, now_utc
@@ -194,6 +195,7 @@ class SkyPilotProvider(Provider):
                         {"plan_version": version, "cost_per_hour": plan.cost_per_hour})
         accel = accelerator_names(plan)
         token = deployment_token(deployment)
+        engine_key = deployment_token(engine_key_name(deployment))
         allowed_clouds = self.cloud.enabled_clouds()
         if plan.inputs.get("clouds"):
             allowed_clouds &= {str(c).lower() for c in plan.inputs["clouds"]}
@@ -235,7 +237,7 @@ class SkyPilotProvider(Provider):
                 config = engine_task(plan, replace(inst, zone=sky_zone(inst)), deployment=deployment, node_id=name,
                                      cluster=name, accelerator=accel.get(inst.id) if inst.gpu == slot.original.gpu
                                      else None, ports=ports, pip_spec=self.pip_spec,
-                                     agent_token=token)
+                                     agent_token=token, engine_key=engine_key)
                 store.record_node_intent(
                     deployment, name, inst.id, name, cloud=inst.cloud, region=inst.region, zone=inst.zone,
                     instance_type=inst.instance_type, gpu=inst.gpu, gpus=inst.gpus, spot=inst.spot,

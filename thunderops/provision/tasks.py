@@ -48,6 +48,11 @@ def slug(text: str, n: int = 12) -> str:
     return s
 
 
+def engine_key_name(deployment: str) -> str:
+    """Name under which `thunderops.agent.deployment_token` keeps the deployment's engine API key."""
+    return f"{deployment}.engine"
+
+
 def cluster_prefix(deployment: str | None) -> str:
     """Every cluster thunderops launches starts with `to-`, and with `to-<deployment>-` for one deployment."""
     return "to-" if deployment is None else f"to-{deployment}-"
@@ -110,9 +115,11 @@ def engine_script_lines(launches: list[EngineLaunch]) -> list[str]:
 
 def engine_task(plan: Plan, instance: Instance, *, deployment: str, node_id: str, cluster: str,
                 accelerator: str | None = None, ports: Ports | None = None, pip_spec: str | None = None,
-                launches: list[EngineLaunch] | None = None, agent_token: str | None = None) -> dict[str, Any]:
+                launches: list[EngineLaunch] | None = None, agent_token: str | None = None,
+                engine_key: str | None = None) -> dict[str, Any]:
     """The SkyPilot task config (a dict, ready for `sky.Task.from_yaml_config`) for one plan instance.
-    `agent_token` goes into SkyPilot's `secrets:` (redacted in its displays), never into `envs:`."""
+    `agent_token` and `engine_key` (vLLM's VLLM_API_KEY: engine ports are open, so they need a key) go into
+    SkyPilot's `secrets:` (redacted in its displays), never into `envs:`."""
     ports = ports or Ports()
     launches = engine_launches(plan, instance.id, ports) if launches is None else launches
     cfg = copy.deepcopy(_template("engine"))
@@ -130,8 +137,9 @@ def engine_task(plan: Plan, instance: Instance, *, deployment: str, node_id: str
                 THUNDEROPS_AGENT_GPU=instance.gpu, THUNDEROPS_AGENT_GPUS=str(int(instance.gpus)))
     if pip_spec:
         envs["THUNDEROPS_PIP_SPEC"] = pip_spec
-    if agent_token is not None:
-        cfg["secrets"] = {"THUNDEROPS_AGENT_TOKEN": agent_token}
+    secrets = {"THUNDEROPS_AGENT_TOKEN": agent_token, "VLLM_API_KEY": engine_key}
+    if any(v is not None for v in secrets.values()):
+        cfg["secrets"] = {k: v for k, v in secrets.items() if v is not None}
     cfg["run"] = _fill_lines(cfg["run"], engine_script_lines(launches))
     return cfg
 
