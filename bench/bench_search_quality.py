@@ -82,14 +82,19 @@ def main() -> None:
     small = parse_inventory({"nodes": [
         {"name": "a100-box", "gpu": "A100-80GB", "gpus": 2, "network_gbps": 25},
         {"name": "l4-box", "gpu": "L4", "gpus": 4, "network_gbps": 25}]}, "2xA100+4xL4")
+    eight = parse_inventory({"nodes": [
+        {"name": "l4-box", "gpu": "L4", "gpus": 4, "network_gbps": 10},
+        {"name": "a10g-box", "gpu": "A10G", "gpus": 4, "network_gbps": 10}]}, "4xL4+4xA10G")
     cases = [
         ("paper 40 Gbps, LLaMA-30B, conversation", paper(40.0), "llama-30b", "conversation", SLO()),
         ("paper 5 Gbps, LLaMA-30B, coding", paper(5.0), "llama-30b", "coding", SLO()),
         ("2xA100 + 4xL4, Llama-3.1-8B, conversation", small, "llama-3.1-8b", "conversation", SLO()),
         ("2xA100 + 4xL4, Llama-3.1-8B, coding, TPOT 25 ms", small, "llama-3.1-8b", "coding", SLO(2.0, 0.025)),
+        ("4xL4 + 4xA10G (2 boxes, 10 Gbps), Llama-3.1-8B, conversation", eight, "llama-3.1-8b", "conversation",
+         SLO()),
     ]
     ratios = []
-    print(f"{'case':<50} {'search':>8} {'s':>6} {'exhaustive':>10} {'s':>7} {'scored':>7} {'ratio':>6}")
+    print(f"{'case':<62} {'search':>8} {'s':>6} {'exhaustive':>10} {'s':>7} {'scored':>7} {'ratio':>6}")
     for name, inv, model, wl, slo in cases:
         t0 = time.perf_counter()
         res = solve(None, model, wl, inventory=inv, slo=slo, sim_check=0, search=SearchConfig(time_limit=30))
@@ -100,7 +105,7 @@ def main() -> None:
         ex, scored = exhaustive(h)
         te = time.perf_counter() - t0
         ratios.append(ours / ex if ex > 0 else 1.0)
-        print(f"{name:<50} {ours:>8.3f} {ts:>6.1f} {ex:>10.3f} {te:>7.1f} {scored:>7} {ratios[-1]:>6.3f}", flush=True)
+        print(f"{name:<62} {ours:>8.3f} {ts:>6.1f} {ex:>10.3f} {te:>7.1f} {scored:>7} {ratios[-1]:>6.3f}", flush=True)
     print(f"search quality: min search/exhaustive goodput ratio {min(ratios):.3f} over {len(ratios)} cases")
 
 

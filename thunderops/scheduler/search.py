@@ -271,6 +271,7 @@ class Tabu:
         tabu: dict[tuple, int] = {}
         stall = 0
         seen: dict[State, Evaluation] = {ev.state: ev for ev in starts}
+        designated: set[tuple] = set()
         for it in range(cfg.max_iters):
             elapsed = time.perf_counter() - t0
             if self.progress:
@@ -293,12 +294,24 @@ class Tabu:
                     del moves[s]
                 else:
                     allowance -= need
+            # compound move: the best phase cut of the current groups (re-designation), once per grouping
+            grouping = tuple(sorted(units for units, _ in cur.state))
+            redesign: list[State] = []
+            if cfg.phase_split and grouping not in designated and (cfg.moves is None or "flip" in cfg.moves):
+                designated.add(grouping)
+                ev = designate(h, list(grouping))
+                seen.setdefault(ev.state, ev)
+                self._remember(ev)
+                if ev.state != cur.state:
+                    moves[ev.state] = ()
+                    redesign.append(ev.state)
             if not moves:
                 stall += 1
                 continue
             ranked = sorted(moves, key=lambda s: -(seen[s].score if s in seen else h.objective(h.bound(s), h.cost(s))))
+            ranked = redesign + [s for s in ranked if s not in redesign]
             chosen: Evaluation | None = None
-            for s in ranked[:cfg.exact]:
+            for s in ranked[:cfg.exact + len(redesign)]:
                 if chosen is not None and time.perf_counter() - t0 > cfg.time_limit:
                     break
                 ev = seen.get(s) or h.evaluate(s)
