@@ -37,7 +37,7 @@ def line(case: str, res, base) -> float:
     p = res.plan
     model = p.inputs.get("model_goodput_rps", p.predicted.goodput_rps)
     ratio = p.predicted.goodput_rps / base[1] if base[1] > 0 else float("inf")
-    shape = ", ".join(f"{g.phase[0]}:{g.gpus}x{g.stages[0].gpu}" for g in p.groups)
+    shape = ", ".join(f"{g.phase[0]}:" + "+".join(f"{s.tp}x{s.gpu}" for s in g.stages) for g in p.groups)
     print(f"{case:<44} {p.cost_per_hour:>7.2f} {p.predicted.goodput_rps:>8.2f} {model:>8.2f} "
           f"{base[0]:>10} {base[1]:>8.2f} {base[2]:>8.2f} {ratio:>6.2f}  [{shape}]", flush=True)
     return ratio

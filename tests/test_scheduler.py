@@ -213,3 +213,28 @@ def test_cli_bad_input_one_line_exit_2(args, needle):
     assert r.returncode == 2, r.stderr
     assert needle in r.stderr and len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
     assert main  # imported: the entry point exists
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_random_budgets_and_models_stay_within_budget_and_memory(lambda_offers, seed):
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    budget = float(rng.uniform(2.5, 12.0))
+    model = ["llama-3.1-8b", "llama-30b", "llama-3.1-70b"][seed % 3]
+    try:
+        res = solve(budget, model, "coding", offers=lambda_offers, search=FAST, sim_check=0, seed=seed)
+    except PlanError as e:  # too small a budget for this model: the message says which budget would do
+        assert "cheapest feasible budget" in str(e)
+        return
+    check_plan(res.plan, budget)
+    for b in res.baselines.values():
+        assert b.cost_per_hour <= budget + 1e-9
+
+
+def test_cli_rich_output_shows_plan_and_baselines():
+    r = runner.invoke(app, ["plan", "--inventory", "examples/paper_inventory.yaml", "--time-limit", "5",
+                            "--compare"])
+    assert r.exit_code == 0, r.output
+    for needle in ("instances", "replicas", "routing", "predicted", "goodput", "vllm", "hexgen", "thunderops"):
+        assert needle in r.output

@@ -68,14 +68,15 @@ def plan_cmd(
 
 def render(plan) -> None:
     """Instances, groups, routing and the prediction, as Rich tables."""
-    inst = Table(title=f"instances ({plan.cost_per_hour:.2f} $/h of {plan.budget_per_hour:.2f} $/h budget)")
-    for col in ("id", "cloud", "region", "type", "GPUs", "pricing", "$/h", "price source"):
+    inst = Table(title=f"instances: {plan.cost_per_hour:.2f} $/h of a {plan.budget_per_hour:.2f} $/h budget")
+    for col in ("id", "where", "type", "GPUs", "pricing", "$/h"):
         inst.add_column(col, justify="right" if col in ("GPUs", "$/h") else "left")
     for i in plan.instances:
-        inst.add_row(i.id, i.cloud, i.region + (f"/{i.zone}" if i.zone else ""), i.instance_type,
-                     f"{i.gpus}x{i.gpu}", "spot" if i.spot else "on-demand", f"{i.price_per_hour:.3f}",
-                     f"{i.source} ({i.as_of})" if i.as_of else i.source)
+        inst.add_row(i.id, f"{i.cloud}/{i.region}" + (f"/{i.zone}" if i.zone else ""), i.instance_type,
+                     f"{i.gpus}x{i.gpu}", "spot" if i.spot else "on-demand", f"{i.price_per_hour:.3f}")
     console.print(inst)
+    sources = sorted({f"{i.source} ({i.as_of})" if i.as_of else i.source for i in plan.instances})
+    console.print("prices ($/h per node): " + "; ".join(sources), highlight=False)
     grp = Table(title="replicas (groups)")
     for col in ("group", "phase", "GPUs", "TP", "PP", "layers", "stages"):
         grp.add_column(col)
