@@ -238,3 +238,12 @@ def test_cli_rich_output_shows_plan_and_baselines():
     assert r.exit_code == 0, r.output
     for needle in ("instances", "replicas", "routing", "predicted", "goodput", "vllm", "hexgen", "thunderops"):
         assert needle in r.output
+
+
+def test_finalize_keeps_planned_figure_for_unmeasured_pairs():
+    inv = load_inventory("examples/paper_inventory.yaml")
+    plan = solve(None, "llama-30b", "conversation", inventory=inv, search=FAST, sim_check=0).plan
+    measured = {"a40-box": {"rtx3090ti-box": None}, "rtx3090ti-box": {"a40-box": None}}
+    new, changes = finalize(plan, measured)
+    assert new.bandwidth_gbps["a40-box"]["rtx3090ti-box"] == plan.bandwidth_gbps["a40-box"]["rtx3090ti-box"]
+    assert new.version == plan.version + 1 and changes[-1].startswith("predicted goodput")

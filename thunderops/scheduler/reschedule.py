@@ -152,9 +152,11 @@ def finalize(plan: Plan, bandwidth_gbps: Mapping[str, Mapping[str, float]], thre
     changes: list[str] = []
     for a, row in bandwidth_gbps.items():
         for b, v in row.items():
+            if not v:  # unknown (unmeasured) pair: the planned figure stands
+                continue
             old_v = plan.bandwidth_gbps.get(a, {}).get(b)
             back = bandwidth_gbps.get(b, {}).get(a)
-            if a > b and back is not None and abs(back - v) <= 0.2 * max(back, v):
+            if a > b and back and abs(back - v) <= 0.2 * max(back, v):
                 continue  # one line per pair when both directions agree
             if a != b and v and old_v and abs(v - old_v) > 0.2 * old_v:
                 changes.append(f"link {a} -> {b}: planned {old_v:g} Gbps, measured {v:g} Gbps")
