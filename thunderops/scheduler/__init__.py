@@ -137,6 +137,9 @@ def solve(
             progress(0.99, f"simulating the best {sim_check} candidates and {len(plans)} baselines")
         elites = sorted(tabu.elites.values(), key=lambda e: -e.score)
         finalists = [best] + [e for e in elites if e.state != best.state][:sim_check - 1]
+        split = tabu.best_split
+        if split is not None and all(split.state != e.state for e in finalists):
+            finalists.append(split)
         cands = [h.to_plan(e, strategy="thunderops", inputs=inputs) for e in finalists]
         cands = [with_sim(p, wl, slo, perf, rate, sim_requests, seed) for p in cands]
         plans = {k: with_sim(p, wl, slo, perf, rate, sim_requests, seed) for k, p in plans.items()}

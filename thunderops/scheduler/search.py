@@ -122,6 +122,7 @@ class Tabu:
             spec = get_gpu(inst.gpu)
             self.value[key] = spec.memory_gbps * inst.gpus / max(inst.price_per_hour, 1e-3)
         self.elites: dict[State, Evaluation] = {}
+        self.best_split: Evaluation | None = None
 
     def _pick(self, seq):
         return seq[int(self.rng.integers(len(seq)))]
@@ -257,6 +258,10 @@ class Tabu:
     def _remember(self, ev: Evaluation) -> None:
         if ev.score == -math.inf:
             return
+        # the best phase-split candidate too: the simulator may rate splitting higher than the model does
+        if any(ph == "prefill" for _, ph in ev.state) and ev.goodput > 0 and \
+                (self.best_split is None or ev.score > self.best_split.score):
+            self.best_split = ev
         self.elites[ev.state] = ev
         if len(self.elites) > self.cfg.elite:
             worst = min(self.elites.values(), key=lambda e: e.score)
