@@ -211,3 +211,58 @@ def test_controller_killed_mid_reprovision_restarts_finishes_it_and_leaks_nothin
             log.close()
         s.stop()
         prov.down("crash")
+
+
+def _cloud_deployment(tmp_path, dep: str, *, nodes: int = 3):
+    cloud = FakeSkyCloud(tmp_path / "fake-sky.json")
+    store = Store()
+    plan = _spot_plan()
+    store.create_deployment(dep, provider="skypilot", model=plan.model, budget_per_hour=plan.budget_per_hour)
+    store.add_plan(dep, plan)
+    prov = SkyPilotProvider(store, cloud, launch_timeout_s=10, cancel_grace_s=2)
+    assert prov.up(dep, plan).ok
+    return cloud, store, plan, prov, serve(tmp_path, plan, deployment=dep, store=store, record_nodes=False)
+
+
+def test_spend_limit_tears_everything_down_before_passing_it(tmp_path):
+    cloud, store, plan, prov, s = _cloud_deployment(tmp_path, "money")
+    try:
+        # $/h x (elapsed + the 60 s horizon) passes the limit about 2 s from now
+        limit = plan.cost_per_hour * 62 / 3600
+        ctl = Controller("money", store=store, provider=prov, launcher=s.engines,
+                         config=ControllerConfig(interval_s=0.2, max_spend=limit, spend_horizon_s=60,
+                                                 usage_interval_s=3600))
+        st = ctl.run(duration_s=30)
+        ctl.close()
+        assert st.state == "stopped" and "max-spend" in st.message
+        assert cloud.names() == set()  # every cluster gone
+        ev = store.events("money", "spend-limit")
+        assert len(ev) == 1 and ev[0].payload["spend"] < limit
+        assert store.spend("money") < limit
+    finally:
+        s.stop()
+        prov.down("money")
+
+
+def test_all_nodes_lost_gives_a_clear_status_and_reprovision_attempts_not_a_crash_loop(tmp_path):
+    cloud, store, plan, prov, s = _cloud_deployment(tmp_path, "gone")
+    try:
+        cloud.add_rule("to-gone-", "capacity", times=1000)  # no capacity anywhere, any offer
+        for r in store.nodes("gone"):
+            cloud.down(r.cluster_name)  # every spot VM taken back at once
+        s.engines.stop()
+        ctl = Controller("gone", store=store, provider=prov, launcher=s.engines,
+                         config=ControllerConfig(interval_s=0.1, reprovision_backoff_s=0.3, max_reprovision_attempts=3,
+                                                 usage_interval_s=3600))
+        st = ctl.run(duration_s=8)
+        ctl.close()
+        assert st.state == "all-lost" and st.replicas == [] and "every replica is lost" in st.message
+        assert len(store.events("gone", "all-lost")) == 1
+        kinds = [e.kind for e in store.events("gone")]
+        assert kinds.count("reprovision-failed") == 2 and kinds.count("reprovision-abandoned") == 1
+        assert "controller-error" not in kinds
+        assert cloud.names() == set()  # failed launches left nothing behind
+        assert httpx.get(s.url + "/health").status_code == 503  # the router says so too
+    finally:
+        s.stop()
+        prov.down("gone")
