@@ -292,9 +292,7 @@ def test_restarted_controller_takes_no_decision_twice_and_fixes_a_stale_router(s
     wait_for(lambda: (ctl.step(), s.store.events(s.deployment, "reschedule"))[1], 10, "reschedule")
     ctl.close()
     # a crash between storing a plan and pushing it: the router still serves the old table
-    s_tab = RoutingTable.from_plan(s.plan, {g.id: rep.url for g, rep in zip(
-        s.plan.groups, [s.table().replicas.get(g.id) or type("R", (), {"url": "http://127.0.0.1:9"})()
-                        for g in s.plan.groups], strict=True)})
+    s_tab = RoutingTable.from_plan(s.plan, s.engines.urls)
     httpx.post(s.url + "/admin/routing", content=json.dumps(s_tab.to_dict()),
                headers={"Authorization": f"Bearer {s.api_key}"}).raise_for_status()
     assert victim.id in s.table().replicas
