@@ -123,7 +123,10 @@ def test_every_command_parses_with_vllms_parser_into_an_engine_config(tmp_path, 
     """vLLM's own `vllm serve` parser and EngineArgs -> VllmConfig, on CPU with a local config.json."""
     monkeypatch.setenv("VLLM_TARGET_DEVICE", "cpu")
     from vllm.engine.arg_utils import AsyncEngineArgs
-    from vllm.entrypoints.openai.cli_args import make_arg_parser
+    try:  # vLLM >= 0.2x moved the `vllm serve` parser
+        from vllm.entrypoints.common.cli_args import make_arg_parser
+    except ImportError:
+        from vllm.entrypoints.openai.cli_args import make_arg_parser
 
     try:
         from vllm.utils.argparse_utils import FlexibleArgumentParser
