@@ -10,6 +10,7 @@ import stat
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -41,7 +42,7 @@ def _stub(bindir: Path, name: str) -> None:
     path.chmod(path.stat().st_mode | stat.S_IEXEC)
 
 
-def _run_script(script: str, envs: dict, tmp_path: Path) -> dict[str, list]:
+def _run_script(script: str, envs: dict, tmp_path: Path, expect: tuple[str, ...] = ()) -> dict[str, list]:
     bindir, home, rec = tmp_path / "bin", tmp_path / "home", tmp_path / "rec"
     for d in (bindir, home, rec):
         d.mkdir(parents=True, exist_ok=True)
@@ -51,6 +52,10 @@ def _run_script(script: str, envs: dict, tmp_path: Path) -> dict[str, list]:
            **{k: str(v) for k, v in envs.items()}}
     proc = subprocess.run(["bash", "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
+    deadline = time.monotonic() + 30  # background processes may still be writing after `wait -n` returns
+    while time.monotonic() < deadline and not all((rec / f"{n}.json").exists() for n in expect):
+        time.sleep(0.05)
+    time.sleep(0.2)
     assert not list(tmp_path.rglob("PWNED")), "shell injection: a value was executed"
     return {p.stem: [json.loads(line) for line in p.read_text().splitlines()] for p in rec.glob("*.json")}
 
@@ -66,10 +71,10 @@ def test_rendering_escapes_every_value_for_yaml_and_shell(tmp_path):
     assert yaml.safe_load(text) == cfg  # YAML round trip: nothing broke out of its value
     assert cfg["secrets"] == {"THUNDEROPS_AGENT_TOKEN": "s3cr'et"} and "s3cr'et" not in json.dumps(cfg["envs"])
     assert cfg["name"] == cluster_name("d1", inst.id) and deployment_of(cfg["name"]) == "d1"
-    rec = _run_script(cfg["run"], cfg["envs"], tmp_path)
+    rec = _run_script(cfg["run"], cfg["envs"], tmp_path, expect=("vllm", "thunderops"))
     assert rec["vllm"] == [{"argv": ["serve", *EVIL], "K": "v; touch PWNED $(touch PWNED)"}]
     assert rec["thunderops"][0]["argv"][:4] == ["agent", "--node", "n$(touch PWNED)", "--deployment"]
-    rec = _run_script(cfg["setup"], cfg["envs"], tmp_path / "setup")
+    rec = _run_script(cfg["setup"], cfg["envs"], tmp_path / "setup", expect=("python3",))
     assert rec["python3"][-1]["argv"] == ["-m", "pip", "install", "thunderops[serve]; touch PWNED"]
 
 
@@ -80,7 +85,7 @@ def test_router_task_quotes_its_command_and_mounts_the_plan(tmp_path):
     cfg = router_task(plan, deployment="d1", plan_path=plan_path, port=8080, api_key="k")
     assert yaml.safe_load(render(cfg)) == cfg
     assert cfg["file_mounts"] == {"~/thunderops/plan.json": str(plan_path)}
-    rec = _run_script(cfg["run"], cfg["envs"], tmp_path)
+    rec = _run_script(cfg["run"], cfg["envs"], tmp_path, expect=("thunderops",))
     argv = rec["thunderops"][0]["argv"]
     assert argv[:3] == ["serve", "router", "--plan"] and argv[3].endswith("/home/thunderops/plan.json")
     assert argv[argv.index("--endpoint") + 1] == "g0=http://10.0.0.7:8100"
