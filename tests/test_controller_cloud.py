@@ -184,8 +184,8 @@ def test_controller_killed_mid_reprovision_restarts_finishes_it_and_leaks_nothin
         rec = [r for r in store.nodes("crash") if r.instance_id == "a"][0]
         cloud.down(rec.cluster_name)
         os.killpg(s.engines.pids["g0"], signal.SIGKILL)
-        wait_for(lambda: [r for r in store.nodes("crash") if r.instance_id.startswith("ar") and r.status == "provisioning"],
-                 30, "a replacement launching")
+        wait_for(lambda: [r for r in store.nodes("crash") if r.instance_id.startswith("ar") and r.status == "provisioning"
+                          and r.cluster_name in cloud.names()], 30, "a replacement launching")
         os.killpg(procs[0].pid, signal.SIGKILL)
         procs[0].wait(10)
         half = [r for r in store.nodes("crash") if r.instance_id.startswith("ar")][0]

@@ -34,7 +34,6 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -551,7 +550,7 @@ class Controller:
         plan = self.store.latest_plan(self.deployment)
         in_plan = {i.id for i in plan.instances}
         orphans = [r for r in self.store.nodes(self.deployment, live_only=True) if r.instance_id not in in_plan]
-        if orphans:  # launched by a reprovision that a crash interrupted (or lost, not yet torn down)
+        if orphans and self._can_terminate():  # launched by a reprovision that a crash interrupted (or lost, not yet torn down)
             self.event("orphans", f"tearing down {len(orphans)} node(s) outside plan v{plan.version}: "
                        f"{', '.join(r.cluster_name for r in orphans)}", {"nodes": [r.id for r in orphans]})
             self._terminate(orphans, wait=True)
@@ -562,10 +561,13 @@ class Controller:
                    f"{', restarted' if known else ''})",
                    {"plan_version": plan.version, "pending": sorted(self.pending), "restart": bool(known)})
 
+    def _can_terminate(self) -> bool:
+        return self.provider is not None and (hasattr(self.provider, "down_node") or hasattr(self.provider, "cloud"))
+
     def _terminate(self, recs: list[Any], wait: bool = False) -> None:
         """Stop paying for nodes we no longer use: the provider's per-node teardown where it has one
         (`down_node(node_id)`, or SkyPilot's cluster down), then record them terminated."""
-        if not recs or self.provider is None:
+        if not recs or not self._can_terminate():
             return
 
         def run() -> None:
@@ -768,9 +770,11 @@ class Controller:
         with self.store.transaction():
             for rec in gone_recs:
                 why = lost[rec.instance_id]
-                gone = "notice" in why or "preempted" in why or "missing" in why
-                self.store.update_node(rec.id, status="preempted" if gone else "failed",
-                                       terminated_at=now_utc(), error=why[:200])
+                # the provider saw it go (a spot VM taken back, a dead Ray node) or a notice says it will; a node
+                # whose engines died may still be up and billing: `failed` until torn down
+                status = ("preempted" if rec.spot else "terminated") if ("notice" in why or "provider" in why) \
+                    else "failed"
+                self.store.update_node(rec.id, status=status, terminated_at=now_utc(), error=why[:200])
             if new is None:
                 # Nothing survives: keep the plan empty of groups so the status is plain, and reprovision all.
                 empty = copy.deepcopy(plan)
@@ -1146,6 +1150,3 @@ def event_rows(store: Store, deployment: str, kind: str | None = None) -> list[d
     return [{"id": e.id, "ts": e.ts, "kind": e.kind, "message": e.message, "payload": e.payload}
             for e in store.events(deployment, kind)]
 
-
-def _utc(ts: float) -> str:
-    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds")
