@@ -130,6 +130,9 @@ def test_down_ends_the_ray_processes_of_an_up_that_was_killed(thunderops_home):
     assert pids and {r.status for r in store.nodes("loc2")} == {"ready"}  # what the store last heard
     # Ray's processes share the fate of the process that started them, so the nodes died with `up`;
     # status asks Ray, not the store, and says so
+    deadline = time.monotonic() + 60
+    while {n.status for n in LocalProvider(store).status("loc2")} != {"dead"} and time.monotonic() < deadline:
+        time.sleep(0.5)
     assert {n.status for n in LocalProvider(store).status("loc2")} == {"dead"}
     result = LocalProvider(store).down("loc2")
     assert len(result.terminated) == 2

@@ -312,6 +312,9 @@ class LocalProvider(Provider):
         live = [r for r in recs if r.live]
         address = self.ray_address(deployment)
         alive: dict[str, bool] = {}
+        heads = {p for r in live if r.meta.get("owned") for p in r.meta.get("head_pids", [])}
+        if heads and not any(_is_ray_process(p) and _alive(p) for p in heads):
+            address = None  # the head we started is gone, and its cluster with it: no need to ask Ray
         if live and address:
             try:
                 alive = ray_alive(address)
