@@ -99,9 +99,21 @@ def up(
     handover: dict[str, Any] = {"deployment": dep, "provider": provider, "plan_version": result.plan_version,
                                 "cost_per_hour": result.plan.cost_per_hour, "nodes": [n.host for n in result.nodes]}
     if serve:
-        netbench_step(dep, result, provider, emulate, json_out)
-        handover.update(serve_step(dep, prov, provider, emulate))
-        controller_step(dep, handover)
+        try:
+            netbench_step(dep, result, provider, emulate, json_out)
+            handover.update(serve_step(dep, prov, provider, emulate))
+            controller_step(dep, handover)
+        except (UserError, OSError) as e:
+            prov.store.add_event(dep, "serve-failed", str(e).splitlines()[0] if str(e) else type(e).__name__)
+            err_console.print(f"[bold red]serving did not start:[/] {e}", highlight=False, soft_wrap=True)
+            _stop_pids([handover.get("router_pid"), handover.get("controller_pid")])
+            if provider == "local" and not ray_address:
+                prov.down(dep)  # its Ray nodes live only as long as this process
+                err_console.print(f"deployment {dep} torn down", highlight=False)
+            else:
+                err_console.print(f"the nodes are up and billing {result.plan.cost_per_hour:.2f} $/h: "
+                                  f"`thunderops down {dep}` to stop", highlight=False)
+            raise typer.Exit(1) from None
     if json_out:
         print_json(handover)
     else:
