@@ -130,7 +130,8 @@ def solve(
         "bandwidth": str(bandwidth) if isinstance(bandwidth, str | Path) else None,
         "seed": seed, "time_limit": cfg.time_limit,
     }
-    plans = {name: h.to_plan(ev, strategy=name, inputs=inputs) for name, ev in base.items()}
+    best = h.prune(best)
+    plans = {name: h.to_plan(h.prune(ev), strategy=name, inputs=inputs) for name, ev in base.items()}
     ours = h.to_plan(best, strategy="thunderops", inputs=inputs)
     if sim_check > 0:  # the simulator decides between our best few and the baselines' plans
         if progress:
@@ -140,7 +141,7 @@ def solve(
         split = tabu.best_split
         if split is not None and all(split.state != e.state for e in finalists):
             finalists.append(split)
-        cands = [h.to_plan(e, strategy="thunderops", inputs=inputs) for e in finalists]
+        cands = [h.to_plan(h.prune(e), strategy="thunderops", inputs=inputs) for e in finalists]
         cands = [with_sim(p, wl, slo, perf, rate, sim_requests, seed) for p in cands]
         plans = {k: with_sim(p, wl, slo, perf, rate, sim_requests, seed) for k, p in plans.items()}
         for p in plans.values():  # a baseline's plan is ours to take when it simulates better

@@ -271,6 +271,24 @@ class Harness:
         sol = lp.solve(prob)
         return Evaluation(state, self.objective(sol.total, cost), sol.total, cost, configs, sol, roles)
 
+    def prune(self, ev: Evaluation) -> Evaluation:
+        """Drop groups the routing leaves idle (and so instances serving nothing): same goodput, less $/h."""
+        sol, roles = ev.solution, ev.roles
+        if sol is None or ev.goodput <= 0:
+            return ev
+        flow = {}
+        for a, i in enumerate(roles.get("prefill", [])):
+            flow[i] = sol.raw[a].sum() + sol.comp[a].sum()
+        for b, j in enumerate(roles.get("decode", [])):
+            flow[j] = sol.raw[:, b].sum() + sol.comp[:, b].sum()
+        for c, k in enumerate(roles.get("colocated", [])):
+            flow[k] = sol.colocated[c]
+        kept = [g for k, g in enumerate(ev.state) if flow.get(k, 0.0) > 1e-9]
+        if len(kept) == len(ev.state) or not kept:
+            return ev
+        new = self.evaluate(canon(kept))
+        return new if new.goodput >= ev.goodput * (1 - 1e-9) and new.score >= ev.score else ev
+
     # ------------------------------------------------------------------ plans
 
     def to_plan(self, ev: Evaluation, strategy: str = "thunderops", inputs: dict | None = None) -> Plan:
