@@ -98,7 +98,9 @@ def render(plan) -> None:
     console.print(
         f"predicted ({p.method}): goodput [bold]{p.goodput_rps:.2f} req/s[/] ({p.tokens_per_s:.0f} output tok/s) "
         f"at {slo.get('attainment', 0):.0%} within TTFT {slo.get('ttft_s')} s / TPOT {slo.get('tpot_s')} s; "
-        f"light-load TTFT p50 {p.ttft_p50:.3f} s p90 {p.ttft_p90:.3f} s, TPOT p50 {p.tpot_p50 * 1000:.1f} ms; "
+        f"{'simulated at ' + format(plan.inputs.get('rate') or p.goodput_rps, '.2f') + ' req/s' if p.method == 'sim' else 'at light load'}: "
+        f"TTFT p50 {p.ttft_p50:.3f} s p90 {p.ttft_p90:.3f} s, TPOT p50 {p.tpot_p50 * 1000:.1f} ms "
+        f"p90 {p.tpot_p90 * 1000:.1f} ms; "
         f"{plan.cost_per_hour:.2f} $/h for the instances above", highlight=False)
     if plan.inputs.get("rate") and not plan.inputs.get("rate_met", True):
         err_console.print(f"[yellow]warning:[/] no plan within the budget serves {plan.inputs['rate']} req/s; "
@@ -106,7 +108,7 @@ def render(plan) -> None:
 
 
 def render_comparison(plan, baselines: dict, detailed: bool = False) -> None:
-    table = Table(title="same budget, same performance model")
+    table = Table(title="baselines: same budget, same perf model and simulator")
     for col in ("strategy", "goodput req/s", "$/h", "GPUs", "req/s per $/h", "vs ours"):
         table.add_column(col, justify="left" if col == "strategy" else "right")
     rows = [("thunderops (ours)", plan)] + [(k, p) for k, p in baselines.items()]
