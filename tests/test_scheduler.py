@@ -247,3 +247,9 @@ def test_finalize_keeps_planned_figure_for_unmeasured_pairs():
     new, changes = finalize(plan, measured)
     assert new.bandwidth_gbps["a40-box"]["rtx3090ti-box"] == plan.bandwidth_gbps["a40-box"]["rtx3090ti-box"]
     assert new.version == plan.version + 1 and changes[-1].startswith("predicted goodput")
+
+
+def test_model_that_fits_no_inventory_gpu():
+    inv = parse_inventory({"nodes": [{"name": "t4", "gpu": "T4", "gpus": 1}]}, "test")
+    with pytest.raises(PlanError, match="does not fit in the inventory"):
+        solve(None, "llama-3.1-70b", "conversation", inventory=inv, search=FAST)

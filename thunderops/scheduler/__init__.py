@@ -25,7 +25,7 @@ from thunderops.scheduler.inventory import Inventory, load_inventory
 from thunderops.scheduler.procure import build_pool, check_budget
 from thunderops.scheduler.search import SearchConfig, Tabu, designate, greedy_groups
 from thunderops.scheduler.topology import Topology, load_bandwidth
-from thunderops.specs import get_model
+from thunderops.specs import get_gpu, get_model
 from thunderops.workload import Workload, get_workload
 
 __all__ = ["plan", "solve", "PlanResult", "SearchConfig", "BASELINES"]
@@ -98,6 +98,13 @@ def solve(
         overrides.update(bandwidth if isinstance(bandwidth, dict) else load_bandwidth(bandwidth))
     h = Harness(pool, perf, wl, slo, Topology(overrides), budget=budget, rate=rate)
     cfg = search or SearchConfig(time_limit=time_limit)
+    if inventory is not None:
+        everything_units = tuple(u for us in h.units_of for u in us)
+        if not h.holds(everything_units) and not any(h.holds(tuple(us)) for us in h.units_of):
+            mem = sum(get_gpu(i.gpu).memory_gb * i.gpus for i in pool)
+            raise PlanError(f"{spec.name} ({spec.weight_bytes / 1e9:.0f} GB of weights) does not fit in the "
+                            f"inventory's {sum(i.gpus for i in pool)} GPUs ({mem:.0f} GB in all, with KV room); "
+                            "add GPUs or pick a smaller model")
     if inventory is not None and budget is not None:
         cheapest = min(i.price_per_hour for i in pool)
         if cheapest > budget:
