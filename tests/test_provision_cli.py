@@ -151,3 +151,44 @@ def test_up_killed_with_sigkill_midway_then_down_leaves_no_cluster(plan_file, cl
     assert {r.cluster_name for r in recs} == want and {r.status for r in recs} == {"terminated"}
     kinds = [e.kind for e in Store().events("kill")]
     assert kinds[0] == "provision-start" and kinds[-1] == "down"  # the store tells what happened
+
+
+@pytest.mark.slow
+def test_local_emulated_deployment_serves_and_down_from_another_shell_ends_it(tmp_path):
+    """`up --emulate` on this machine: Ray nodes with declared GPUs, emulated engines pinned to them, the
+    router and the controller; the official openai client gets an answer; `thunderops down` ends it all."""
+    import openai
+
+    inv = tmp_path / "inv.yaml"
+    inv.write_text("nodes:\n  - {name: a100box, gpu: A100-80GB, gpus: 1, price_per_hour: 1.5}\n"
+                   "  - {name: l40sbox, gpu: L40S, gpus: 1, price_per_hour: 1.0}\n")
+    up = subprocess.Popen([sys.executable, "-c", "from thunderops.cli import main; main()", "up", "--inventory",
+                           str(inv), "--emulate", "--model", "llama-2-7b", "--time-limit", "3", "--name", "loc",
+                           "--json"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        lines = []
+        for line in up.stdout:
+            lines.append(line)
+            if line.rstrip() == "}":
+                break
+        assert lines and lines[0].rstrip() == "{", lines[:3]  # --json: nothing but JSON on stdout
+        out = json.loads("".join(lines))
+        client = openai.OpenAI(base_url=out["endpoint"], api_key=out["api_key"])
+        answer = client.completions.create(model="Llama-2-7B", prompt="hello there", max_tokens=4)
+        assert answer.usage.completion_tokens == 4
+        pids = [out["router_pid"], out["controller_pid"], up.pid]
+        proc = cli("down", "loc", "--json")
+        assert proc.returncode == 0, proc.stderr
+        up.wait(timeout=60)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and any(Path(f"/proc/{p}").exists() for p in pids):
+            time.sleep(0.2)
+        assert not any(Path(f"/proc/{p}").exists() for p in pids)
+        st = json.loads(cli("status", "loc", "--json").stdout)
+        assert st["deployments"][0]["status"] == "down"
+        assert {n["status"] for n in st["nodes"]} == {"terminated"}
+        assert sum(u.output_tokens for u in Store().usage("loc")) >= 4  # the router's token counts
+    finally:
+        if up.poll() is None:
+            up.send_signal(signal.SIGTERM)
+            up.wait(timeout=60)

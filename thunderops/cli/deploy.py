@@ -121,7 +121,7 @@ def up(
                       f"{result.plan.cost_per_hour:.2f} $/h (budget {result.plan.budget_per_hour:.2f} $/h); "
                       f"`thunderops status {dep}`, `thunderops down {dep}`", highlight=False)
     if provider == "local" and not ray_address:
-        _foreground(dep, prov, handover)
+        _foreground(dep, prov, handover, quiet=json_out)
 
 
 # --------------------------------------------------------------------------------------------- the steps
@@ -299,9 +299,9 @@ def controller_step(dep: str, handover: dict[str, Any]) -> None:
     Store().add_event(dep, "controller-started", f"thunderops watch {dep} (pid {pid})", {"controller_pid": pid})
 
 
-def _foreground(dep: str, prov: Any, handover: dict[str, Any]) -> None:
+def _foreground(dep: str, prov: Any, handover: dict[str, Any], quiet: bool = False) -> None:
     """Ray nodes started here live as long as this process: serve until Ctrl-C, then tear down."""
-    console.print(f"serving at {handover.get('endpoint', '-')} (api key {handover.get('api_key', '-')}); "
+    (err_console if quiet else console).print(f"serving at {handover.get('endpoint', '-')} (api key {handover.get('api_key', '-')}); "
                   "Ctrl-C tears the deployment down", highlight=False)
     stop = False
 

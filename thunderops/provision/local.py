@@ -23,9 +23,12 @@ import os
 import shutil
 import signal
 import socket
+import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -76,7 +79,8 @@ def ray_connect(address: str) -> None:
         ray.shutdown()  # connected to another cluster: switch
     if host in LOOPBACK:
         ray_constants.ENABLE_RAY_CLUSTER = False  # read at call time by ray._private.services
-    ray.init(address=address, _node_ip_address=host if host in LOOPBACK else None, ignore_reinit_error=True,
+    ray.init(address=address, namespace="thunderops", ignore_reinit_error=True,
+             _node_ip_address=host if host in LOOPBACK else None,
              log_to_driver=False, logging_level="WARNING", configure_logging=False)
 
 
@@ -98,6 +102,28 @@ def ray_alive(address: str) -> dict[str, bool]:
         return {}
     ray_connect(address)
     return {n["NodeID"]: bool(n["Alive"]) for n in ray.nodes()}
+
+
+_FD_LOCK = threading.Lock()
+
+
+@contextmanager
+def _children_output_to(path: str) -> Iterator[None]:
+    """Ray's node processes inherit our stdout/stderr and write their logs there; point both at a log file
+    while they are spawned, so `thunderops up --json` prints JSON only."""
+    with _FD_LOCK, open(path, "ab") as log:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        saved = [os.dup(1), os.dup(2)]
+        try:
+            os.dup2(log.fileno(), 1)
+            os.dup2(log.fileno(), 2)
+            yield
+        finally:
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            for fd in saved:
+                os.close(fd)
 
 
 @dataclass
@@ -218,7 +244,8 @@ class LocalProvider(Provider):
         os.environ["RAY_TMPDIR"] = temp_dir  # Ray writes its current-cluster file under $RAY_TMPDIR/ray
         head_args = {"num_cpus": 0, "num_gpus": 0, "node_ip_address": "127.0.0.1", "include_dashboard": False,
                      "temp_dir": os.path.join(temp_dir, "ray"), "_system_config": self.health}
-        cluster = Cluster(initialize_head=True, head_node_args=head_args)
+        with _children_output_to(os.path.join(temp_dir, "ray-output.log")):
+            cluster = Cluster(initialize_head=True, head_node_args=head_args)
         with self._lock:
             self._started[deployment] = _Started(cluster, temp_dir)
         return self._add_nodes(deployment, plan)
@@ -232,11 +259,12 @@ class LocalProvider(Provider):
             cluster._shutdown_at_exit = False  # Ray installs signal handlers only from the main thread
         head_pids = _pids(cluster.head_node)
         ray_nodes = []
-        for inst in plan.instances:
-            gpus = int(inst.gpus)
-            resources = {node_resource(inst.id): 1.0, gpu_resource(inst.gpu): float(gpus)}
-            ray_nodes.append(cluster.add_node(wait=False, num_cpus=1, num_gpus=0 if self.emulate else gpus,
-                                              node_ip_address="127.0.0.1", resources=resources))
+        with _children_output_to(os.path.join(started.temp_dir, "ray-output.log")):
+            for inst in plan.instances:
+                gpus = int(inst.gpus)
+                resources = {node_resource(inst.id): 1.0, gpu_resource(inst.gpu): float(gpus)}
+                ray_nodes.append(cluster.add_node(wait=False, num_cpus=1, num_gpus=0 if self.emulate else gpus,
+                                                  node_ip_address="127.0.0.1", resources=resources))
         cluster.wait_for_nodes(timeout=self.start_timeout_s)
         nodes = []
         base = len(self.store.nodes(deployment))
