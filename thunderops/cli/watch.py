@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import signal
 from typing import Annotated
 
@@ -77,6 +76,3 @@ def events(
         t.add_row(str(r["id"]), r["ts"][:23].replace("T", " "), r["kind"], ver, r["message"])
     console.print(t)
 
-
-def _dump(obj: object) -> str:
-    return json.dumps(obj, default=str)
