@@ -57,6 +57,8 @@ def up(
     launch_timeout: Annotated[float, typer.Option(help="Seconds one node's launch may take before it is replaced")] = 1800.0,
     pip_spec: Annotated[str | None, typer.Option(help="What engine nodes pip-install (default: thunderops[serve])")] = None,
     serve: Annotated[bool, typer.Option("--serve/--no-serve", help="Start engines and router after provisioning")] = True,
+    max_spend: Annotated[float | None, typer.Option(help="Total $ the controller may spend before it tears the "
+                                                         "deployment down")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print the outcome as JSON")] = False,
 ) -> None:
     """Plan a deployment under a $/h budget, provision it (SkyPilot or your own machines), then measure the
@@ -68,6 +70,8 @@ def up(
         raise ProvisionError("--emulate and --ray-address are for the local provider; add --provider local")
     if budget is not None and budget <= 0:
         raise ProvisionError(f"--budget must be a positive $/h amount, got {budget:g}")
+    if max_spend is not None and max_spend <= 0:
+        raise ProvisionError(f"--max-spend must be a positive $ amount, got {max_spend:g}")
     if name is not None:
         from thunderops.state import check_deployment_id
 
@@ -102,7 +106,7 @@ def up(
         try:
             netbench_step(dep, result, provider, emulate, json_out)
             handover.update(serve_step(dep, prov, provider, emulate))
-            controller_step(dep, handover)
+            controller_step(dep, handover, max_spend)
         except (UserError, OSError) as e:
             prov.store.add_event(dep, "serve-failed", str(e).splitlines()[0] if str(e) else type(e).__name__)
             err_console.print(f"[bold red]serving did not start:[/] {e}", highlight=False, soft_wrap=True)
@@ -115,7 +119,7 @@ def up(
                                   f"`thunderops down {dep}` to stop", highlight=False)
             raise typer.Exit(1) from None
     if json_out:
-        print_json(handover)
+        print_json({k: v for k, v in handover.items() if k != "engine_launcher"})  # it holds the engines' key
     else:
         console.print(f"deployment [bold]{dep}[/] up: {len(result.nodes)} node(s), "
                       f"{result.plan.cost_per_hour:.2f} $/h (budget {result.plan.budget_per_hour:.2f} $/h); "
@@ -262,6 +266,8 @@ def serve_step(dep: str, prov: Any, provider: str, emulate: bool) -> dict[str, A
             raise ProvisionError("real vLLM engines on local Ray nodes are started with `thunderops serve local "
                                  "--vllm`; use --emulate here or --no-serve")
         launcher = RayEmulators(prov.ray_address(dep), engine_key=engine_key)
+        engines = {"kind": "ray-emulators", "address": launcher.address, "engine_key": engine_key,
+                   "speedup": launcher.speedup}
     else:
         from thunderops.agent import deployment_token
         from thunderops.controller import NodeEngines
@@ -269,6 +275,7 @@ def serve_step(dep: str, prov: Any, provider: str, emulate: bool) -> dict[str, A
 
         engine_key = deployment_token(engine_key_name(dep), create=False)  # the nodes' VLLM_API_KEY
         launcher = NodeEngines()
+        engines = {"kind": "node"}
     urls = launcher.start(dep, plan, [g.id for g in plan.groups], nodes)
     workdir = default_home() / "deployments" / dep
     workdir.mkdir(parents=True, exist_ok=True)
@@ -283,10 +290,10 @@ def serve_step(dep: str, prov: Any, provider: str, emulate: bool) -> dict[str, A
     wait_healthy(f"http://127.0.0.1:{port}", pid, 60, str(log))
     store.add_event(dep, "serving", f"router at http://127.0.0.1:{port}/v1", {"router_pid": pid, "engines": urls})
     return {"endpoint": f"http://127.0.0.1:{port}/v1", "api_key": api_key, "router_pid": pid,
-            "router_url": f"http://127.0.0.1:{port}", "engines": urls}
+            "router_url": f"http://127.0.0.1:{port}", "engines": urls, "engine_launcher": engines}
 
 
-def controller_step(dep: str, handover: dict[str, Any]) -> None:
+def controller_step(dep: str, handover: dict[str, Any], max_spend: float | None = None) -> None:
     """Start the controller (`thunderops watch`) in the background, where it lands."""
     try:
         from thunderops.controller import start_background
@@ -294,7 +301,9 @@ def controller_step(dep: str, handover: dict[str, Any]) -> None:
         return
     from thunderops.state import Store
 
-    pid = start_background(dep, router_url=handover.get("router_url"), admin_key=handover.get("api_key"))
+    # The controller restarts engines on replacement nodes the way serve_step started them.
+    pid = start_background(dep, router_url=handover.get("router_url"), admin_key=handover.get("api_key"),
+                           engines=handover.get("engine_launcher"), max_spend=max_spend)
     handover["controller_pid"] = pid
     Store().add_event(dep, "controller-started", f"thunderops watch {dep} (pid {pid})", {"controller_pid": pid})
 
