@@ -18,6 +18,7 @@ from thunderops.scheduler import SearchConfig, solve
 from thunderops.scheduler.inventory import load_inventory, parse_inventory
 from thunderops.scheduler.reschedule import finalize, reschedule
 from thunderops.scheduler.topology import load_bandwidth
+from thunderops.serve.vllm import engine_commands
 from thunderops.workload import Workload
 
 FAST = SearchConfig(max_iters=40, patience=10, neighbours=12, time_limit=20)
@@ -51,6 +52,10 @@ def check_plan(plan: Plan, budget: float | None = None) -> None:
     assert sum(r.fraction for r in plan.routing) == pytest.approx(1.0)
     assert all(r.prefill in ids and r.decode in ids for r in plan.routing)
     assert plan.predicted.goodput_rps > 0
+    # deployable: vLLM's rules (one TP degree per group, TP dividing the heads); raises PlanError otherwise
+    assert len(engine_commands(plan)) >= len(plan.groups)
+    for g in plan.groups:
+        assert len({s.tp for s in g.stages}) == 1 and perf.model.heads % g.stages[0].tp == 0
 
 
 @pytest.fixture(scope="module")
@@ -253,3 +258,19 @@ def test_model_that_fits_no_inventory_gpu():
     inv = parse_inventory({"nodes": [{"name": "t4", "gpu": "T4", "gpus": 1}]}, "test")
     with pytest.raises(PlanError, match="does not fit in the inventory"):
         solve(None, "llama-3.1-70b", "conversation", inventory=inv, search=FAST)
+
+
+@pytest.mark.parametrize("budget,model", [(6.0, "llama-2-7b"), (9.0, "llama-30b"), (20.0, "llama-3.1-70b")])
+def test_every_plan_and_baseline_is_servable_by_vllm(lambda_offers, budget, model):
+    res = solve(budget, model, "conversation", offers=lambda_offers, search=FAST, sim_check=0)
+    for plan in [res.plan, *res.baselines.values()]:
+        check_plan(plan, budget)
+
+
+def test_mixed_node_sizes_get_one_tp_per_group():
+    """A 2-GPU and a 4-GPU node in one pipeline: per-node widest TP would be 2 and 4, which vLLM cannot run."""
+    inv = parse_inventory({"nodes": [{"name": "a", "gpu": "A10G", "gpus": 2, "network_gbps": 100},
+                                     {"name": "b", "gpu": "A10G", "gpus": 4, "network_gbps": 100}]}, "test")
+    res = solve(None, "llama-30b", "conversation", inventory=inv, search=FAST, sim_check=0)
+    for plan in [res.plan, *res.baselines.values()]:
+        check_plan(plan)

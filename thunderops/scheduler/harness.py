@@ -112,11 +112,9 @@ class Harness:
         parts, _, _ = self.parts(units)
         key = ("group", parts)
         if key not in self._holds_memo:
-            stages = []
-            for gpu, n in parts:
-                tps = [t for t in valid_tps(self.perf.model.heads, n) if n % t == 0]
-                t = max(tps) if tps else 1
-                stages += [(get_gpu(gpu), t)] * (n // t)
+            tps = self.parallel.group_tps(tuple(n for _, n in parts))  # one TP for every stage (vLLM)
+            t = tps[0] if tps else 1
+            stages = [(get_gpu(gpu), t) for gpu, n in parts for _ in range(n // t)]
             self._holds_memo[key] = len(stages) <= self.perf.model.layers and \
                 self.perf.split_layers(stages, "decode") is not None
         return self._holds_memo[key]

@@ -29,7 +29,7 @@ class GroupConfig:
     phase: str
     capacity: float  # requests/s at the SLO (0.0: does not fit or cannot meet the SLO)
     layout: Layout | None
-    tps: tuple[int, ...]
+    tps: tuple[int, ...]  # one TP for all instances: vLLM runs every pipeline stage at the same TP
 
 
 def valid_tps(model_heads: int, max_tp: int) -> list[int]:
@@ -52,7 +52,13 @@ class ParallelPlanner:
     def stage_options(self, gpus: int) -> list[int]:
         """TP choices for an instance contributing `gpus` GPUs: the widest valid TP that divides it (one stage
         per TP block), and the next narrower (more pipeline stages, less all-reduce over slow links)."""
-        opts = [t for t in valid_tps(self.perf.model.heads, gpus) if gpus % t == 0]
+        return self.group_tps((gpus,))
+
+    def group_tps(self, counts: tuple[int, ...]) -> list[int]:
+        """TP choices for a whole group whose instances contribute `counts` GPUs: vLLM needs one TP degree in
+        every pipeline stage, so a TP must divide every instance's share (and the heads); the widest such TP
+        and the next narrower."""
+        opts = [t for t in valid_tps(self.perf.model.heads, min(counts)) if all(n % t == 0 for n in counts)]
         return sorted(opts, reverse=True)[:2]
 
     def configs(self, parts: tuple[tuple[str, int], ...], pp_link_gbps: float) -> PhaseConfigs:
@@ -73,9 +79,8 @@ class ParallelPlanner:
     def best(self, parts: tuple[tuple[str, int], ...], pp_link_gbps: float, phase: str) -> GroupConfig:
         self.evaluations += 1
         specs: list[GpuSpec] = [get_gpu(g) for g, _ in parts]
-        per_part = [self.stage_options(n) for _, n in parts]
-        # the widest TP everywhere, and the next narrower everywhere (more pipeline stages)
-        combos = list(dict.fromkeys(tuple(o[min(k, len(o) - 1)] for o in per_part) for k in range(2)))
+        # the widest TP common to all instances, and the next narrower (more pipeline stages)
+        combos = [(t,) * len(parts) for t in self.group_tps(tuple(n for _, n in parts))]
         best = GroupConfig(phase, 0.0, None, ())
         slo = self.prefill_slo if phase == "prefill" else self.slo
         # stages inside one instance hop over its GPU link; across instances over the network
