@@ -35,12 +35,14 @@ def test_one_real_cheap_node_up_and_down(sdk):
     plan.groups = []  # no engines: this checks the machine, not vLLM
     store = Store()
     store.create_deployment("cloudtest", provider="skypilot", budget_per_hour=plan.budget_per_hour)
-    p = SkyPilotProvider(store, sdk, pip_spec="pip", launch_timeout_s=1200)
+    # no pip_spec: the node installs a wheel of this thunderops, shipped by file_mounts, as `up` does
+    p = SkyPilotProvider(store, sdk, launch_timeout_s=1200)
     try:
         result = p.up("cloudtest", plan)
         assert result.ok, result.message
         assert result.nodes[0].host
         assert set(p.clusters("cloudtest")) == {result.nodes[0].cluster_name}
+        assert p.package("cloudtest").is_file()  # the wheel its setup installed
     finally:
         p.down("cloudtest")
     assert p.clusters("cloudtest") == {}

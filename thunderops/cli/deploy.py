@@ -55,7 +55,8 @@ def up(
     dry_run: Annotated[bool, typer.Option(help="Print the plan, the SkyPilot tasks and the $/h; provision nothing")] = False,
     keep_partial: Annotated[bool, typer.Option(help="If the plan cannot be met, keep the nodes that came up")] = False,
     launch_timeout: Annotated[float, typer.Option(help="Seconds one node's launch may take before it is replaced")] = 1800.0,
-    pip_spec: Annotated[str | None, typer.Option(help="What engine nodes pip-install (default: thunderops[serve])")] = None,
+    pip_spec: Annotated[str | None, typer.Option(help="What nodes pip-install instead of a wheel of this thunderops "
+                                                    "(a git URL, an index name)")] = None,
     serve: Annotated[bool, typer.Option("--serve/--no-serve", help="Start engines and router after provisioning")] = True,
     max_spend: Annotated[float | None, typer.Option(help="Total $ the controller may spend before it tears the "
                                                          "deployment down")] = None,
@@ -185,15 +186,22 @@ def dry_run_step(plan: Plan, provider: str, dep: str, pip_spec: str | None, json
     tasks: dict[str, str] = {}
     problem = servable(plan)
     if provider == "skypilot" and problem is None:
+        from thunderops.provision.package import wheel_name
+        from thunderops.state import default_home
+
+        # shown, not built: `up` builds this wheel of the running thunderops and ships it to every node
+        wheel = None if pip_spec else default_home() / "deployments" / dep / wheel_name()
         accel = accelerator_names(plan)
         for inst in plan.instances:
             name = cluster_name(dep, inst.id, 1)
             shown = Plan.from_dict(plan.to_dict()).instance(inst.id)
             shown.zone = sky_zone(inst)
             cfg = engine_task(plan, shown, deployment=dep, node_id=name, cluster=name, accelerator=accel[inst.id],
-                              pip_spec=pip_spec, agent_token="<made at launch>", engine_key="<made at launch>")
+                              pip_spec=pip_spec, agent_token="<made at launch>", engine_key="<made at launch>",
+                              wheel=wheel)
             tasks[name] = render(cfg)
-        router = router_task(plan, deployment=dep, plan_path="<the deployment's plan.json>", api_key="<made at launch>")
+        router = router_task(plan, deployment=dep, plan_path="<the deployment's plan.json>", api_key="<made at launch>",
+                             pip_spec=pip_spec, wheel=wheel)
         tasks[router["name"]] = render(router)
     if json_out:
         print_json({"dry_run": True, "provider": provider, "plan": plan.to_dict(), "skypilot_tasks": tasks,

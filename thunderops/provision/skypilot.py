@@ -18,6 +18,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 import pandas as pd
@@ -161,6 +162,16 @@ class SkyPilotProvider(Provider):
         self.pip_spec = pip_spec
         self.max_attempts = max_attempts
 
+    def package(self, deployment: str) -> Path | None:
+        """The thunderops wheel the deployment's nodes install (built once into its work directory), or None
+        when `pip_spec` says what to install instead."""
+        if self.pip_spec:
+            return None
+        from thunderops.provision.package import build_wheel
+        from thunderops.state import default_home
+
+        return build_wheel(default_home() / "deployments" / deployment)
+
     # -- checks -----------------------------------------------------------------------------------------
     def check(self, plan: Plan) -> None:
         """Before anything is launched: the plan fits its budget and every cloud in it has credentials."""
@@ -187,6 +198,7 @@ class SkyPilotProvider(Provider):
         self.check(plan)
         if not plan.instances:
             raise ProvisionError("the plan has no instances to provision; re-plan with a larger --budget")
+        wheel = self.package(deployment)  # before anything is recorded: a failed build launches nothing
         whole = is_whole_plan(store, deployment, plan)
         version = stored_version(store, deployment, plan)
         if whole:
@@ -237,7 +249,7 @@ class SkyPilotProvider(Provider):
                 config = engine_task(plan, replace(inst, zone=sky_zone(inst)), deployment=deployment, node_id=name,
                                      cluster=name, accelerator=accel.get(inst.id) if inst.gpu == slot.original.gpu
                                      else None, ports=ports, pip_spec=self.pip_spec,
-                                     agent_token=token, engine_key=engine_key)
+                                     agent_token=token, engine_key=engine_key, wheel=wheel)
                 store.record_node_intent(
                     deployment, name, inst.id, name, cloud=inst.cloud, region=inst.region, zone=inst.zone,
                     instance_type=inst.instance_type, gpu=inst.gpu, gpus=inst.gpus, spot=inst.spot,

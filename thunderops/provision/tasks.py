@@ -116,10 +116,12 @@ def engine_script_lines(launches: list[EngineLaunch]) -> list[str]:
 def engine_task(plan: Plan, instance: Instance, *, deployment: str, node_id: str, cluster: str,
                 accelerator: str | None = None, ports: Ports | None = None, pip_spec: str | None = None,
                 launches: list[EngineLaunch] | None = None, agent_token: str | None = None,
-                engine_key: str | None = None) -> dict[str, Any]:
+                engine_key: str | None = None, wheel: str | Path | None = None) -> dict[str, Any]:
     """The SkyPilot task config (a dict, ready for `sky.Task.from_yaml_config`) for one plan instance.
     `agent_token` and `engine_key` (vLLM's VLLM_API_KEY: engine ports are open, so they need a key) go into
-    SkyPilot's `secrets:` (redacted in its displays), never into `envs:`."""
+    SkyPilot's `secrets:` (redacted in its displays), never into `envs:`. `wheel` (a local thunderops wheel,
+    `thunderops.provision.package.build_wheel`) is shipped as a file mount and installed with `[serve]`;
+    `pip_spec` overrides it."""
     ports = ports or Ports()
     launches = engine_launches(plan, instance.id, ports) if launches is None else launches
     cfg = copy.deepcopy(_template("engine"))
@@ -135,8 +137,7 @@ def engine_task(plan: Plan, instance: Instance, *, deployment: str, node_id: str
     envs.update(THUNDEROPS_DEPLOYMENT=deployment, THUNDEROPS_NODE=node_id, THUNDEROPS_INSTANCE=instance.id,
                 THUNDEROPS_MODEL=plan.model, THUNDEROPS_AGENT_PORT=str(ports.agent),
                 THUNDEROPS_AGENT_GPU=instance.gpu, THUNDEROPS_AGENT_GPUS=str(int(instance.gpus)))
-    if pip_spec:
-        envs["THUNDEROPS_PIP_SPEC"] = pip_spec
+    _install(cfg, pip_spec, wheel, "serve")
     secrets = {"THUNDEROPS_AGENT_TOKEN": agent_token, "VLLM_API_KEY": engine_key}
     if any(v is not None for v in secrets.values()):
         cfg["secrets"] = {k: v for k, v in secrets.items() if v is not None}
@@ -158,9 +159,11 @@ def router_argv(plan: Plan, *, deployment: str, port: int = ROUTER_PORT, ports: 
 
 
 def router_task(plan: Plan, *, deployment: str, plan_path: str | Path, port: int = ROUTER_PORT,
-                pip_spec: str | None = None, api_key: str | None = None) -> dict[str, Any]:
+                pip_spec: str | None = None, api_key: str | None = None,
+                wheel: str | Path | None = None) -> dict[str, Any]:
     """The SkyPilot task config for the router, in the cloud/region of the plan's first instance. The plan
-    travels as a file mount; `api_key` goes into `secrets:` as THUNDEROPS_API_KEY."""
+    (and `wheel`, as for engine_task) travel as file mounts; `api_key` goes into `secrets:` as
+    THUNDEROPS_API_KEY."""
     cfg = copy.deepcopy(_template("router"))
     cfg["name"] = f"{cluster_prefix(deployment)}router-1"
     first = plan.instances[0] if plan.instances else None
@@ -172,8 +175,7 @@ def router_task(plan: Plan, *, deployment: str, plan_path: str | Path, port: int
     cfg["resources"]["labels"] = {"thunderops-deployment": deployment}
     cfg["file_mounts"] = {"~/thunderops/plan.json": str(plan_path)}
     cfg["envs"].update(THUNDEROPS_DEPLOYMENT=deployment)
-    if pip_spec:
-        cfg["envs"]["THUNDEROPS_PIP_SPEC"] = pip_spec
+    _install(cfg, pip_spec, wheel, "")
     if api_key is not None:
         cfg["secrets"] = {"THUNDEROPS_API_KEY": api_key}
     # '~' must expand, so the plan path word is left unquoted (it is our constant, not a value from the plan)
@@ -181,6 +183,18 @@ def router_task(plan: Plan, *, deployment: str, plan_path: str | Path, port: int
              for w in router_argv(plan, deployment=deployment, port=port)]
     cfg["run"] = _fill_lines(cfg["run"], [" ".join(words)], ROUTER_MARKER)
     return cfg
+
+
+def _install(cfg: dict[str, Any], pip_spec: str | None, wheel: str | Path | None, extras: str) -> None:
+    """What the task's setup pip-installs: `pip_spec` if given, else the shipped `wheel` (mounted under the
+    node's home), else the template's default."""
+    from thunderops.provision.package import pip_spec_for, remote_path
+
+    if pip_spec:
+        cfg["envs"]["THUNDEROPS_PIP_SPEC"] = pip_spec
+    elif wheel is not None:
+        cfg.setdefault("file_mounts", {})[remote_path(wheel)] = str(wheel)
+        cfg["envs"]["THUNDEROPS_PIP_SPEC"] = pip_spec_for(wheel, extras)
 
 
 def _fill_lines(run: str, lines: list[str], marker: str = ENGINES_MARKER) -> str:

@@ -1,0 +1,142 @@
+"""Nodes install the thunderops that launched them (it is not on PyPI): `up` builds a wheel of the running
+thunderops, ships it with SkyPilot `file_mounts` and the setup script installs `<wheel>[serve]`; `--pip-spec`
+overrides it. The install step runs real pip on the shipped file, laid out as a node sees it."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import yaml
+from fakes.fake_sky import FakeSkyCloud
+from provision_helpers import cheapest, plan_of
+
+from thunderops.provision.package import REMOTE_DIR, build_wheel, wheel_name
+from thunderops.provision.skypilot import SkyPilotProvider
+from thunderops.provision.tasks import render
+from thunderops.state import Store
+
+
+def _plan():
+    return plan_of([("a100", cheapest("A100-80GB", 1, cloud="gcp"), False),
+                    ("l4", cheapest("L4", 1, cloud="aws", spot=True), True)], slack=1.0)
+
+
+def _launches(cloud: FakeSkyCloud) -> list[dict]:
+    """Record every task config the provider hands to the (fake) cloud."""
+    seen: list[dict] = []
+    real = cloud.launch
+
+    def launch(cluster, task_config, on_stage):
+        seen.append(yaml.safe_load(render(task_config)))  # what SkyPilot would get, as YAML
+        return real(cluster, task_config, on_stage)
+
+    cloud.launch = launch
+    return seen
+
+
+def _node_install(config: dict, home: Path, target: Path) -> subprocess.CompletedProcess:
+    """Do what a node does: SkyPilot copies each file mount under the home directory, then setup runs
+    `pip install "$THUNDEROPS_PIP_SPEC"` from there (real pip; --no-deps: no vLLM here)."""
+    for remote, local in config["file_mounts"].items():
+        dest = home / remote.removeprefix("~/")
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        dest.write_bytes(Path(local).read_bytes())
+    spec = config["envs"]["THUNDEROPS_PIP_SPEC"]
+    return subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-index",
+                           "--target", str(target), spec], cwd=home, capture_output=True, text=True, timeout=300)
+
+
+def test_up_ships_a_wheel_of_this_thunderops_and_nodes_install_it_with_serve(tmp_path, thunderops_home):
+    import sky
+
+    cloud = FakeSkyCloud(tmp_path / "fake-sky.json")
+    seen = _launches(cloud)
+    p = SkyPilotProvider(Store(), cloud, launch_timeout_s=10, cancel_grace_s=5)
+    plan = _plan()
+    p.store.create_deployment("d1", provider="skypilot", model=plan.model, budget_per_hour=plan.budget_per_hour)
+    p.store.add_plan("d1", plan)
+    try:
+        assert p.up("d1", plan).ok
+    finally:
+        p.down("d1")
+    wheel = thunderops_home / "deployments" / "d1" / wheel_name()
+    assert wheel.is_file()
+    assert len(seen) == 2
+    for config in seen:
+        assert config["file_mounts"] == {f"~/{REMOTE_DIR}/{wheel.name}": str(wheel)}
+        assert config["envs"]["THUNDEROPS_PIP_SPEC"] == f"./{REMOTE_DIR}/{wheel.name}[serve]"
+        sky.Task.from_yaml_config(copy.deepcopy(config))  # SkyPilot accepts the mount (its source must exist)
+    proc = _node_install(seen[0], tmp_path / "node-home", tmp_path / "site")
+    assert proc.returncode == 0, proc.stderr
+    site = tmp_path / "site"
+    for f in ("thunderops/serve/router.py", "thunderops/templates/engine.yaml", "thunderops/catalogs/gpus.csv"):
+        assert (site / f).is_file(), f
+    meta = next(site.glob("thunderops-*.dist-info")) / "METADATA"
+    assert "Provides-Extra: serve" in meta.read_text()  # `[serve]` pulls in vLLM on a real node
+    assert "thunderops = thunderops.cli:main" in (meta.parent / "entry_points.txt").read_text()
+
+
+def test_pip_spec_overrides_the_wheel_and_nothing_is_built(tmp_path, thunderops_home):
+    cloud = FakeSkyCloud(tmp_path / "fake-sky.json")
+    seen = _launches(cloud)
+    spec = "thunderops[serve] @ git+https://github.com/example/thunderops@main"
+    p = SkyPilotProvider(Store(), cloud, launch_timeout_s=10, cancel_grace_s=5, pip_spec=spec)
+    plan = _plan()
+    p.store.create_deployment("d2", provider="skypilot", model=plan.model, budget_per_hour=plan.budget_per_hour)
+    p.store.add_plan("d2", plan)
+    try:
+        assert p.up("d2", plan).ok
+    finally:
+        p.down("d2")
+    assert [c["envs"]["THUNDEROPS_PIP_SPEC"] for c in seen] == [spec, spec]
+    assert all("file_mounts" not in c for c in seen)
+    assert not list(thunderops_home.rglob("*.whl"))
+
+
+def test_dry_run_shows_the_wheel_mount_without_building_it(tmp_path, thunderops_home):
+    path = tmp_path / "plan.json"
+    _plan().save(path)
+    code = "import sys; from thunderops.cli import main; sys.argv = ['thunderops', *sys.argv[1:]]; main()"
+    proc = subprocess.run([sys.executable, "-c", code, "up", "--plan", str(path), "--dry-run", "--json"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    tasks = {n: yaml.safe_load(t) for n, t in json.loads(proc.stdout)["skypilot_tasks"].items()}
+    for name, cfg in tasks.items():
+        spec = cfg["envs"]["THUNDEROPS_PIP_SPEC"]
+        assert spec.startswith(f"./{REMOTE_DIR}/thunderops-") and spec.endswith("[serve]" if "router" not in name
+                                                                               else ".whl"), spec
+        assert any(k.startswith(f"~/{REMOTE_DIR}/") for k in cfg["file_mounts"])
+    assert not thunderops_home.exists()  # shown, not built
+
+
+def test_an_installed_copy_without_source_repacks_itself_into_an_installable_wheel(tmp_path):
+    """Run from a plain (non-editable) install: the wheel is rebuilt from the installed files."""
+    first = build_wheel(tmp_path / "src-build")
+    site = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-index", "--target", str(site),
+                    str(first)], check=True, capture_output=True, timeout=300)
+    code = ("import sys, thunderops; from thunderops.provision.package import build_wheel, source_tree; "
+            "assert source_tree() is None, source_tree(); assert thunderops.__file__.startswith(sys.argv[2]); "
+            "print(build_wheel(sys.argv[1]))")
+    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path / "repacked"), str(site)], capture_output=True,
+                          text=True, timeout=300, env=dict(os.environ, PYTHONPATH=str(site)), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    repacked = Path(proc.stdout.strip())
+    assert repacked.name == first.name
+
+    def names(whl: Path) -> set[str]:
+        return {n for n in zipfile.ZipFile(whl).namelist() if "__pycache__" not in n}
+
+    assert names(repacked) == names(first)
+    site2 = tmp_path / "site2"
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-index", "--target",
+                    str(site2), str(repacked)], check=True, capture_output=True, timeout=300)
+    assert (site2 / "thunderops" / "serve" / "router.py").read_bytes() == \
+        (site / "thunderops" / "serve" / "router.py").read_bytes()
+
