@@ -103,7 +103,9 @@ def _samples(offers: pd.DataFrame) -> list[dict]:
 def test_skypilot_reads_our_export_offline_and_agrees(tmp_path, offers):
     runtime = tmp_path / "sky-runtime"
     written = export_skypilot(runtime, offers)
-    assert {p.parent.name for p in written} == set(offers["cloud"])
+    assert {p.parent.name for p in written if p.name == "vms.csv"} == set(offers["cloud"])
+    assert {p.relative_to(skypilot_catalog_dir(runtime)).as_posix() for p in written if p.parent.name == "common"} \
+        == {"common/accelerators.csv", "common/metadata.csv"}
     before = _md5s(runtime)
     samples = _samples(offers)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "GOOGLE_", "SKYPILOT_"))}
@@ -342,3 +344,19 @@ def test_gcp_accelerator_types_request_over_real_http(tmp_path):
         pairs = gcp_accelerator_zones(compute_v1.AcceleratorTypesClient(transport=transport), "my-proj")
     assert pairs == {("nvidia-tesla-a100", "us-central1-a"), ("nvidia-h100-80gb", "us-central1-a")}
     assert server.paths and server.paths[0].startswith("/compute/v1/projects/my-proj/aggregated/acceleratorTypes")
+
+
+def test_export_writes_skypilots_common_accelerator_files(tmp_path, offers):
+    """SkyPilot canonicalizes accelerator names from common/accelerators.csv (cloud names as `str(cloud)`)."""
+    import sky
+
+    export_skypilot(tmp_path, offers)
+    base = skypilot_catalog_dir(tmp_path) / "common"
+    acc = pd.read_csv(base / "accelerators.csv")
+    assert list(acc.columns) == ["AcceleratorName", "Clouds"]
+    want = {a: {str(sky.CLOUD_REGISTRY.from_str(c)) for c in g["cloud"]} for a, g in offers.groupby("accelerator")}
+    assert {r.AcceleratorName: set(r.Clouds.split(",")) for r in acc.itertuples()} == want
+    meta = pd.read_csv(base / "metadata.csv")
+    assert list(meta.columns) == ["GPU", "MemoryGB", "Manufacturer"]
+    mem = offers.groupby("accelerator")["gpu_memory_gib"].max()
+    assert {r.GPU: r.MemoryGB for r in meta.itertuples()} == pytest.approx(mem.to_dict())

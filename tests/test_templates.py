@@ -19,6 +19,7 @@ from provision_helpers import cheapest, plan_of
 
 from thunderops.catalog import export_skypilot, load_offers
 from thunderops.provision import Ports
+from thunderops.provision.package import wheel_name
 from thunderops.provision.skypilot import sky_zone
 from thunderops.provision.tasks import (
     EngineLaunch,
@@ -105,6 +106,10 @@ def test_engine_task_runs_the_serving_steps_vllm_commands_and_opens_their_ports(
 
 _SKY_CHECK = textwrap.dedent("""
     import json, sys
+    import socket
+    def _offline(*a, **k):
+        raise OSError("network disabled by the test: SkyPilot must read only the exported catalog")
+    socket.socket.connect = _offline
     import sky, sky.check
     enabled = [sky.CLOUD_REGISTRY.from_str(c) for c in json.loads(sys.argv[2])]
     # as SkyPilot's own tests do: mark clouds enabled, skip the credential checks
@@ -126,26 +131,6 @@ _SKY_CHECK = textwrap.dedent("""
 """)
 
 
-def _write_common_catalog(runtime: Path) -> None:
-    """SkyPilot also reads common/accelerators.csv (accelerator -> clouds); derive it from the export where
-    the export does not write it, so nothing is downloaded."""
-    import pandas as pd
-
-    base = runtime / ".sky" / "catalogs" / "v8"
-    path = base / "common" / "accelerators.csv"
-    if path.exists():
-        return
-    names = {"aws": "AWS", "gcp": "GCP", "azure": "Azure", "lambda": "Lambda", "nebius": "Nebius", "oci": "OCI",
-             "vast": "Vast", "cudo": "Cudo"}
-    rows: dict[str, set[str]] = {}
-    for vms in base.glob("*/vms.csv"):
-        for acc in pd.read_csv(vms)["AcceleratorName"].dropna().unique():
-            rows.setdefault(str(acc), set()).add(names.get(vms.parent.name, vms.parent.name))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    pd.DataFrame([{"AcceleratorName": a, "Clouds": ",".join(sorted(c))} for a, c in sorted(rows.items())]).to_csv(
-        path, index=False)
-
-
 @pytest.mark.slow
 def test_every_task_validates_in_skypilot_and_its_optimizer_picks_the_plans_instance_and_price(tmp_path):
     offers = load_offers()
@@ -160,17 +145,18 @@ def test_every_task_validates_in_skypilot_and_its_optimizer_picks_the_plans_inst
             rows.append((f"{cloud}sp", spot.iloc[0], True))
     plan = plan_of(rows)
     accel = accelerator_names(plan)
+    wheel = tmp_path / wheel_name()  # a file mount's source must exist for SkyPilot to accept the task
+    wheel.write_bytes(b"")
     items = []
     for inst in plan.instances:
         cfg = engine_task(plan, inst.__class__(**{**inst.__dict__, "zone": sky_zone(inst)}), deployment="d1",
                           node_id=inst.id, cluster=cluster_name("d1", inst.id), accelerator=accel[inst.id],
-                          agent_token="t")
+                          agent_token="t", wheel=wheel)
         items.append({"config": yaml.safe_load(render(cfg)), "optimize": True})
-    items.append({"config": yaml.safe_load(render(router_task(plan, deployment="d1", plan_path=tmp_path))),
+    items.append({"config": yaml.safe_load(render(router_task(plan, deployment="d1", plan_path=tmp_path, wheel=wheel))),
                   "optimize": False})
     runtime = tmp_path / "sky-runtime"
-    export_skypilot(runtime)
-    _write_common_catalog(runtime)
+    export_skypilot(runtime)  # the product's export alone is enough for SkyPilot's optimizer, offline
     (tmp_path / "items.json").write_text(json.dumps(items))
     env = dict(os.environ, SKY_RUNTIME_DIR=str(runtime), HOME=str(tmp_path / "home"))
     proc = subprocess.run([sys.executable, "-c", _SKY_CHECK, str(tmp_path / "items.json"),

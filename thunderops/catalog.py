@@ -465,16 +465,38 @@ def skypilot_rows(cloud: str, offers: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=SKYPILOT_COLUMNS[cloud])
 
 
+# How SkyPilot writes each cloud's name in common/accelerators.csv (`str(sky.CLOUD_REGISTRY.from_str(c))`).
+SKYPILOT_CLOUD_NAMES = {"aws": "AWS", "gcp": "GCP", "azure": "Azure", "lambda": "Lambda", "nebius": "Nebius",
+                        "oci": "OCI", "vast": "Vast", "cudo": "Cudo"}
+
+
+def skypilot_common_tables(offers: pd.DataFrame) -> dict[str, pd.DataFrame]:
+    """SkyPilot's `common/accelerators.csv` (AcceleratorName, Clouds) and `common/metadata.csv` (GPU, MemoryGB,
+    Manufacturer) for the accelerators in `offers`."""
+    accels = offers.dropna(subset=["accelerator"])
+    clouds = accels.groupby("accelerator")["cloud"].agg(
+        lambda cs: ",".join(sorted({SKYPILOT_CLOUD_NAMES.get(c, c) for c in cs})))
+    memory = accels.groupby("accelerator")["gpu_memory_gib"].max()
+    return {
+        "common/accelerators.csv": pd.DataFrame({"AcceleratorName": clouds.index, "Clouds": clouds.values}),
+        "common/metadata.csv": pd.DataFrame({
+            "GPU": memory.index, "MemoryGB": memory.values,
+            "Manufacturer": ["AMD" if str(a).upper().startswith("MI") else "NVIDIA" for a in memory.index]}),
+    }
+
+
 def skypilot_catalog_dir(runtime_dir: str | Path) -> Path:
     """Where SkyPilot reads its catalogs when SKY_RUNTIME_DIR=runtime_dir (sky/catalog/common.py)."""
     return Path(runtime_dir) / ".sky" / "catalogs" / "v8"
 
 
 def export_skypilot(runtime_dir: str | Path, offers: pd.DataFrame | None = None) -> list[Path]:
-    """Write SkyPilot v8 catalogs (`<dir>/.sky/catalogs/v8/<cloud>/vms.csv`) from our offers.
+    """Write SkyPilot v8 catalogs (`<dir>/.sky/catalogs/v8/<cloud>/vms.csv`) from our offers, and the common
+    files SkyPilot reads besides them (`common/accelerators.csv`: accelerator -> clouds, used to canonicalize
+    accelerator names; `common/metadata.csv`: GPU memory, for `{GPU: N}`-by-memory requests).
 
-    Run SkyPilot with `SKY_RUNTIME_DIR=<dir>` and it prices, picks instance types and lists regions from our
-    catalog without downloading anything: a vms.csv without a `.meta/<cloud>/vms.csv.md5` beside it counts as
+    Run SkyPilot with `SKY_RUNTIME_DIR=<dir>` and its optimizer prices, picks instance types and lists regions
+    from our catalog without downloading anything: a file without a `.meta/<path>.md5` beside it counts as
     user-modified, which SkyPilot never overwrites. Returns the files written.
     """
     offers = load_offers() if offers is None else offers
@@ -483,16 +505,17 @@ def export_skypilot(runtime_dir: str | Path, offers: pd.DataFrame | None = None)
         raise CatalogError(f"cannot export cloud(s) {', '.join(unknown)} to SkyPilot; it knows "
                            f"{', '.join(SKYPILOT_CLOUDS)}")
     base = skypilot_catalog_dir(runtime_dir)
-    tables = {cloud: skypilot_rows(cloud, group) for cloud, group in offers.groupby("cloud")}
+    tables = {f"{cloud}/vms.csv": skypilot_rows(cloud, group) for cloud, group in offers.groupby("cloud")}
+    tables.update(skypilot_common_tables(offers))
     written = []
     try:
-        for cloud, table in tables.items():
-            path = base / cloud / "vms.csv"
+        for name, table in tables.items():
+            path = base / name
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(".vms.csv.tmp")
+            tmp = path.with_name(f".{path.name}.tmp")
             table.to_csv(tmp, index=False)
             tmp.replace(path)
-            stale_md5 = base / ".meta" / cloud / "vms.csv.md5"
+            stale_md5 = base / ".meta" / f"{name}.md5"
             if stale_md5.exists():  # an md5 would mark the file as SkyPilot's own download, free to replace
                 stale_md5.unlink()
             written.append(path)
