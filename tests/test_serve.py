@@ -118,9 +118,10 @@ def test_pd_flow_prefill_then_decode_with_kv_params(fast):
 
     decode, prefill = fast.engine_urls["d0"], fast.engine_urls["p0"]
     body = {"model": MODEL, "prompt": "x " * 40, "max_tokens": 2}
-    # a decode engine refuses a request without kv_transfer_params, or with ones that do not cover the prompt
-    status, err, _ = http(fast, "POST", "/v1/completions", body, key=fast.engine_key, base=decode)
-    assert status == 400 and "kv_transfer_params" in err["error"]["message"]
+    # engines run as kv_both (so phases can flip): one serves a plain request itself, and refuses
+    # kv_transfer_params that do not cover the prompt
+    status, out, _ = http(fast, "POST", "/v1/completions", body, key=fast.engine_key, base=decode)
+    assert status == 200 and out["usage"]["completion_tokens"] == 2
     bogus = {"do_remote_prefill": True, "remote_engine_id": "e", "remote_host": "h", "remote_port": 1,
              "remote_block_ids": [0]}
     status, _, _ = http(fast, "POST", "/v1/completions", {**body, "kv_transfer_params": bogus}, key=fast.engine_key,
@@ -206,6 +207,30 @@ def test_no_healthy_replica_is_503_with_retry_after_and_routing_swaps_back(fast)
     finally:
         assert http(fast, "POST", "/admin/routing", original)[0] == 200
     assert client(fast).completions.create(model=MODEL, prompt="back", max_tokens=1).usage.completion_tokens == 1
+
+
+def test_a_reschedule_that_flips_phases_is_served_without_restarting_engines(fast):
+    """Engines run as kv_both (role both), as vLLM's are: a new table that makes a decode group prefill and a
+    prefill group decode (and one group colocated) serves at once."""
+    status, original, _ = http(fast, "GET", "/admin/routing")
+    flipped = {**original, "version": original["version"] + 1,
+               "routes": [{"prefill": "d0", "decode": "p0", "fraction": 0.5},
+                          {"prefill": "p1", "decode": "p1", "fraction": 0.5}]}
+    assert http(fast, "POST", "/admin/routing", flipped)[0] == 200
+    try:
+        c = client(fast)
+        for i in range(12):
+            out = c.completions.create(model=MODEL, prompt=f"flipped {i}", max_tokens=5, stream=i % 2 == 1)
+            if i % 2:
+                assert sum(1 for ch in out if ch.choices) == 5
+            else:
+                assert out.usage.completion_tokens == 5
+        recs = usage_records(fast, 12)
+        assert all(r["status"] == 200 for r in recs), recs
+        assert {(r["prefill_replica"], r["decode_replica"]) for r in recs} == {("d0", "p0"), (None, "p1")}  # colocated: no prefill leg
+    finally:
+        original["version"] = flipped["version"] + 1
+        assert http(fast, "POST", "/admin/routing", original)[0] == 200
 
 
 def test_metrics_expose_token_totals(fast):

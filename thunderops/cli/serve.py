@@ -57,12 +57,13 @@ def commands(
 def emulator(
     port: Annotated[int, typer.Option(help="HTTP port")] = 8100,
     host: Annotated[str, typer.Option(help="Bind address")] = "127.0.0.1",
-    role: Annotated[str, typer.Option(help="prefill, decode or both")] = "both",
+    role: Annotated[str, typer.Option(help="prefill, decode or both (vLLM's kv_both: the default, so a "
+                                           "reschedule can flip the phase without a restart)")] = "both",
     model: Annotated[str, typer.Option(help="Model name (catalog name, alias or HF id)")] = "llama3-8b",
     gpu: Annotated[str | None, typer.Option(help="GPU type whose timing to emulate (default: no delay)")] = None,
     tp: Annotated[int, typer.Option(help="Tensor-parallel degree")] = 1,
     pp: Annotated[int, typer.Option(help="Pipeline-parallel degree")] = 1,
-    plan: Annotated[Path | None, typer.Option(help="Take model, role and layout from this plan's --group")] = None,
+    plan: Annotated[Path | None, typer.Option(help="Take model and layout from this plan's --group")] = None,
     group: Annotated[str | None, typer.Option(help="Group id within --plan")] = None,
     speedup: Annotated[float, typer.Option(help="Run emulated time this many times faster")] = 1.0,
     delay_scale: Annotated[float, typer.Option(help="Multiply delays (0 = answer at once, for benchmarks)")] = 1.0,
@@ -88,8 +89,7 @@ def emulator(
             g = p.group(group)
         except KeyError:
             raise UserError(f"plan has no group {group!r}; groups: {', '.join(x.id for x in p.groups)}") from None
-        model, tp = p.model, g.tp
-        role = "both" if g.phase == "colocated" else g.phase
+        model, tp = p.model, g.tp  # the role is not the group's phase: phases change with every reschedule
         if delay_scale > 0:
             from thunderops.serve.emulator import PerfTiming
 
