@@ -19,11 +19,10 @@ from test_controller import background_load, run_load, small_plan, wait_for
 
 from thunderops.controller import Controller, ControllerConfig, RayEmulators, save_router
 from thunderops.plan import Plan
-from thunderops.provision import Node
-from thunderops.provision.local import LocalProvider, gpu_resource, node_resource
+from thunderops.provision.local import LocalProvider
 from thunderops.serve import _spawn, free_port, serve_module_argv, stop_pids, wait_healthy
 from thunderops.serve.router import RoutingTable
-from thunderops.state import Store, now_utc
+from thunderops.state import Store
 
 pytestmark = pytest.mark.slow
 
@@ -32,52 +31,17 @@ BUDGET = 5.0  # $/h: the plan's five nodes exactly, so a replacement fits only o
 MAX_SPEND = 1.0  # $
 
 
-class GrowingLocalProvider(LocalProvider):
-    """LocalProvider whose `up` on a deployment it already started adds Ray nodes to that cluster (how the
-    controller brings replacements up). Interim, until thunderops.provision.local does this itself."""
-
-    def up(self, deployment: str, plan: Plan, *, keep_partial: bool = False):
-        from thunderops.provision import ProvisionResult
-        from thunderops.provision.tasks import slug
-
-        started = self._started.get(deployment)
-        if started is None:
-            return super().up(deployment, plan, keep_partial=keep_partial)
-        cluster = started.cluster
-        cluster._shutdown_at_exit = False  # the controller calls up() off the main thread: no signal hooks
-        nodes = []
-        for inst in plan.instances:
-            rn = cluster.add_node(num_cpus=1, num_gpus=0, node_ip_address="127.0.0.1",
-                                  resources={node_resource(inst.id): 1.0, gpu_resource(inst.gpu): float(inst.gpus)})
-            node_id = f"local-{deployment}-{slug(inst.id)}"
-            self.store.record_node_intent(
-                deployment, node_id, inst.id, rn.node_id, cloud="local", region="local", zone="",
-                instance_type=inst.instance_type, gpu=inst.gpu, gpus=inst.gpus, spot=False,
-                price_per_hour=inst.price_per_hour, host="127.0.0.1", status="ready", launched_at=now_utc(),
-                meta={"ray_node_id": rn.node_id, "address": cluster.address, "owned": True,
-                      "pids": sorted({p.process.pid for v in rn.all_processes.values() for p in v if p.process}),
-                      "temp_dir": started.temp_dir})
-            nodes.append(Node.from_record(self.store.node(node_id)))
-        return ProvisionResult(deployment, plan, plan.version, nodes, ok=True)
-
-
-def _ray_node(provider: LocalProvider, store: Store, dep: str, instance: str):
-    rec = [r for r in store.nodes(dep) if r.instance_id == instance][-1]
-    cluster = provider._started[dep].cluster
-    want = {rec.cluster_name, str(rec.meta.get("ray_node_id"))}
-    return next(n for n in cluster.worker_nodes if {n.node_id, n.unique_id} & want)
-
-
 def _kill(provider, launcher, store, dep, plan: Plan, instance: str) -> float:
-    """Lose a node: SIGKILL its engine processes and remove its Ray node (no grace)."""
+    """Lose a node as a machine dies: SIGKILL its engine processes and every Ray process of its node (no
+    grace). Letting it go (out of the Ray cluster) is then the controller's job, through `down_node`."""
     t = time.time()
-    for g in plan.groups:
-        if instance in g.instances and g.id in launcher.pids:
-            try:
-                os.kill(launcher.pids[g.id], signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-    provider._started[dep].cluster.remove_node(_ray_node(provider, store, dep, instance), allow_graceful=False)
+    rec = [r for r in store.nodes(dep) if r.instance_id == instance][-1]
+    pids = [launcher.pids[g.id] for g in plan.groups if instance in g.instances and g.id in launcher.pids]
+    for pid in [*pids, *rec.meta["pids"]]:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
     return t
 
 
@@ -89,7 +53,7 @@ def chaos(tmp_path):
     plan.budget_per_hour = BUDGET
     store.create_deployment(dep, provider="local", model=plan.model, budget_per_hour=BUDGET)
     store.add_plan(dep, plan, reason="test")
-    provider = GrowingLocalProvider(store, emulate=True)
+    provider = LocalProvider(store, emulate=True)  # adds replacement Ray nodes itself
     router_pid = None
     launcher = None
     try:
@@ -192,6 +156,13 @@ def test_chaos_nodes_die_mid_run_no_request_is_lost(chaos):
     # events recorded with before/after versions and the predicted effect
     for e in [*resched, *store.events(dep, "reprovisioned")]:
         assert e.payload["after"] > e.payload["before"] and "goodput_after" in e.payload["predicted"]
+    # lost nodes were let go through the provider (`down_node`): out of the Ray cluster, not live
+    lost = {first, *two}
+    downs = {e.payload["node"] for e in store.events(dep, "node-down")}
+    lost_recs = [r for r in store.nodes(dep) if r.instance_id in lost]
+    assert len(lost_recs) == 3 and all(not r.live and r.terminated_at and r.id in downs for r in lost_recs)
+    in_cluster = {n.node_id for n in provider._started[dep].cluster.worker_nodes}
+    assert not in_cluster & {r.cluster_name for r in lost_recs}
     # spend within the budget ($/h at every sample) and the total limit
     assert spend_seen and max(rate for _, rate in spend_seen) <= BUDGET + 1e-9
     assert store.spend(dep) < MAX_SPEND

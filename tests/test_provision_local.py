@@ -82,6 +82,18 @@ def test_emulated_nodes_run_real_ray_work_and_a_dead_node_is_seen_in_about_2s():
             added.cluster_name
         assert p.store.plan_versions("loc1") == [1] and len(p.store.nodes("loc1")) == 3
 
+        # down_node lets one node go (how the controller drops a lost or replaced node): its Ray processes
+        # end, the Ray cluster loses it, the others keep running; a second call does nothing
+        spare_pids = p.store.node(added.id).meta["pids"]
+        assert p.down_node(added.id).terminated == [added.cluster_name]
+        assert spare_pids and not any(_running(pid) for pid in spare_pids)
+        assert p.store.node(added.id).status == "terminated" and p.store.node(added.id).terminated_at
+        assert p.down_node(added.id).terminated == []
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < 20 and any(n["NodeID"] == added.cluster_name and n["Alive"] for n in ray.nodes()):
+            time.sleep(0.2)
+        assert not any(n["NodeID"] == added.cluster_name and n["Alive"] for n in ray.nodes())
+
         victim = p.store.node(result.nodes[1].id)
         raylet = victim.meta["pids"][0]
         os.kill(raylet, signal.SIGSTOP)  # hung, not exited: only the health checks can tell
@@ -93,7 +105,7 @@ def test_emulated_nodes_run_real_ray_work_and_a_dead_node_is_seen_in_about_2s():
             time.sleep(0.1)
         detected = time.monotonic() - t0
         os.kill(raylet, signal.SIGKILL)
-        assert states == {"a100box": "ready", "l4box": "dead", "spare": "ready"}
+        assert states == {"a100box": "ready", "l4box": "dead", "spare": "terminated"}
         assert detected < 5.0, f"dead node seen after {detected:.1f} s"
         print(f"dead node detected after {detected:.2f} s")
     finally:

@@ -61,6 +61,30 @@ def test_parallel_launch_records_intent_and_outcome_then_down_leaves_nothing(clo
     assert p.store.deployment("d1").status == "down"
 
 
+def test_down_node_tears_down_one_cluster_and_keeps_the_others(cloud):
+    p = provider(cloud)
+    plan = three_node_plan()
+    start(p.store, "d1", plan)
+    nodes = {n.instance_id: n for n in p.up("d1", plan).nodes}
+    p.store.update_node(nodes["l4"].id, status="preempted")  # the controller marks a lost node first
+    assert p.down_node(nodes["l4"].id).terminated == [nodes["l4"].cluster_name]
+    assert cloud.names() == {nodes["a100"].cluster_name, nodes["t4"].cluster_name}
+    rec = p.store.node(nodes["l4"].id)
+    assert rec.status == "preempted" and rec.terminated_at  # why it ended is kept; billing stopped
+    assert p.down_node(nodes["l4"].id).terminated == []  # gone from SkyPilot's list: nothing to do
+    assert p.down_node(nodes["a100"].id).terminated and p.store.node(nodes["a100"].id).status == "terminated"
+    assert p.down_node(nodes["a100"].id).terminated == []  # idempotent
+    assert cloud.names() == {nodes["t4"].cluster_name}
+    assert [e.payload["node"] for e in p.store.events("d1", "node-down")] == [nodes["l4"].id, nodes["a100"].id]
+    # a node recorded as terminated (the controller records a lost node before letting it go) whose cluster
+    # SkyPilot still lists is torn down all the same
+    p.store.update_node(nodes["t4"].id, status="terminated")
+    assert p.down_node(nodes["t4"].id).terminated == [nodes["t4"].cluster_name]
+    assert cloud.names() == set()
+    p.down("d1")
+    assert cloud.names() == set()
+
+
 def test_capacity_failure_falls_back_to_next_offer_within_budget_and_stores_a_new_plan_version(cloud):
     plan = three_node_plan(slack=5.0)
     target = plan.instance("a100")

@@ -95,6 +95,11 @@ class Provider(abc.ABC):
     def down(self, deployment: str | None) -> DownResult:
         """Tear down the deployment's nodes (all thunderops nodes when `deployment` is None). Idempotent."""
 
+    @abc.abstractmethod
+    def down_node(self, node_id: str) -> DownResult:
+        """Tear down one node (the store's node id) and record it terminated; the controller lets a lost or
+        replaced node go with it. Idempotent; raises when the node could not be torn down."""
+
 
 def stored_version(store, deployment: str, plan: Plan) -> int:
     """The store's version of `plan`: its own when already stored, else a new version. A sub-plan (the

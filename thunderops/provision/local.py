@@ -356,6 +356,34 @@ class LocalProvider(Provider):
             out.append(node)
         return out
 
+    def down_node(self, node_id: str) -> DownResult:
+        """Stop one node: its Ray node leaves the cluster and its recorded processes end. A node of a cluster
+        you attached to (`--ray-address`) keeps running; only its record ends."""
+        rec = self.store.node(node_id)
+        result = DownResult(rec.deployment)
+        removed, pids = False, []
+        if rec.meta.get("owned"):  # whatever the record says: the controller records a lost node first
+            with self._lock:
+                started = self._started.get(rec.deployment)
+            if started is not None:
+                want = {rec.cluster_name, str(rec.meta.get("ray_node_id"))}
+                for rn in [n for n in list(started.cluster.worker_nodes) if {n.node_id, n.unique_id} & want]:
+                    try:
+                        started.cluster.remove_node(rn, allow_graceful=False)
+                        removed = True
+                    except Exception:
+                        if rn in started.cluster.worker_nodes:
+                            raise  # else someone removed it meanwhile: gone either way
+            pids = stop_pids([int(p) for p in rec.meta.get("pids", [])])  # never the head's
+        if not (removed or pids or rec.live):
+            return result  # nothing left of it
+        self.store.update_node(node_id, status="terminated" if rec.live else rec.status,
+                               terminated_at=rec.terminated_at or now_utc())
+        self.store.add_event(rec.deployment, "node-down", f"stopped local node {rec.instance_id}",
+                             {"node": node_id, "pids": pids})
+        result.terminated.append(rec.cluster_name)
+        return result
+
     def down(self, deployment: str | None) -> DownResult:
         store = self.store
         if deployment is None:

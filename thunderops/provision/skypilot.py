@@ -410,6 +410,22 @@ class SkyPilotProvider(Provider):
                 store.set_deployment_status(d, "down")
         return result
 
+    def down_node(self, node_id: str) -> DownResult:
+        """Tear down one node's cluster, whatever its record says (the controller records a lost node before it
+        lets it go, and a preempted or failed cluster may still bill): only a cluster SkyPilot no longer
+        lists is left alone."""
+        rec = self.store.node(node_id)
+        result = DownResult(rec.deployment)
+        if not rec.live and rec.cluster_name not in self.clusters(rec.deployment):
+            return result
+        self.cloud.down(rec.cluster_name)  # raises if the cloud refuses: the record stays live for `down`
+        self.store.update_node(node_id, status="terminated" if rec.live else rec.status,
+                               terminated_at=rec.terminated_at or now_utc())
+        self.store.add_event(rec.deployment, "node-down", f"terminated {rec.cluster_name} ({rec.instance_id})",
+                             {"node": node_id, "cluster": rec.cluster_name})
+        result.terminated.append(rec.cluster_name)
+        return result
+
     def _down_clusters(self, deployment: str, names: list[str]) -> DownResult:
         """Tear down some clusters of a deployment (the ones one `up` call launched), recording it."""
         recorded = {r.cluster_name: r for r in self.store.nodes(deployment) if r.live and r.cluster_name in names}
