@@ -117,6 +117,31 @@ def test_up_status_down_through_the_cli(plan_file, cloud):
     assert st["deployments"][0]["status"] == "down" and {n["status"] for n in st["nodes"]} == {"terminated"}
 
 
+def _leaks(secrets_: list[str], home: Path, *texts: str) -> list[str]:
+    """Where any of the secrets shows up: in the given outputs or in any file under THUNDEROPS_HOME outside
+    tokens/ (state store, logs, routing tables, wheels)."""
+    assert secrets_ and all(len(s) >= 16 for s in secrets_)
+    found = [f"output {k}" for k, t in enumerate(texts) for s in secrets_ if s in t]
+    for f in home.rglob("*"):
+        if f.is_file() and "tokens" not in f.relative_to(home).parts:
+            data = f.read_bytes()
+            found += [str(f) for s in secrets_ if s.encode() in data]
+    return found
+
+
+def test_agent_token_and_engine_key_never_appear_in_outputs_or_state(plan_file, cloud, thunderops_home):
+    up = cli("up", "--plan", str(plan_file), "--name", "web", "--no-serve", "--json")
+    assert up.returncode == 0, up.stderr
+    tokens = [(thunderops_home / "tokens" / n).read_text().strip() for n in ("web.token", "web.engine.token")]
+    outs = [up.stdout, up.stderr]
+    for args in (("status", "web", "--json"), ("status", "web"), ("status",), ("events", "web", "--json"),
+                 ("events", "web"), ("down", "web", "--json")):
+        proc = cli(*args)
+        assert proc.returncode == 0, (args, proc.stderr)
+        outs += [proc.stdout, proc.stderr]
+    assert _leaks(tokens, thunderops_home, *outs) == []
+
+
 def test_failed_provisioning_exits_1_with_everything_torn_down(plan_file, cloud):
     cloud.add_rule("to-fail-l4-", "error")
     proc = cli("up", "--plan", str(plan_file), "--name", "fail", "--no-serve")
@@ -177,6 +202,12 @@ def test_local_emulated_deployment_serves_and_down_from_another_shell_ends_it(tm
         answer = client.completions.create(model="Llama-2-7B", prompt="hello there", max_tokens=4)
         assert answer.usage.completion_tokens == 4
         pids = [out["router_pid"], out["controller_pid"], up.pid]
+        # the engines' key (router -> engines) never shows: not in up --json, status, events, logs, state
+        home = Path(os.environ["THUNDEROPS_HOME"])
+        engine_key = json.loads((home / "tokens" / "loc.router.json").read_text())["engines"]["engine_key"]
+        outs = ["".join(lines)] + [cli(*a).stdout for a in (("status", "loc", "--json"), ("status", "loc"),
+                                                            ("events", "loc", "--json"))]
+        assert _leaks([engine_key], home, *outs) == []
         proc = cli("down", "loc", "--json")
         assert proc.returncode == 0, proc.stderr
         up.wait(timeout=60)
