@@ -80,8 +80,10 @@ def test_export_skypilot_writes_v8_catalogs(thunderops_cli, tmp_path):
     proc = run(thunderops_cli, "catalog", "export-skypilot", str(tmp_path), "--cloud", "lambda", "--cloud", "gcp")
     assert proc.returncode == 0, proc.stderr
     base = skypilot_catalog_dir(tmp_path)
-    assert sorted(p.name for p in base.iterdir()) == ["gcp", "lambda"]
+    assert sorted(p.name for p in base.iterdir()) == ["common", "gcp", "lambda"]
     assert len(pd.read_csv(base / "lambda" / "vms.csv")) > 0
+    clouds = pd.read_csv(base / "common" / "accelerators.csv")["Clouds"]  # only the exported clouds
+    assert set(",".join(clouds).split(",")) == {"GCP", "Lambda"}
     assert f"SKY_RUNTIME_DIR={tmp_path}" in proc.stdout
 
 
