@@ -12,6 +12,7 @@ import sys
 import zipfile
 from pathlib import Path
 
+import pytest
 import yaml
 from fakes.fake_sky import FakeSkyCloud
 from provision_helpers import cheapest, plan_of
@@ -140,3 +141,25 @@ def test_an_installed_copy_without_source_repacks_itself_into_an_installable_whe
     assert (site2 / "thunderops" / "serve" / "router.py").read_bytes() == \
         (site / "thunderops" / "serve" / "router.py").read_bytes()
 
+
+
+def test_a_wheel_that_cannot_be_built_is_one_error_before_anything_is_launched(tmp_path, monkeypatch):
+    from thunderops import errors
+    from thunderops.provision import package
+
+    broken = tmp_path / "src"
+    broken.mkdir()
+    (broken / "pyproject.toml").write_text('[project]\nname = "thunderops"\nversion = "not a version"\n')
+    monkeypatch.setattr(package, "source_tree", lambda: broken)
+    monkeypatch.setattr(package, "_built", [])
+    cloud = FakeSkyCloud(tmp_path / "fake-sky.json")
+    seen = _launches(cloud)
+    p = SkyPilotProvider(Store(), cloud, launch_timeout_s=10, cancel_grace_s=5)
+    plan = _plan()
+    p.store.create_deployment("d3", provider="skypilot", model=plan.model, budget_per_hour=plan.budget_per_hour)
+    p.store.add_plan("d3", plan)
+    with pytest.raises(errors.ProvisionError) as err:
+        p.up("d3", plan)
+    msg = str(err.value)
+    assert "\n" not in msg and "could not build a thunderops wheel" in msg and "--pip-spec" in msg
+    assert seen == [] and cloud.names() == set() and p.store.nodes("d3") == []

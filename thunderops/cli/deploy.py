@@ -95,6 +95,7 @@ def up(
                      pip_spec=pip_spec, quiet=json_out)
     if provider == "skypilot":
         prov.check(plan)  # budget and credentials, before anything is written or launched
+        prov.package(dep)  # the thunderops wheel the nodes install (unless --pip-spec), before anything is recorded
     result = provision_step(dep, plan, prov, provider, keep_partial)
     if not result.ok:
         err_console.print(f"[bold red]provisioning failed:[/] {result.message}", highlight=False, soft_wrap=True)
