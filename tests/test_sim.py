@@ -213,6 +213,20 @@ def test_sim_and_perf_capacity_roughly_agree():
     assert goodput(plan, wl, SLO_, n=1000, perf=perf8) == pytest.approx(cap, rel=0.35)
 
 
+@pytest.mark.parametrize("model,tp,wl,slo", [
+    ("Llama-3.1-8B", 1, "coding", SLO(2.0, 0.1, 0.9)),        # long prompts, short outputs: interference
+    ("Llama-3.1-8B", 1, "coding", SLO(1.0, 0.05, 0.9)),
+    ("Llama-3.1-70B", 4, "conversation", SLO(1.0, 0.05, 0.9)),
+])
+def test_colocated_capacity_within_25_percent_of_simulation(model, tp, wl, slo):
+    """Chunked prefill slows the decode steps of the requests running beside it: the model's per-request TPOT
+    tail (backlog + compound Poisson of prompts) must agree with the simulator where colocation meets it."""
+    plan = homogeneous_plan(model, "H100", colocated=(1, tp))
+    perf = PerfModel(plan.model)
+    cap = perf.capacity(layout_of(plan, plan.groups[0]), "colocated", get_workload(wl), slo)
+    assert goodput(plan, get_workload(wl), slo, n=1000, perf=perf) == pytest.approx(cap, rel=0.25)
+
+
 # -- traces and bad input
 
 

@@ -260,8 +260,8 @@ class Simulator:
         done = np.isfinite(self.finish)
         ttft = self.first - self.arrival
         gen = np.maximum(self.output - 1, 1)
-        tpot = np.where(self.output > 1, (self.finish - self.first) / gen, 0.0)
-        tpot[~done] = math.inf
+        tpot = np.full(n, math.inf)  # unfinished (rejected) requests miss; no inf - inf
+        tpot[done] = np.where(self.output[done] > 1, (self.finish[done] - self.first[done]) / gen[done], 0.0)
         e2e = self.finish - self.arrival
         end = float(self.finish[done].max()) if done.any() else float(self.arrival[-1])
         duration = max(end - float(self.arrival[0]), 1e-9)
