@@ -165,7 +165,7 @@ def test_controller_killed_mid_reprovision_restarts_finishes_it_and_leaks_nothin
     assert prov.up("crash", plan).ok
     s = serve(tmp_path, plan, deployment="crash", store=store, record_nodes=False)
     save_router("crash", s.url, s.api_key, engines={"kind": "local-emulators", "engine_key": s.engines.engine_key,
-                                                     "speedup": 20})
+                                                     "speedup": 20, "owner_pid": os.getpid()})
     env = {**os.environ, "THUNDEROPS_SKY_ADAPTER": "fakes.fake_sky:FakeSkyCloud",
            "FAKE_SKY_STATE": str(tmp_path / "fake-sky.json"),
            "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}

@@ -165,3 +165,44 @@ def test_decode_batches_are_capped_at_max_num_seqs():
     wide = asyncio.run(_timed_requests(EmulatorConfig(model=MODEL), timing, 6, 10))
     assert capped > 2.5 * 10 * 0.02  # three rounds of 10 steps, not one
     assert wide < capped / 2
+
+
+def test_emulator_ends_with_its_owner_process(tmp_path):
+    """`--exit-with-pid`: an emulator in its own session still ends once the process that owns it is gone."""
+    import sys
+
+    from thunderops.serve import _spawn, serve_module_argv, wait_healthy
+
+    owner = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    port = free_port()
+    pid = _spawn(serve_module_argv("emulator", "--port", str(port), "--exit-with-pid", str(owner.pid)), {},
+                 tmp_path / "emulator.log")
+    try:
+        wait_healthy(f"http://127.0.0.1:{port}", pid, 60, str(tmp_path / "emulator.log"))
+        time.sleep(1.5)
+        assert _alive(pid)  # the owner lives: so does the emulator
+        owner.kill()
+        owner.wait()
+        deadline = time.monotonic() + 10
+        while _alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not _alive(pid)
+    finally:
+        owner.kill()
+        subprocess.run(["kill", "-9", str(pid)], capture_output=True)
+
+
+def _alive(pid: int) -> bool:
+    import os
+
+    try:
+        waited, _ = os.waitpid(pid, os.WNOHANG)  # reap it if it is our exited child
+        if waited:
+            return False
+    except ChildProcessError:
+        pass
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True

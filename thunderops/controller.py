@@ -93,7 +93,7 @@ def save_router(deployment: str, url: str, admin_key: str, engines: Mapping[str,
     so `thunderops watch` and a restarted controller find it. `thunderops up` calls this after serving starts.
     `engines` says how replacement engines start (see `launcher_from`): {"kind": "node"} (the node's own
     setup, the default), {"kind": "ray-emulators", "address", "engine_key", "speedup"} or
-    {"kind": "local-emulators", "engine_key", "speedup"}."""
+    {"kind": "local-emulators", "engine_key", "speedup", "owner_pid"} (emulators end with the owner process)."""
     path = _router_file(deployment)
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     tmp = path.with_name(path.name + ".tmp")
@@ -120,7 +120,8 @@ def launcher_from(deployment: str, timeout_s: float = 1800.0) -> EngineLauncher:
     if kind == "ray-emulators":
         return RayEmulators(cfg["address"], engine_key=cfg.get("engine_key"), speedup=float(cfg.get("speedup", 1.0)))
     if kind == "local-emulators":
-        return LocalEmulators(engine_key=cfg.get("engine_key"), speedup=float(cfg.get("speedup", 1.0)))
+        return LocalEmulators(engine_key=cfg.get("engine_key"), speedup=float(cfg.get("speedup", 1.0)),
+                              owner_pid=cfg.get("owner_pid"))
     return NodeEngines(timeout_s)
 
 
@@ -206,6 +207,7 @@ class LocalEmulators:
     speedup: float = 1.0
     workdir: str | None = None
     timeout_s: float = 60.0
+    owner_pid: int | None = None  # the emulators end when this process does (see `serve emulator --exit-with-pid`)
     pids: dict[str, int] = field(default_factory=dict)
     urls: dict[str, str] = field(default_factory=dict)
 
@@ -223,7 +225,8 @@ class LocalEmulators:
             port = free_port(self.host)
             argv = serve_module_argv("emulator", "--role", "both", "--model", plan.model, "--gpu", g.stages[0].gpu,
                                      "--tp", str(g.tp), "--pp", str(g.pp), "--host", self.host, "--port", str(port),
-                                     "--speedup", str(self.speedup), "--max-model-len", str(max_model_len(plan)))
+                                     "--speedup", str(self.speedup), "--max-model-len", str(max_model_len(plan)),
+                                     *(["--exit-with-pid", str(self.owner_pid)] if self.owner_pid else []))
             log_path = wd / f"engine-{gid}.log"
             env = {"THUNDEROPS_ENGINE_KEY": self.engine_key} if self.engine_key else {}
             self.pids[gid] = _spawn(argv, env, log_path)

@@ -68,6 +68,7 @@ def emulator(
     speedup: Annotated[float, typer.Option(help="Run emulated time this many times faster")] = 1.0,
     delay_scale: Annotated[float, typer.Option(help="Multiply delays (0 = answer at once, for benchmarks)")] = 1.0,
     max_model_len: Annotated[int, typer.Option(help="Longest prompt + output, tokens")] = 8192,
+    exit_with_pid: Annotated[int | None, typer.Option(help="Also exit when this process is gone (its owner)")] = None,
 ) -> None:
     """Run an engine emulator: vLLM's HTTP API and P/D protocol with performance-model timing, no GPU.
     Requires THUNDEROPS_ENGINE_KEY as bearer token when that variable is set."""
@@ -101,7 +102,7 @@ def emulator(
     cfg = EmulatorConfig(model=names[0], served_names=names, role=role, max_model_len=max_model_len, host=host,
                          port=port, api_key=os.environ.get("THUNDEROPS_ENGINE_KEY") or None, tp=tp,
                          speedup=speedup, delay_scale=delay_scale)
-    run_emulator(cfg, timing)
+    run_emulator(cfg, timing, exit_with_pid=exit_with_pid)
 
 
 @serve_app.command("router")

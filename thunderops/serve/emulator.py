@@ -20,6 +20,7 @@ import asyncio
 import hmac
 import itertools
 import math
+import os
 import re
 import time
 import uuid
@@ -444,14 +445,33 @@ def use_uvloop() -> None:
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
 
 
-def run_emulator(config: EmulatorConfig, timing: Timing | None = None, on_ready: Callable[[], None] | None = None) -> None:
-    """Serve one emulated engine until interrupted (uvloop when installed)."""
+def run_emulator(config: EmulatorConfig, timing: Timing | None = None, on_ready: Callable[[], None] | None = None,
+                 exit_with_pid: int | None = None) -> None:
+    """Serve one emulated engine until interrupted (uvloop when installed). With `exit_with_pid`, the emulator
+    also ends when that process is gone: an emulator started in its own session by a controller or a test
+    would otherwise outlive whatever owned the deployment."""
     use_uvloop()
     app = Emulator(config, timing).app()
     if on_ready:
         app.on_startup.append(lambda _app: _call(on_ready))
+    if exit_with_pid:
+        app.on_startup.append(lambda _app: _start_owner_watch(exit_with_pid))
     web.run_app(app, host=config.host, port=config.port, print=None, access_log=None, handle_signals=True)
 
 
 async def _call(fn: Callable[[], None]) -> None:
     fn()
+
+
+async def _start_owner_watch(pid: int) -> None:
+    async def watch() -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                os._exit(0)  # the owner is gone: nothing will ever stop us otherwise
+            except PermissionError:
+                pass  # alive, someone else's
+
+    asyncio.get_running_loop().create_task(watch())
