@@ -91,3 +91,15 @@ def system_tool(names: tuple[str, ...], apt_package: str) -> str:
             if exe := shutil.which(name):
                 return exe
     pytest.skip(f"{names[0]} is not installed (apt-get install -y {apt_package})")
+
+
+@pytest.fixture
+def agents():
+    """Real node-agent processes (`thunderops agent`), all stopped after the test."""
+    from test_agent import AgentProcs  # tests/ is on sys.path under pytest
+
+    procs = AgentProcs()
+    try:
+        yield procs
+    finally:
+        procs.stop_all()

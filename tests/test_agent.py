@@ -105,15 +105,6 @@ class AgentProcs:
                 a.proc.stdout.close()
 
 
-@pytest.fixture
-def agents():
-    procs = AgentProcs()
-    try:
-        yield procs
-    finally:
-        procs.stop_all()
-
-
 # ---------------------------------------------------------------- auth, health, inventory
 
 

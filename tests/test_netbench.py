@@ -15,7 +15,7 @@ from conftest import system_tool  # tests/ is on sys.path under pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from rich.console import Console
-from test_agent import TOKEN, AgentProcs, free_port
+from test_agent import TOKEN, free_port
 
 from thunderops.agent import deployment_token
 from thunderops.errors import NetbenchError, StateError
@@ -35,15 +35,6 @@ from thunderops.plan import Instance, Plan
 from thunderops.state import Store
 
 QUICK = dict(duration_s=0.5, streams=4, tool="builtin", nccl=False)
-
-
-@pytest.fixture
-def agents():
-    procs = AgentProcs()
-    try:
-        yield procs
-    finally:
-        procs.stop_all()
 
 
 # ---------------------------------------------------------------- the schedule

@@ -8,7 +8,6 @@ import subprocess
 
 import pytest
 from rich.console import Console
-from test_agent import AgentProcs
 
 from thunderops.agent import deployment_token
 from thunderops.netbench import measure_and_finalize
@@ -18,15 +17,6 @@ from thunderops.state import Store
 
 HOSTS = {"p1": "127.0.0.2", "p2": "127.0.0.3", "d1": "127.0.0.4", "d2": "127.0.0.5"}
 SLOW_MBPS = 200
-
-
-@pytest.fixture
-def agents():
-    procs = AgentProcs()
-    try:
-        yield procs
-    finally:
-        procs.stop_all()
 
 
 def two_by_two_plan() -> Plan:

@@ -4,20 +4,11 @@ is measured with NCCL through torch (every GPU pair; skipped with a reason on a 
 from __future__ import annotations
 
 import pytest
-from test_agent import AgentProcs, get
+from test_agent import get
 
 from thunderops.netbench import measure, nccl_pairwise_gbps
 
 pytestmark = pytest.mark.gpu
-
-
-@pytest.fixture
-def agents():
-    procs = AgentProcs()
-    try:
-        yield procs
-    finally:
-        procs.stop_all()
 
 
 def test_agent_inventory_and_intra_node_nccl(agents):

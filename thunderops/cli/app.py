@@ -31,3 +31,22 @@ def sub_app(name: str, help: str) -> typer.Typer:
     sub = typer.Typer(name=name, help=help, no_args_is_help=True, pretty_exceptions_enable=False)
     app.add_typer(sub, name=name)
     return sub
+
+
+def wait_until_stopped(poll_s: float = 0.5) -> None:
+    """Block until Ctrl-C or SIGTERM (what `thunderops down` sends a foreground `up`); the caller cleans up."""
+    import signal
+    import time
+
+    stop = False
+
+    def _stop(*_: object) -> None:
+        nonlocal stop
+        stop = True
+
+    signal.signal(signal.SIGTERM, _stop)
+    try:
+        while not stop:
+            time.sleep(poll_s)
+    except KeyboardInterrupt:
+        pass

@@ -10,7 +10,6 @@ import json
 import os
 import secrets
 import signal
-import time
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any
@@ -18,7 +17,7 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from thunderops.cli.app import app, console, err_console, print_json
+from thunderops.cli.app import app, console, err_console, print_json, wait_until_stopped
 from thunderops.errors import ProvisionError, UserError
 from thunderops.plan import Plan
 
@@ -321,20 +320,10 @@ def _foreground(dep: str, prov: Any, handover: dict[str, Any], quiet: bool = Fal
     """Ray nodes started here live as long as this process: serve until Ctrl-C, then tear down."""
     (err_console if quiet else console).print(f"serving at {handover.get('endpoint', '-')} (api key {handover.get('api_key', '-')}); "
                   "Ctrl-C tears the deployment down", highlight=False)
-    stop = False
-
-    def _stop(*_: object) -> None:
-        nonlocal stop
-        stop = True
-
-    signal.signal(signal.SIGTERM, _stop)
     prov.store.add_event(dep, "foreground", f"`thunderops up` holds the local nodes (pid {os.getpid()})",
                          {"up_pid": os.getpid()})  # so `thunderops down` from another shell can end it
     try:
-        while not stop:
-            time.sleep(0.5)
-    except KeyboardInterrupt:
-        pass
+        wait_until_stopped()
     finally:
         _stop_pids([handover.get("router_pid"), handover.get("controller_pid")])
         prov.down(dep)

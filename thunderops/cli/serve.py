@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import os
 import secrets
-import signal
-import time
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from thunderops.cli.app import console, err_console, print_json, sub_app
+from thunderops.cli.app import console, err_console, print_json, sub_app, wait_until_stopped
 from thunderops.errors import UserError
 
 serve_app = sub_app("serve", "Serve a plan: vLLM command lines, the P/D router, the engine emulator.")
@@ -174,17 +172,7 @@ def local(
     handle = start_local(Plan.load(plan.expanduser()), emulate=emulate, router_port=port, speedup=speedup)
     console.print(f"endpoint: {handle.endpoint}\napi key:  {handle.api_key}\nlogs:     {handle.workdir}",
                   highlight=False)
-    stop = False
-
-    def _stop(*_: object) -> None:
-        nonlocal stop
-        stop = True
-
-    signal.signal(signal.SIGTERM, _stop)
     try:
-        while not stop:
-            time.sleep(0.5)
-    except KeyboardInterrupt:
-        pass
+        wait_until_stopped()
     finally:
         handle.stop()
