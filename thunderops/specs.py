@@ -17,7 +17,6 @@ from pathlib import Path
 from thunderops.errors import SpecError, suggest
 
 
-
 def catalog_dir() -> Path:
     """Where the shipped catalogs live: `$THUNDEROPS_CATALOGS`, else the repo's `catalogs/`
     (reached through the `thunderops/catalogs` link, which also puts them into a built wheel)."""
