@@ -26,6 +26,7 @@ from thunderops.perf import (
     mg1_miss_probability,
     op_time,
     prefill_work,
+    tpot_miss_probability,
     usable_memory_bytes,
 )
 from thunderops.plan import SLO
@@ -276,6 +277,19 @@ def test_mg1_miss_probability_limits():
     assert mg1_miss_probability(20.0, 0.1, 0.01, lat, 0.5) == 1.0
     p = [mg1_miss_probability(lam, 0.1, 0.01, lat, 0.5) for lam in (1, 5, 8, 9.5)]
     assert p == sorted(p) and p[-1] > p[0]
+
+
+def test_colocated_tpot_tail_grows_with_rate_and_hits_short_requests():
+    steps = np.array([5.0, 12.0, 50.0, 400.0])
+    extra = np.array([0.001, 0.01, 0.05, 0.2])  # mixed steps' extra seconds per prompt, long tail
+    assert tpot_miss_probability(steps, 3.0, 0.06, extra, 0.05) == 1.0  # pure steps alone miss
+    assert tpot_miss_probability(steps, 3.0, 0.01, np.zeros(4), 0.05) == 0.0  # no prompts to interfere
+    p = [tpot_miss_probability(steps, lam, 0.01, extra, 0.05) for lam in (0.5, 2.0, 5.0, 10.0)]
+    assert p == sorted(p) and p[-1] > p[1] > 0
+    # a request with few steps meets one long prompt's mixed steps more often than the long request averages it out
+    short = tpot_miss_probability(np.array([5.0]), 2.0, 0.01, extra, 0.05)
+    long = tpot_miss_probability(np.array([400.0]), 2.0, 0.01, extra, 0.05)
+    assert short > long
 
 
 # -- calibration files
