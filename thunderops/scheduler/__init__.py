@@ -18,7 +18,7 @@ import pandas as pd
 from thunderops.errors import PlanError
 from thunderops.perf import PerfModel
 from thunderops.plan import SLO, Plan
-from thunderops.scheduler.baselines import BASELINES, all_baselines
+from thunderops.scheduler.baselines import BASELINES, HEXGEN_ELITES, all_baselines
 from thunderops.scheduler.check import sim_key, with_sim
 from thunderops.scheduler.harness import Harness
 from thunderops.scheduler.inventory import Inventory, load_inventory
@@ -112,6 +112,7 @@ def solve(
 
     base = all_baselines(h, seed, SearchConfig(max_iters=min(40, cfg.max_iters), patience=10,
                                                time_limit=cfg.time_limit / 5))
+    hexgen_runners = HEXGEN_ELITES.pop(id(h), [])
     starts = list(base.values())
     if inventory is not None:  # everything you own, bandwidth-aware groups, best phase cut
         everything = [designate(h, greedy_groups(h, range(len(pool))))]
@@ -151,6 +152,11 @@ def solve(
         cands = [h.to_plan(h.prune(e), strategy="thunderops", inputs=inputs) for e in finalists]
         cands = [with_sim(p, wl, slo, perf, rate, sim_requests, seed) for p in cands]
         plans = {k: with_sim(p, wl, slo, perf, rate, sim_requests, seed) for k, p in plans.items()}
+        if "hexgen" in plans:  # HexGen is a search too: the simulator picks among its best few, as for ours
+            runners = hexgen_runners[:sim_check - 1]
+            alts = [with_sim(h.to_plan(h.prune(e), strategy="hexgen", inputs=inputs), wl, slo, perf, rate,
+                             sim_requests, seed) for e in runners]
+            plans["hexgen"] = max([plans["hexgen"], *alts], key=lambda p: sim_key(p, rate))
         for p in plans.values():  # a baseline's plan is ours to take when it simulates better
             cands.append(replace(p, strategy="thunderops", inputs={**p.inputs, "found_by": p.strategy}))
         ours = max(cands, key=lambda p: sim_key(p, rate))
