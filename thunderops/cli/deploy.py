@@ -18,6 +18,21 @@ import typer
 from rich.table import Table
 
 from thunderops.cli.app import app, console, err_console, print_json, wait_until_stopped
+from thunderops.cli.plan import (
+    AttainmentOpt,
+    BandwidthOpt,
+    CloudsOpt,
+    ModelOpt,
+    RateOpt,
+    RegionsOpt,
+    SeedOpt,
+    SloTpotOpt,
+    SloTtftOpt,
+    SpotOpt,
+    TimeLimitOpt,
+    WorkloadOpt,
+    split_list,
+)
 from thunderops.errors import ProvisionError, UserError
 from thunderops.plan import Plan
 
@@ -25,26 +40,23 @@ DEFAULT_BUDGET = 13.54  # $/h: ThunderServe's cloud setup (32 GPUs), the default
 PROVIDERS = ("skypilot", "local")
 
 
-def _split(value: str | None) -> list[str] | None:
-    return [v.strip() for v in value.split(",") if v.strip()] if value else None
-
 
 @app.command("up")
 def up(
     budget: Annotated[float | None, typer.Option(help=f"$/h hard limit for all instances (default {DEFAULT_BUDGET})")] = None,
-    model: Annotated[str, typer.Option(help="Model name (`thunderops catalog models`) or a HF config.json")] = "llama-30b",
-    workload: Annotated[str, typer.Option(help="coding, conversation, or a trace CSV")] = "conversation",
-    rate: Annotated[float | None, typer.Option(help="Target req/s: the cheapest plan that serves it")] = None,
-    slo_ttft: Annotated[float | None, typer.Option(help="Time-to-first-token target, s")] = None,
-    slo_tpot: Annotated[float | None, typer.Option(help="Time-per-output-token target, s")] = None,
-    attainment: Annotated[float | None, typer.Option(help="Share of requests that must meet the SLO")] = None,
-    clouds: Annotated[str | None, typer.Option(help="Comma-separated clouds to rent from")] = None,
-    regions: Annotated[str | None, typer.Option(help="Comma-separated regions")] = None,
-    spot: Annotated[bool | None, typer.Option("--spot/--no-spot", help="Spot only / on-demand only")] = None,
+    model: ModelOpt = "llama-30b",
+    workload: WorkloadOpt = "conversation",
+    rate: RateOpt = None,
+    slo_ttft: SloTtftOpt = None,
+    slo_tpot: SloTpotOpt = None,
+    attainment: AttainmentOpt = None,
+    clouds: CloudsOpt = None,
+    regions: RegionsOpt = None,
+    spot: SpotOpt = None,
     inventory: Annotated[Path | None, typer.Option(help="YAML of GPUs you already have (implies --provider local)")] = None,
-    bandwidth: Annotated[Path | None, typer.Option(help="Measured Gbps between instances (JSON or CSV)")] = None,
-    seed: Annotated[int, typer.Option(help="Search seed")] = 0,
-    time_limit: Annotated[float, typer.Option(help="Search time limit, s")] = 60.0,
+    bandwidth: BandwidthOpt = None,
+    seed: SeedOpt = 0,
+    time_limit: TimeLimitOpt = 60.0,
     plan_file: Annotated[Path | None, typer.Option("--plan", help="Use this plan JSON instead of planning")] = None,
     provider: Annotated[str | None, typer.Option(help="skypilot (clouds) or local (your machines, Ray)")] = None,
     emulate: Annotated[bool, typer.Option(help="Local provider: Ray nodes on this machine with declared GPUs, "
@@ -78,7 +90,7 @@ def up(
         check_deployment_id(name)
 
     plan = plan_step(budget=budget, model=model, workload=workload, rate=rate, slo_ttft=slo_ttft, slo_tpot=slo_tpot,
-                     attainment=attainment, clouds=_split(clouds), regions=_split(regions), spot=spot,
+                     attainment=attainment, clouds=split_list(clouds), regions=split_list(regions), spot=spot,
                      inventory=inventory, bandwidth=bandwidth, seed=seed, time_limit=time_limit, plan_file=plan_file,
                      quiet=json_out)
     if provider == "skypilot":

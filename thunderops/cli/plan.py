@@ -11,30 +11,46 @@ from rich.table import Table
 
 from thunderops.cli.app import app, console, err_console, print_json
 
+# Planning options shared by `thunderops plan` and `thunderops up` (one definition, one help text).
+ModelOpt = Annotated[str, typer.Option("--model", help="Model name (`thunderops catalog models`) or a HF config.json")]
+WorkloadOpt = Annotated[str, typer.Option("--workload", help="coding, conversation, or a trace CSV")]
+RateOpt = Annotated[float | None, typer.Option("--rate", help="Target req/s: find the cheapest plan that serves it")]
+SloTtftOpt = Annotated[float | None, typer.Option("--slo-ttft", help="Time-to-first-token target, s (default 2)")]
+SloTpotOpt = Annotated[float | None, typer.Option("--slo-tpot", help="Time-per-output-token target, s (default 0.1)")]
+AttainmentOpt = Annotated[float | None, typer.Option("--attainment",
+                                                    help="Share of requests that must meet the SLO (default 0.9)")]
+CloudsOpt = Annotated[str | None, typer.Option("--clouds", help="Comma-separated clouds to rent from")]
+RegionsOpt = Annotated[str | None, typer.Option("--regions", help="Comma-separated regions")]
+SpotOpt = Annotated[bool | None, typer.Option("--spot/--no-spot", help="Spot only / on-demand only (default: either)")]
+BandwidthOpt = Annotated[Path | None, typer.Option("--bandwidth", help="Measured Gbps between instances (JSON or CSV)")]
+SeedOpt = Annotated[int, typer.Option("--seed", help="Search seed (same seed, same plan)")]
+TimeLimitOpt = Annotated[float, typer.Option("--time-limit", help="Search time limit, s")]
 
-def _split(value: str | None) -> list[str] | None:
+
+def split_list(value: str | None) -> list[str] | None:
+    """`a, b,c` -> ["a", "b", "c"]; None or empty -> None."""
     return [v.strip() for v in value.split(",") if v.strip()] if value else None
 
 
 @app.command("plan")
 def plan_cmd(
     budget: Annotated[float | None, typer.Option(help="$/h for all instances (optional with --inventory)")] = None,
-    model: Annotated[str, typer.Option(help="Model name (`thunderops catalog models`) or a HF config.json")] = "llama-30b",
-    workload: Annotated[str, typer.Option(help="coding, conversation, or a trace CSV")] = "conversation",
-    rate: Annotated[float | None, typer.Option(help="Target req/s: find the cheapest plan that serves it")] = None,
-    slo_ttft: Annotated[float | None, typer.Option(help="Time-to-first-token target, s (default 2)")] = None,
-    slo_tpot: Annotated[float | None, typer.Option(help="Time-per-output-token target, s (default 0.1)")] = None,
-    attainment: Annotated[float | None, typer.Option(help="Share of requests that must meet the SLO (default 0.9)")] = None,
-    clouds: Annotated[str | None, typer.Option(help="Comma-separated clouds to rent from")] = None,
-    regions: Annotated[str | None, typer.Option(help="Comma-separated regions")] = None,
-    spot: Annotated[bool | None, typer.Option("--spot/--no-spot", help="Spot only / on-demand only (default: either)")] = None,
+    model: ModelOpt = "llama-30b",
+    workload: WorkloadOpt = "conversation",
+    rate: RateOpt = None,
+    slo_ttft: SloTtftOpt = None,
+    slo_tpot: SloTpotOpt = None,
+    attainment: AttainmentOpt = None,
+    clouds: CloudsOpt = None,
+    regions: RegionsOpt = None,
+    spot: SpotOpt = None,
     inventory: Annotated[Path | None, typer.Option(help="YAML of GPUs you already have (see docs/scheduler.md)")] = None,
-    bandwidth: Annotated[Path | None, typer.Option(help="Measured Gbps between instances (JSON or CSV)")] = None,
+    bandwidth: BandwidthOpt = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print the plan as JSON")] = False,
     out: Annotated[Path | None, typer.Option(help="Write the plan JSON here")] = None,
     compare: Annotated[bool, typer.Option(help="Show the baselines' plans side by side")] = False,
-    seed: Annotated[int, typer.Option(help="Search seed (same seed, same plan)")] = 0,
-    time_limit: Annotated[float, typer.Option(help="Search time limit, s")] = 60.0,
+    seed: SeedOpt = 0,
+    time_limit: TimeLimitOpt = 60.0,
 ) -> None:
     """Plan a deployment: instances to rent, model replicas with phase and parallelism, routing, predicted goodput."""
     from thunderops.scheduler import solve
@@ -48,7 +64,7 @@ def plan_cmd(
             bar.update(task, completed=min(1.0, fraction), description=message)
 
         result = solve(budget, model, workload, rate=rate, slo_ttft=slo_ttft, slo_tpot=slo_tpot,
-                       attainment=attainment, clouds=_split(clouds), regions=_split(regions), spot=spot,
+                       attainment=attainment, clouds=split_list(clouds), regions=split_list(regions), spot=spot,
                        inventory=inventory, bandwidth=bandwidth, seed=seed, time_limit=time_limit,
                        progress=progress)
     plan = result.plan
