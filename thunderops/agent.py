@@ -355,6 +355,19 @@ async def echo_rtt(host: str, port: int, session: str, samples: int = 10,
     return {"rtt_ms": statistics.median(rtts), "min_ms": min(rtts), "samples": len(rtts)}
 
 
+async def run_with_timeout(argv: list[str], timeout_s: float) -> tuple[int, bytes, bytes]:
+    """Run a program to completion: (returncode, stdout, stderr); killed and TimeoutError past `timeout_s`."""
+    proc = await asyncio.create_subprocess_exec(*argv, stdout=asyncio.subprocess.PIPE,
+                                                stderr=asyncio.subprocess.PIPE)
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), timeout_s)
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        raise
+    return proc.returncode or 0, out, err
+
+
 async def iperf3_client(host: str, port: int, streams: int, duration_s: float,
                         timeout_s: float) -> dict[str, Any]:
     """Run `iperf3 -c` and return the receiver-side rate it reports."""
@@ -362,15 +375,8 @@ async def iperf3_client(host: str, port: int, streams: int, duration_s: float,
     if exe is None:
         raise RuntimeError("iperf3 is not installed on the sending node")
     secs = max(1, round(duration_s))  # iperf3 takes whole seconds
-    proc = await asyncio.create_subprocess_exec(
-        exe, "-c", host, "-p", str(port), "-P", str(streams), "-t", str(secs), "-J",
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-    try:
-        out, err = await asyncio.wait_for(proc.communicate(), timeout_s)
-    except TimeoutError:
-        proc.kill()
-        await proc.wait()
-        raise
+    _, out, err = await run_with_timeout(
+        [exe, "-c", host, "-p", str(port), "-P", str(streams), "-t", str(secs), "-J"], timeout_s)
     try:
         data = json.loads(out)
     except json.JSONDecodeError:
@@ -578,16 +584,13 @@ class Agent:
         if self.inventory["source"] != "nvidia-smi" or self.inventory["count"] < 2:
             return web.json_response({"skipped": f"needs >= 2 real GPUs (have {self.inventory['count']}, "
                                                  f"{self.inventory['source']})", "pairs": {}})
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "thunderops.netbench", "nccl", "--size-mb", str(size_mb), "--iters", str(iters),
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
         try:
-            out, err = await asyncio.wait_for(proc.communicate(), timeout_s)
+            returncode, out, err = await run_with_timeout(
+                [sys.executable, "-m", "thunderops.netbench", "nccl", "--size-mb", str(size_mb), "--iters",
+                 str(iters)], timeout_s)
         except TimeoutError:
-            proc.kill()
-            await proc.wait()
             return _error(504, f"NCCL measurement did not finish within {timeout_s:.0f}s")
-        if proc.returncode != 0:
+        if returncode != 0:
             return _error(500, "NCCL measurement failed: " + err.decode(errors="replace").strip()[-300:])
         return web.json_response(json.loads(out))
 
