@@ -109,3 +109,34 @@ def test_unreachable_engine_raises_upstream_error():
     asyncio.run(run())
     with pytest.raises(ValueError, match="http://HOST:PORT"):
         UpstreamPool("https://example.com")
+
+
+def test_a_connection_closed_between_connect_and_write_is_an_upstream_error():
+    """An engine dying right after accepting leaves a closed transport; writing on it must be a lost connection
+    (retried or migrated by the router), not uvloop's RuntimeError (a 500 to the client)."""
+
+    async def main() -> None:
+        runner, url = await start(echo_app())
+        pool = UpstreamPool(url)
+        real_connect = pool._connect
+
+        async def connect_then_die():
+            conn = await real_connect()
+            conn.transport.abort()  # closed before the request is written
+            for _ in range(3):
+                await asyncio.sleep(0)  # let the loop finish closing the handle
+            return conn
+
+        pool._connect = connect_then_die
+        try:
+            with pytest.raises(UpstreamError):
+                await pool.request("POST", "/echo", b"abc")
+            pool._connect = real_connect
+            status, body = await pool.request("POST", "/echo", b"abc")  # and the pool still works
+            assert (status, body) == (201, b"cba")
+        finally:
+            pool.close()
+            await runner.cleanup()
+
+    uvloop = pytest.importorskip("uvloop")  # the router's loop; plain asyncio ignores writes on closed transports
+    uvloop.run(main())

@@ -177,7 +177,7 @@ class UpstreamPool:
                 continue
             try:
                 conn.busy = True
-                conn.transport.write(req)
+                self._write(conn, req)
                 await conn.headers_done
                 return conn
             except UpstreamError:
@@ -190,12 +190,22 @@ class UpstreamPool:
         conn = await self._connect()
         try:
             conn.busy = True
-            conn.transport.write(req)  # type: ignore[union-attr]
+            self._write(conn, req)
             await conn.headers_done
         except BaseException:
             conn.abort()
             raise
         return conn
+
+    def _write(self, conn: _Conn, req: bytes) -> None:
+        # An engine that dies between connect (or reuse) and write leaves a closed transport, on which uvloop
+        # raises RuntimeError: that is a lost connection like any other, for the router to retry or migrate.
+        if conn.transport is None or conn.transport.is_closing():
+            raise UpstreamError(f"connection to {self.netloc} lost")
+        try:
+            conn.transport.write(req)
+        except (RuntimeError, OSError) as e:
+            raise UpstreamError(f"connection to {self.netloc} lost: {e}") from None
 
     async def request(self, method: str, path: str, body: bytes = b"") -> tuple[int, bytes]:
         """One whole exchange: (status, body)."""
