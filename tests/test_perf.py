@@ -128,7 +128,7 @@ def test_kv_capacity_follows_vllms_formula():
     pm = PerfModel("Llama-3.1-8B", mem_util=0.9)
     layout = Layout.single("H100", 1, 32)
     m = pm.model
-    free = usable_memory_bytes(H100) * 0.9 - m.weight_bytes - pm.activation_reserve_bytes(1)
+    free = usable_memory_bytes(H100) * 0.9 - m.weight_bytes - pm.activation_reserve_bytes(1, layout)
     assert pm.kv_capacity_tokens(layout) == int(free / m.kv_bytes_per_token)
     # TP shards both the weights and the KV heads: capacity more than doubles from 1 to 2 GPUs
     two = pm.kv_capacity_tokens(Layout.single("H100", 2, 32))

@@ -299,6 +299,26 @@ def usable_memory_bytes(gpu: GpuSpec) -> float:
     return gpu.memory_gb * 1e9
 
 
+_GIB = 1024**3
+
+
+def vllm_batch_defaults(gpu: GpuSpec) -> tuple[int, int]:
+    """vLLM 0.33.0's default (max_num_batched_tokens, max_num_seqs) for its OpenAI API server on this GPU
+    (`vllm.engine.arg_utils.EngineArgs.get_batch_defaults`): device memory >= 160 GiB: 16384 / 1024; >= 70 GiB
+    and not an A100 (by name; more tokens per step cost A100s throughput, vLLM PR #17885): 8192 / 1024; else
+    2048 / 256. vLLM compares what CUDA reports; we read the datasheet's memory_gb as decimal GB (as
+    usable_memory_bytes does), which never exceeds what CUDA reports for HBM parts (an H100 "80GB" reports
+    79.2 GiB, we read 74.5; H200 139.8 vs 131.3; B200 ~178 vs 167.6) and matches GDDR parts (an L4 "24GB"
+    reports 22.5 GiB), so every catalog GPU lands in vLLM's tier. (vLLM also keeps the GB10 on the small tier;
+    it is not in our catalog.)"""
+    mem = gpu.memory_gb * 1e9
+    if mem >= 160 * _GIB:
+        return 16384, 1024
+    if mem >= 70 * _GIB and "a100" not in norm(gpu.name):
+        return 8192, 1024
+    return 2048, 256
+
+
 # ---------------------------------------------------------------------------------------------- the model
 
 
@@ -317,20 +337,27 @@ class PerfModel:
 
     `calibration` maps GPU names to Calibration; missing GPUs fall back to the shipped calibration file or
     datasheet defaults. `mem_util` is vLLM's --gpu-memory-utilization; `max_batch_tokens` and `max_num_seqs`
-    mirror vLLM's scheduler limits (tokens per step, sequences per decode batch)."""
+    are vLLM's --max-num-batched-tokens (tokens per step) and --max-num-seqs (sequences per batch): None means
+    vLLM's default for the replica's GPUs (see `batch_limits`), an int overrides it on every GPU."""
 
     def __init__(
         self,
         model: ModelSpec | str,
         calibration: dict[str, Calibration] | None = None,
         mem_util: float = 0.9,
-        max_batch_tokens: int = 8192,
-        max_num_seqs: int = 256,
+        max_batch_tokens: int | None = None,
+        max_num_seqs: int | None = None,
         min_kv_tokens: int = 2048,
     ) -> None:
         self.model = get_model(model)
         if not 0 < mem_util <= 1:
             raise PlanError(f"memory utilization must be in (0, 1], got {mem_util}")
+        for name, v in (("max_batch_tokens", max_batch_tokens), ("max_num_seqs", max_num_seqs)):
+            if v is not None and (not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 1):
+                raise PlanError(f"{name} must be a positive integer or None (vLLM's default), got {v!r}")
+        if max_batch_tokens is not None and max_num_seqs is not None and max_batch_tokens < max_num_seqs:
+            raise PlanError(f"max_batch_tokens ({max_batch_tokens}) must be at least max_num_seqs ({max_num_seqs}): "
+                            "vLLM refuses an engine whose token budget cannot hold one token per sequence")
         self.mem_util = mem_util
         self.max_batch_tokens = max_batch_tokens
         self.max_num_seqs = max_num_seqs
@@ -338,6 +365,7 @@ class PerfModel:
         self._cal = {norm(k): v for k, v in (calibration or {}).items()}
         self._cap_cache: dict = {}
         self._stats_cache: dict = {}
+        self._limits_cache: dict = {}
 
     # -- calibration and checks
 
@@ -363,6 +391,36 @@ class PerfModel:
                 f"layer split {[s.layers for s in layout.stages]} sums to {layout.layers}, "
                 f"but {self.model.name} has {self.model.layers} layers")
 
+    # -- engine batch limits
+
+    def batch_limits(self, gpus: Layout | Sequence[GpuSpec | str] | GpuSpec | str) -> tuple[int, int]:
+        """(max_num_batched_tokens, max_num_seqs) of one engine running on `gpus` (a Layout or its GPUs):
+        the explicit values given to the model, else vLLM's defaults (`vllm_batch_defaults`) of the group's
+        smallest tier, i.e. its smallest-memory GPU with A100s counted small. Engine commands pass these to
+        every stage, so all stages agree and the smallest GPU (the tightest on activation memory) decides.
+        A defaulted value is kept consistent with an explicit other one (tokens >= seqs, as vLLM requires)."""
+        if isinstance(gpus, Layout):
+            specs: tuple[GpuSpec, ...] = tuple(s.gpu for s in gpus.stages)
+        elif isinstance(gpus, (GpuSpec, str)):
+            specs = (get_gpu(gpus),)
+        else:
+            specs = tuple(get_gpu(g) for g in gpus)
+        key = specs
+        hit = self._limits_cache.get(key)
+        if hit is not None:
+            return hit
+        if not specs:
+            raise PlanError("batch limits need at least one GPU")
+        tokens, seqs = min(vllm_batch_defaults(g) for g in specs)  # tiers order both values alike
+        if self.max_batch_tokens is not None:
+            tokens = self.max_batch_tokens
+            seqs = self.max_num_seqs if self.max_num_seqs is not None else min(seqs, tokens)
+        elif self.max_num_seqs is not None:
+            seqs = self.max_num_seqs
+            tokens = max(tokens, seqs)
+        self._limits_cache[key] = (tokens, seqs)
+        return tokens, seqs
+
     # -- memory
 
     def stage_weight_bytes(self, layout: Layout, i: int) -> float:
@@ -376,13 +434,14 @@ class PerfModel:
             w += emb + m.hidden * m.dtype_bytes
         return w / s.tp
 
-    def activation_reserve_bytes(self, tp: int) -> float:
-        """Peak activations of a profiling forward pass at the token budget (vLLM profiles one), logits
-        of the sequence budget in fp32, and a fixed 1.5 GB for CUDA context, graphs and NCCL buffers."""
+    def activation_reserve_bytes(self, tp: int, gpus: Layout | Sequence[GpuSpec | str] | GpuSpec | str) -> float:
+        """Peak activations of a profiling forward pass at the token budget of an engine on `gpus` (vLLM
+        profiles one; see `batch_limits`), logits of its sequence budget in fp32, and a fixed 1.5 GB for CUDA
+        context, graphs and NCCL buffers, on one of `tp` GPUs."""
         m = self.model
-        T = self.max_batch_tokens
+        T, seqs = self.batch_limits(gpus)
         act = T * (4 * m.hidden + 3 * m.intermediate * max(1, m.experts_per_token) / tp) * m.dtype_bytes
-        logits = self.max_num_seqs * m.vocab / tp * 4
+        logits = seqs * m.vocab / tp * 4
         return act + logits + 1.5e9
 
     def kv_bytes_per_token_stage(self, layout: Layout, i: int) -> float:
@@ -397,7 +456,7 @@ class PerfModel:
         cap = math.inf
         for i, s in enumerate(layout.stages):
             free = usable_memory_bytes(s.gpu) * self.mem_util - self.stage_weight_bytes(layout, i) \
-                - self.activation_reserve_bytes(s.tp)
+                - self.activation_reserve_bytes(s.tp, layout)
             cap = min(cap, max(0.0, free) / self.kv_bytes_per_token_stage(layout, i))
         return int(cap)
 
@@ -507,6 +566,7 @@ class PerfModel:
             return None
         # time of one layer per stage under a representative load of the phase
         pre, dec = prefill_work([2048]), decode_work(64, 64 * 1024)
+        gpus = [g for g, _ in stages]  # the engine's limits: every stage runs with the same flags
         per_layer, cap = [], []
         for idx, (gpu, tp) in enumerate(stages):
             probe = Layout((StageLayout(gpu, tp, 1),))
@@ -518,7 +578,7 @@ class PerfModel:
             per_layer.append(t)
             # most layers this stage can hold with min_kv_tokens of KV
             emb = m.vocab * m.hidden * m.dtype_bytes * ((idx == 0) + (idx == len(stages) - 1)) / tp
-            free = usable_memory_bytes(gpu) * self.mem_util - self.activation_reserve_bytes(tp) - emb
+            free = usable_memory_bytes(gpu) * self.mem_util - self.activation_reserve_bytes(tp, gpus) - emb
             kv_layer = 2 * max(1.0, m.kv_heads / tp) * m.head_dim * m.dtype_bytes * self.min_kv_tokens
             cap.append(int(max(0.0, free) // (m.params_per_layer * m.dtype_bytes / tp + kv_layer)))
         if any(c < 1 for c in cap) or sum(cap) < m.layers:
@@ -595,7 +655,7 @@ class PerfModel:
         st = self._stats(workload)
         ctx = st.mean_prompt + st.mean_output / 2  # mean context over a sequence's decode lifetime
         kv_seqs = self.kv_capacity_tokens(layout) / (st.mean_prompt + st.mean_output)
-        n_max = min(float(self.max_num_seqs) * layout.pp, kv_seqs)
+        n_max = min(float(self.batch_limits(layout)[1]) * layout.pp, kv_seqs)
         if n_max < 1 or self._decode_tpot(layout, 1, ctx) > slo.tpot_s:
             return 0.0
         lo, hi = 1.0, n_max
@@ -622,16 +682,17 @@ class PerfModel:
         kv_tokens = self.kv_capacity_tokens(layout)
         grid = st.prompt_grid[2::4]  # 10 prompt-length deciles
         miss = 1.0 - slo.attainment
+        budget, max_seqs = self.batch_limits(layout)
 
         def exact(n: float) -> tuple[np.ndarray, np.ndarray]:
-            room = max(1.0, self.max_batch_tokens - n)
+            room = max(1.0, budget - n)
             chunks = np.maximum(1.0, np.ceil(grid / room))
             times = np.array([k * self.mixed_step_time(layout, prefill_work([p / k]), n, n * ctx)
                               for p, k in zip(grid, chunks, strict=True)])
             return times, chunks
 
         # tabulate over the decode batch once; the fixed point and the rate search then interpolate
-        n_top = max(1.0, min(self.max_num_seqs * layout.pp, self.max_batch_tokens - 1.0))
+        n_top = max(1.0, min(max_seqs * layout.pp, budget - 1.0))
         ns = np.unique(np.concatenate([[0.0], np.geomspace(1.0, n_top, 8)]))
         tab = np.array([exact(n)[0] for n in ns])
         tab_d = np.array([self._decode_tpot(layout, max(n, 1.0), ctx) for n in ns])
@@ -639,7 +700,7 @@ class PerfModel:
         def t_mix(n: float) -> tuple[np.ndarray, np.ndarray]:
             j = int(np.clip(np.searchsorted(ns, n), 1, len(ns) - 1))
             w = (n - ns[j - 1]) / (ns[j] - ns[j - 1])
-            chunks = np.maximum(1.0, np.ceil(grid / max(1.0, self.max_batch_tokens - n)))
+            chunks = np.maximum(1.0, np.ceil(grid / max(1.0, budget - n)))
             return tab[j - 1] * (1 - w) + tab[j] * w, chunks
 
         def state(lam: float) -> tuple[float, np.ndarray, float, float] | None:
@@ -648,7 +709,7 @@ class PerfModel:
             times, share, t_d = np.zeros_like(grid), 0.0, tau
             for _ in range(30):
                 n = lam * st.mean_output * tau
-                if n > self.max_num_seqs * layout.pp or n >= self.max_batch_tokens:
+                if n > max_seqs * layout.pp or n >= budget:
                     return None
                 times, chunks = t_mix(n)
                 busy = lam * float(times.mean())
@@ -679,7 +740,7 @@ class PerfModel:
                 return False
             # a request's TPOT averages its own steps: the prompts that arrive while it decodes each add their
             # mixed steps' extra time over pure steps; few output tokens and a long prompt among them miss
-            extra = np.maximum(times - np.ceil(grid / max(1.0, self.max_batch_tokens - n)) * t_d, 0.0)
+            extra = np.maximum(times - np.ceil(grid / max(1.0, budget - n)) * t_d, 0.0)
             tpot_miss = tpot_miss_probability(st.output_grid[::2] - 1, lam, t_d, extra, slo.tpot_s)
             return mg1_miss_probability(lam, es, es2, times, slo.ttft_s) + tpot_miss <= miss
 

@@ -113,13 +113,14 @@ class _Link:
 
 
 class _Prefill:
-    """A prefill replica: FIFO queue, batches up to the token budget, one batch in the pipeline at a time
+    """A prefill replica: FIFO queue, batches up to its token budget, one batch in the pipeline at a time
     (the next starts after the slowest stage's interval)."""
 
-    __slots__ = ("layout", "queue", "busy")
+    __slots__ = ("layout", "budget", "queue", "busy")
 
-    def __init__(self, layout: Layout):
+    def __init__(self, layout: Layout, budget: int):
         self.layout = layout
+        self.budget = budget
         self.queue: deque[int] = deque()
         self.busy = False
 
@@ -127,14 +128,15 @@ class _Prefill:
 class _Engine:
     """A decode or colocated replica with continuous batching."""
 
-    __slots__ = ("layout", "colocated", "kv_cap", "max_seqs", "kv_used", "running", "B", "C", "steps",
+    __slots__ = ("layout", "colocated", "kv_cap", "max_seqs", "budget", "kv_used", "running", "B", "C", "steps",
                  "t_state", "version", "waiting", "pf_queue", "prefilling", "base", "c_kv", "stepping", "b_time")
 
-    def __init__(self, layout: Layout, colocated: bool, kv_cap: int, max_seqs: int, c_kv: float):
+    def __init__(self, layout: Layout, colocated: bool, kv_cap: int, max_seqs: int, budget: int, c_kv: float):
         self.layout = layout
         self.colocated = colocated
         self.kv_cap = kv_cap
         self.max_seqs = max_seqs
+        self.budget = budget  # tokens per step (chunked prefill)
         self.kv_used = 0
         self.running: list[tuple[int, int]] = []  # heap of (finish step, rid)
         self.B = 0
@@ -180,7 +182,8 @@ class Simulator:
             raise PlanError("route fractions must be non-negative and sum to more than 0")
         self.fractions = fr / fr.sum()
         self.prefill_ids: list[str] = []
-        self.engine_spec: dict[str, tuple] = {}  # gid -> (colocated, kv capacity, max seqs, KV cost per token)
+        # gid -> (colocated, kv capacity, max seqs, token budget, KV cost per token)
+        self.engine_spec: dict[str, tuple] = {}
         self.base_memo: dict[str, dict[int, float]] = {}
         for r in self.routes:
             if r.prefill == r.decode:
@@ -198,16 +201,17 @@ class Simulator:
         layout = self.layouts[gid]
         probe = 1 << 20
         c_kv = (self.perf.decode_step_time(layout, 1, probe) - self.perf.decode_step_time(layout, 1, 0)) / probe
-        self.engine_spec[gid] = (colocated, self.perf.kv_capacity_tokens(layout), self.perf.max_num_seqs * layout.pp,
-                                 c_kv)
+        budget, seqs = self.perf.batch_limits(layout)
+        self.engine_spec[gid] = (colocated, self.perf.kv_capacity_tokens(layout), seqs * layout.pp, budget, c_kv)
         self.base_memo[gid] = {}
 
     def _reset(self) -> None:
         """Fresh queues, engines and links for one run (static checks and step-time memos are kept)."""
-        self.prefills = {gid: _Prefill(self.layouts[gid]) for gid in self.prefill_ids}
+        self.prefills = {gid: _Prefill(self.layouts[gid], self.perf.batch_limits(self.layouts[gid])[0])
+                         for gid in self.prefill_ids}
         self.engines = {}
-        for gid, (colocated, cap, seats, c_kv) in self.engine_spec.items():
-            eng = _Engine(self.layouts[gid], colocated, cap, seats, c_kv)
+        for gid, (colocated, cap, seats, budget, c_kv) in self.engine_spec.items():
+            eng = _Engine(self.layouts[gid], colocated, cap, seats, budget, c_kv)
             eng.base = self.base_memo[gid]
             self.engines[gid] = eng
         self.links = {key: _Link(bw) for key, bw in self.link_bw.items()}
@@ -289,7 +293,7 @@ class Simulator:
     # -- prefill replicas
 
     def _start_prefill(self, p: _Prefill, t: float) -> None:
-        budget = self.perf.max_batch_tokens
+        budget = p.budget
         batch, tokens = [], 0
         while p.queue and (not batch or tokens + self.prompt[p.queue[0]] <= budget):
             rid = p.queue.popleft()
@@ -442,7 +446,7 @@ class Simulator:
     def _mixed_step(self, eng: _Engine) -> None:
         """One step carrying every running sequence plus up to (budget - B) prompt tokens (vLLM's chunked
         prefill): prompts start in FIFO order when seats and KV allow."""
-        budget = self.perf.max_batch_tokens
+        budget = eng.budget
         while eng.pf_queue and eng.B + len(eng.prefilling) < eng.max_seqs:
             rid = eng.pf_queue[0]
             need = int(self.prompt[rid] + self.output[rid])

@@ -77,6 +77,7 @@ def emulator(
     if speedup <= 0 or delay_scale < 0:
         raise UserError("--speedup must be > 0 and --delay-scale >= 0")
     timing: Timing | None = None
+    max_num_seqs = 256  # vLLM's default on small GPUs; a plan's group gets its engine's own limit
     if plan is not None:
         from thunderops.perf import PerfModel, layout_of
         from thunderops.plan import Plan
@@ -89,6 +90,7 @@ def emulator(
         except KeyError:
             raise UserError(f"plan has no group {group!r}; groups: {', '.join(x.id for x in p.groups)}") from None
         model, tp = p.model, g.tp  # the role is not the group's phase: phases change with every reschedule
+        max_num_seqs = PerfModel(p.model).batch_limits([s.gpu for s in g.stages])[1] * g.pp  # as the planner's
         if delay_scale > 0:
             from thunderops.serve.emulator import PerfTiming
 
@@ -99,7 +101,7 @@ def emulator(
     names = _served_names(model)
     cfg = EmulatorConfig(model=names[0], served_names=names, role=role, max_model_len=max_model_len, host=host,
                          port=port, api_key=os.environ.get("THUNDEROPS_ENGINE_KEY") or None, tp=tp,
-                         speedup=speedup, delay_scale=delay_scale)
+                         speedup=speedup, delay_scale=delay_scale, max_num_seqs=max_num_seqs)
     run_emulator(cfg, timing, exit_with_pid=exit_with_pid)
 
 

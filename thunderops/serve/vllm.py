@@ -5,6 +5,8 @@ NIXL moves raw KV blocks, so both sides of a transfer must lay them out identica
 generations differ (vLLM would otherwise pick a backend per GPU). Prefill and decode groups get
 NixlConnector with ``kv_role=kv_both``; groups joined by a route that asks for compressed KV transfer
 (``Route.kv_compression < 1``) get LMCache's connector with its compressing serde instead, on both sides.
+Every engine gets explicit ``--max-num-batched-tokens``/``--max-num-seqs`` from the performance model's
+``batch_limits`` for its group (vLLM's own defaults differ by GPU), so the deployment runs what was planned.
 Commands are argument lists; ``EngineCommand.shell()`` is for display only.
 """
 
@@ -13,10 +15,14 @@ from __future__ import annotations
 import json
 import shlex
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from thunderops.errors import PlanError
 from thunderops.plan import Group, Plan
 from thunderops.specs import get_gpu, get_model, norm
+
+if TYPE_CHECKING:
+    from thunderops.perf import PerfModel
 
 NIXL = "NixlConnector"
 LMCACHE = "LMCacheConnectorV1"
@@ -37,6 +43,8 @@ class EngineOptions:
     nixl_port_offset: int = 1000  # NIXL side channel at HTTP port + this
     lmcache_serde: str = "cachegen"  # LMCache's compressing serializer
     attention_via_env: bool = False  # vLLM < 0.12 has no --attention-backend: pin with VLLM_ATTENTION_BACKEND
+    max_num_batched_tokens: int | None = None  # None: vLLM's default for each group's GPUs (PerfModel.batch_limits)
+    max_num_seqs: int | None = None  # likewise
     extra_args: tuple[str, ...] = ()
 
 
@@ -87,15 +95,29 @@ def max_model_len(plan: Plan, options: EngineOptions = EngineOptions()) -> int:
         return int(plan.inputs["max_model_len"])
     limit = get_model(plan.model).max_position
     try:
-        from thunderops.perf import PerfModel, layout_of
+        from thunderops.perf import layout_of
 
-        pm = PerfModel(plan.model, mem_util=options.gpu_memory_utilization)
+        pm = perf_model(plan, options)
         caps = [pm.kv_capacity_tokens(layout_of(plan, g)) for g in plan.groups]
         if caps and min(caps) > 0:
             limit = min(limit, min(caps))
     except (ImportError, PlanError, KeyError, ValueError):
         pass
     return int(limit)
+
+
+def perf_model(plan: Plan, options: EngineOptions = EngineOptions()) -> PerfModel:
+    """The performance model of the engines these options start (memory utilization, batch limits)."""
+    from thunderops.perf import PerfModel
+
+    return PerfModel(plan.model, mem_util=options.gpu_memory_utilization,
+                     max_batch_tokens=options.max_num_batched_tokens, max_num_seqs=options.max_num_seqs)
+
+
+def batch_limits(plan: Plan, group: Group, options: EngineOptions = EngineOptions()) -> tuple[int, int]:
+    """(--max-num-batched-tokens, --max-num-seqs) of one group's engine: what the performance model planned
+    with (vLLM's defaults for the group's smallest GPU unless the options override them)."""
+    return perf_model(plan, options).batch_limits([s.gpu for s in group.stages])
 
 
 def connectors(plan: Plan) -> dict[str, str | None]:
@@ -136,6 +158,7 @@ def engine_commands(plan: Plan, options: EngineOptions = EngineOptions(), *, exe
     pins = pinned_settings(plan, options)
     mml = max_model_len(plan, options)
     conns = connectors(plan)
+    pm = perf_model(plan, options)
     names = list(dict.fromkeys([model.hf_id, model.name, plan.model]))  # the names the router accepts
     next_port: dict[str, int] = {}
     out = []
@@ -152,6 +175,7 @@ def engine_commands(plan: Plan, options: EngineOptions = EngineOptions(), *, exe
             raise PlanError(f"group {g.id} uses unknown instance {head!r}") from None
         port = next_port.get(head, options.base_port)
         next_port[head] = port + 1
+        tokens, seqs = pm.batch_limits([s.gpu for s in g.stages])
         multi_node = len(g.instances) > 1
         argv = [
             executable, "serve", model.hf_id,
@@ -164,6 +188,8 @@ def engine_commands(plan: Plan, options: EngineOptions = EngineOptions(), *, exe
             "--max-model-len", str(mml),
             "--dtype", pins["dtype"],
             "--kv-cache-dtype", pins["kv_cache_dtype"],
+            "--max-num-batched-tokens", str(tokens),
+            "--max-num-seqs", str(seqs),
         ]
         env: dict[str, str] = {}
         if options.attention_via_env:
