@@ -95,8 +95,8 @@ def test_budget_too_small_names_the_cheapest_feasible_budget(lambda_offers):
 def test_model_that_fits_no_offered_gpu(lambda_offers):
     small = lambda_offers[(lambda_offers.gpu == "A10") & (lambda_offers.gpus_per_node == 1)]
     assert len(small)
-    with pytest.raises(PlanError, match="fits no offered GPU"):
-        solve(100.0, "llama-3.1-70b", "conversation", offers=small, search=FAST)
+    with pytest.raises(PlanError, match="fits no offered GPU even on 4 nodes per replica"):
+        solve(100.0, "llama-3.1-70b", "conversation", offers=small, search=FAST, max_replica_nodes=4)
 
 
 def test_phase_split_where_prompts_long_and_links_fast():
@@ -207,6 +207,7 @@ def test_cli_plan_json_and_out(tmp_path):
     (["--budget", "0.01", "--model", "llama-3.1-70b", "--clouds", "lambda"], "cheapest feasible budget"),
     (["--budget", "10", "--clouds", "lambda", "--regions", "atlantis"], "region"),
     (["--model", "llama-30b"], "budget"),
+    (["--inventory", "examples/paper_inventory.yaml", "--max-replica-nodes", "0"], "--max-replica-nodes"),
 ])
 def test_cli_bad_input_one_line_exit_2(args, needle):
     import subprocess
@@ -274,3 +275,24 @@ def test_mixed_node_sizes_get_one_tp_per_group():
     res = solve(None, "llama-30b", "conversation", inventory=inv, search=FAST, sim_check=0)
     for plan in [res.plan, *res.baselines.values()]:
         check_plan(plan)
+
+
+def test_no_replica_spans_more_instances_than_the_limit():
+    """Every strategy obeys the limit; a model that needs more instances per replica says how to fix it."""
+    inv = single_gpu_nodes(7, 100.0)  # 70B needs 3 x 80 GB: replicas of 3+ single-GPU instances
+    res = solve(None, "llama-3.1-70b", "conversation", inventory=inv, search=FAST, max_replica_nodes=3)
+    check_plan(res.plan)
+    for p in [res.plan, *res.baselines.values()]:
+        assert all(len({s.instance for s in g.stages}) <= 3 for g in p.groups), p.strategy
+    assert res.plan.inputs["max_replica_nodes"] == 3
+    with pytest.raises(PlanError, match="max-replica-nodes"):
+        solve(None, "llama-3.1-70b", "conversation", inventory=inv, search=FAST, max_replica_nodes=2)
+
+
+def test_light_reschedule_keeps_the_plans_replica_limit():
+    inv = single_gpu_nodes(8, 100.0)
+    plan = solve(None, "llama-3.1-70b", "conversation", inventory=inv, search=FAST, max_replica_nodes=4).plan
+    lost = plan.groups[0].stages[0].instance
+    new = reschedule(plan, lost_instances=[lost], full=True, time_limit=10)
+    assert new.inputs["max_replica_nodes"] == 4
+    assert all(len({s.instance for s in g.stages}) <= 4 for g in new.groups)

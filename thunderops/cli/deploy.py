@@ -22,6 +22,7 @@ from thunderops.cli.plan import (
     AttainmentOpt,
     BandwidthOpt,
     CloudsOpt,
+    MaxReplicaNodesOpt,
     ModelOpt,
     RateOpt,
     RegionsOpt,
@@ -31,6 +32,7 @@ from thunderops.cli.plan import (
     SpotOpt,
     TimeLimitOpt,
     WorkloadOpt,
+    replica_limit,
     split_list,
 )
 from thunderops.errors import ProvisionError, UserError
@@ -57,6 +59,7 @@ def up(
     bandwidth: BandwidthOpt = None,
     seed: SeedOpt = 0,
     time_limit: TimeLimitOpt = 60.0,
+    max_replica_nodes: MaxReplicaNodesOpt = None,
     plan_file: Annotated[Path | None, typer.Option("--plan", help="Use this plan JSON instead of planning")] = None,
     provider: Annotated[str | None, typer.Option(help="skypilot (clouds) or local (your machines, Ray)")] = None,
     emulate: Annotated[bool, typer.Option(help="Local provider: Ray nodes on this machine with declared GPUs, "
@@ -92,7 +95,7 @@ def up(
     plan = plan_step(budget=budget, model=model, workload=workload, rate=rate, slo_ttft=slo_ttft, slo_tpot=slo_tpot,
                      attainment=attainment, clouds=split_list(clouds), regions=split_list(regions), spot=spot,
                      inventory=inventory, bandwidth=bandwidth, seed=seed, time_limit=time_limit, plan_file=plan_file,
-                     quiet=json_out)
+                     max_replica_nodes=max_replica_nodes, quiet=json_out)
     if provider == "skypilot":
         check_offers(plan)
     if dry_run:
@@ -145,7 +148,7 @@ def up(
 
 
 def plan_step(*, budget, model, workload, rate, slo_ttft, slo_tpot, attainment, clouds, regions, spot, inventory,
-              bandwidth, seed, time_limit, plan_file, quiet) -> Plan:
+              bandwidth, seed, time_limit, plan_file, quiet, max_replica_nodes=None) -> Plan:
     """A plan from --plan FILE, else from the scheduler (offline, from the shipped catalogs)."""
     if plan_file is not None:
         plan = Plan.load(plan_file)
@@ -168,7 +171,7 @@ def plan_step(*, budget, model, workload, rate, slo_ttft, slo_tpot, attainment, 
         task = bar.add_task("", total=1.0)
         result = solve(budget, model, workload, rate=rate, slo_ttft=slo_ttft, slo_tpot=slo_tpot, attainment=attainment,
                        clouds=clouds, regions=regions, spot=spot, inventory=inventory, bandwidth=bandwidth, seed=seed,
-                       time_limit=time_limit,
+                       time_limit=time_limit, **replica_limit(max_replica_nodes),
                        progress=lambda f, m: bar.update(task, completed=min(1.0, f), description=m))
     return result.plan
 

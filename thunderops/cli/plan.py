@@ -25,6 +25,13 @@ SpotOpt = Annotated[bool | None, typer.Option("--spot/--no-spot", help="Spot onl
 BandwidthOpt = Annotated[Path | None, typer.Option("--bandwidth", help="Measured Gbps between instances (JSON or CSV)")]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Search seed (same seed, same plan)")]
 TimeLimitOpt = Annotated[float, typer.Option("--time-limit", help="Search time limit, s")]
+MaxReplicaNodesOpt = Annotated[int | None, typer.Option(
+    "--max-replica-nodes", help="Most instances one replica's pipeline may span (default 8)")]
+
+
+def replica_limit(value: int | None) -> dict:
+    """solve()'s keyword for --max-replica-nodes: absent means the scheduler's default."""
+    return {} if value is None else {"max_replica_nodes": value}
 
 
 def split_list(value: str | None) -> list[str] | None:
@@ -51,6 +58,7 @@ def plan_cmd(
     compare: Annotated[bool, typer.Option(help="Show the baselines' plans side by side")] = False,
     seed: SeedOpt = 0,
     time_limit: TimeLimitOpt = 60.0,
+    max_replica_nodes: MaxReplicaNodesOpt = None,
 ) -> None:
     """Plan a deployment: instances to rent, model replicas with phase and parallelism, routing, predicted goodput."""
     from thunderops.scheduler import solve
@@ -66,7 +74,7 @@ def plan_cmd(
         result = solve(budget, model, workload, rate=rate, slo_ttft=slo_ttft, slo_tpot=slo_tpot,
                        attainment=attainment, clouds=split_list(clouds), regions=split_list(regions), spot=spot,
                        inventory=inventory, bandwidth=bandwidth, seed=seed, time_limit=time_limit,
-                       progress=progress)
+                       progress=progress, **replica_limit(max_replica_nodes))
     plan = result.plan
     if out is not None:
         plan.save(out)

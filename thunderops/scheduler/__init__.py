@@ -20,7 +20,7 @@ from thunderops.perf import PerfModel
 from thunderops.plan import SLO, Plan
 from thunderops.scheduler.baselines import BASELINES, HEXGEN_ELITES, all_baselines
 from thunderops.scheduler.check import sim_key, with_sim
-from thunderops.scheduler.harness import Harness
+from thunderops.scheduler.harness import MAX_REPLICA_NODES, NO_NODE_LIMIT, Harness
 from thunderops.scheduler.inventory import Inventory, load_inventory
 from thunderops.scheduler.procure import build_pool, check_budget
 from thunderops.scheduler.search import SearchConfig, Tabu, designate, greedy_groups
@@ -70,6 +70,7 @@ def solve(
     progress: Callable[[float, str], None] | None = None,
     sim_check: int = 3,
     sim_requests: int = 600,
+    max_replica_nodes: int | None = MAX_REPLICA_NODES,
 ) -> PlanResult:
     """Plan a deployment and the baselines in the same harness. See `plan` for the arguments."""
     t0 = time.perf_counter()
@@ -92,11 +93,13 @@ def solve(
             from thunderops.catalog import load_offers
 
             table = load_offers(offers, clouds=clouds, regions=regions, spot=True if spot else None)
-        check_budget(table, perf, budget, spot)
-        pool = build_pool(table, perf, budget, spot)
+        nodes = max_replica_nodes or NO_NODE_LIMIT
+        check_budget(table, perf, budget, spot, nodes)
+        pool = build_pool(table, perf, budget, spot, max_nodes_per_replica=nodes)
     if bandwidth is not None:
         overrides.update(bandwidth if isinstance(bandwidth, dict) else load_bandwidth(bandwidth))
-    h = Harness(pool, perf, wl, slo, Topology(overrides), budget=budget, rate=rate)
+    h = Harness(pool, perf, wl, slo, Topology(overrides), budget=budget, rate=rate,
+                max_replica_nodes=max_replica_nodes)
     cfg = search or SearchConfig(time_limit=time_limit)
     if inventory is not None:
         everything_units = tuple(u for us in h.units_of for u in us)
@@ -110,6 +113,9 @@ def solve(
         if cheapest > budget:
             raise PlanError(f"budget {budget:g} $/h is below the cheapest inventory node ({cheapest:g} $/h)")
 
+    if max_replica_nodes is not None and pool and all(h.instances_per_replica(k) is None for k in range(len(pool))):
+        raise PlanError(f"one replica of {spec.name} needs more than --max-replica-nodes {max_replica_nodes} of "
+                        "these instances; raise it or use GPUs with more memory")
     base = all_baselines(h, seed, SearchConfig(max_iters=min(40, cfg.max_iters), patience=10,
                                                time_limit=cfg.time_limit / 5))
     hexgen_runners = HEXGEN_ELITES.pop(id(h), [])
@@ -136,7 +142,7 @@ def solve(
         "clouds": clouds, "regions": regions, "spot": spot,
         "inventory": str(inventory) if isinstance(inventory, str | Path) else (inventory.source if inventory else None),
         "bandwidth": str(bandwidth) if isinstance(bandwidth, str | Path) else None,
-        "seed": seed, "time_limit": cfg.time_limit,
+        "seed": seed, "time_limit": cfg.time_limit, "max_replica_nodes": max_replica_nodes,
     }
     best = h.prune(best)
     plans = {name: h.to_plan(h.prune(ev), strategy=name, inputs=inputs) for name, ev in base.items()}
@@ -180,6 +186,7 @@ def plan(budget: float | None = None, model: str = "llama-30b", workload: str | 
     regions, spot (True: spot prices only, False: on-demand only, None: either), inventory (YAML of your GPUs),
     bandwidth (JSON/CSV of Gbps between instances), offers (a catalog path or DataFrame), seed, time_limit (s),
     search (SearchConfig), progress (callback(fraction, message)), sim_check (how many of the best candidates
-    the simulator checks at the end, with the baselines; 0: the perf model alone decides), sim_requests.
+    the simulator checks at the end, with the baselines; 0: the perf model alone decides), sim_requests,
+    max_replica_nodes (most instances one replica may span, default 8; None: no limit).
     """
     return solve(budget, model, workload, **kwargs).plan

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from thunderops.errors import PlanError
 from thunderops.perf import PerfModel
 from thunderops.plan import SLO, Group, Instance, Plan, Prediction, Route, Stage
 from thunderops.scheduler import route as lp
@@ -27,6 +28,10 @@ Unit = tuple[int, int]
 GroupT = tuple[tuple[Unit, ...], str]
 State = tuple[GroupT, ...]
 
+# A replica spanning more instances is one more way to lose it (a spot preemption or a failure of any of them
+# takes the whole pipeline down) and one more network hop per token; vLLM pipelines rarely span more than 8 nodes.
+MAX_REPLICA_NODES = 8
+NO_NODE_LIMIT = 64  # "no limit": the most nodes per replica the memory checks look at
 KV_COMPRESSION = 0.25  # 4-bit KV for transfer only (ThunderServe): a quarter of the bf16 bytes
 TTFT_STEPS = 10  # the TTFT left after a KV transfer is rounded down to 1/TTFT_STEPS of the target (memo key)
 
@@ -54,8 +59,11 @@ class Harness:
 
     def __init__(self, pool: list[Instance], perf: PerfModel, workload: Workload, slo: SLO,
                  topology: Topology | None = None, budget: float | None = None, rate: float | None = None,
-                 granularity: str = "auto") -> None:
+                 granularity: str = "auto", max_replica_nodes: int | None = MAX_REPLICA_NODES) -> None:
         self.pool = pool
+        if max_replica_nodes is not None and max_replica_nodes < 1:
+            raise PlanError(f"--max-replica-nodes must be at least 1, got {max_replica_nodes}")
+        self.max_replica_nodes = max_replica_nodes
         if granularity == "auto":  # single GPUs where the search space stays small, else replica-sized blocks
             granularity = "gpu" if sum(i.gpus for i in pool) <= 16 else "replica"
         if granularity not in ("gpu", "replica"):
@@ -119,14 +127,16 @@ class Harness:
                 self.perf.split_layers(stages, "decode") is not None
         return self._holds_memo[key]
 
-    def instances_per_replica(self, k: int) -> int:
-        """How many instances like pool[k] one replica needs (memory only; 1 when one holds several)."""
+    def instances_per_replica(self, k: int) -> int | None:
+        """How many instances like pool[k] one replica needs (memory only; 1 when one holds several), None when
+        more than the replica limit."""
         inst = self.pool[k]
         key = (inst.gpu, inst.gpus)
         if key not in self._per_replica:
             from thunderops.scheduler.procure import min_nodes_for_replica
 
-            self._per_replica[key] = min_nodes_for_replica(self.perf, inst.gpu, inst.gpus, 4) or 4
+            self._per_replica[key] = min_nodes_for_replica(self.perf, inst.gpu, inst.gpus,
+                                                           self.max_replica_nodes or NO_NODE_LIMIT)
         return self._per_replica[key]
 
     def cost(self, state: State) -> float:
@@ -250,6 +260,11 @@ class Harness:
             total += min(p, d)
         return total
 
+    def allowed(self, state: State) -> bool:
+        """Deployment limits every strategy obeys: no replica spans more than `max_replica_nodes` instances."""
+        limit = self.max_replica_nodes
+        return limit is None or all(len({u[0] for u in units}) <= limit for units, _ in state)
+
     def objective(self, goodput: float, cost: float) -> float:
         """Higher is better. With a target rate: meeting it first, then cheaper; else more goodput, then cheaper."""
         if self.budget is not None and cost > self.budget + 1e-9:
@@ -263,7 +278,7 @@ class Harness:
     def evaluate(self, state: State) -> Evaluation:
         self.evaluations += 1
         cost = self.cost(state)
-        if self.budget is not None and cost > self.budget + 1e-9:
+        if self.budget is not None and cost > self.budget + 1e-9 or not self.allowed(state):
             return Evaluation(state, -math.inf, 0.0, cost)
         prob, configs, roles = self.problem(state)
         sol = lp.solve(prob)

@@ -55,7 +55,7 @@ def prune_offers(offers: pd.DataFrame, spot: bool | None, keep: int = 2) -> pd.D
 
 
 def build_pool(offers: pd.DataFrame, perf: PerfModel, budget: float, spot: bool | None = None, keep: int = 2,
-               max_copies: int = 64, max_nodes_per_replica: int = 4) -> list[Instance]:
+               max_copies: int = 64, max_nodes_per_replica: int = 8) -> list[Instance]:
     """Instances the search may rent: for each kept offer that can form a replica from at most
     `max_nodes_per_replica` of its nodes, copies up to what the budget pays for (at most `max_copies`)."""
     pruned = prune_offers(offers, spot, keep)
@@ -82,26 +82,30 @@ def build_pool(offers: pd.DataFrame, perf: PerfModel, budget: float, spot: bool 
     return pool
 
 
-def cheapest_replica_cost(offers: pd.DataFrame, perf: PerfModel, spot: bool | None = None) -> float | None:
+def cheapest_replica_cost(offers: pd.DataFrame, perf: PerfModel, spot: bool | None = None,
+                          max_nodes: int = 8) -> float | None:
     """$/h of the cheapest single replica any one offer can form (None when the model fits nowhere)."""
     best = None
     pruned = prune_offers(offers, spot, keep=1)
     for row in pruned.itertuples(index=False):
-        n = min_nodes_for_replica(perf, row.gpu, int(row.gpus_per_node), max_nodes=8)
+        n = min_nodes_for_replica(perf, row.gpu, int(row.gpus_per_node), max_nodes=max_nodes)
         if n is not None and (best is None or n * row.price < best):
             best = n * row.price
     return best
 
 
-def check_budget(offers: pd.DataFrame, perf: PerfModel, budget: float, spot: bool | None) -> None:
-    """Raise a one-line PlanError when no offer can host the model, or the budget cannot pay for a replica."""
+def check_budget(offers: pd.DataFrame, perf: PerfModel, budget: float, spot: bool | None,
+                 max_nodes: int = 8) -> None:
+    """Raise a one-line PlanError when no offer can host the model on `max_nodes` nodes per replica, or the
+    budget cannot pay for a replica."""
     if not budget > 0:
         raise PlanError(f"budget must be a positive $/h figure, got {budget}")
-    cheapest = cheapest_replica_cost(offers, perf, spot)
+    cheapest = cheapest_replica_cost(offers, perf, spot, max_nodes)
     if cheapest is None:
         gpus = ", ".join(sorted(offers["gpu"].unique()))
         raise PlanError(f"{perf.model.name} ({perf.model.weight_bytes / 1e9:.0f} GB) fits no offered GPU even on "
-                        f"8 nodes ({gpus}); widen --clouds/--regions or pick a smaller model")
+                        f"{max_nodes} nodes per replica ({gpus}); widen --clouds/--regions, raise --max-replica-nodes "
+                        "or pick a smaller model")
     if cheapest > budget + 1e-9:
         raise PlanError(f"budget {budget:g} $/h is too small for one replica of {perf.model.name}; "
                         f"the cheapest feasible budget is {math.ceil(cheapest * 100) / 100:.2f} $/h")

@@ -23,6 +23,11 @@ from thunderops.scheduler.topology import Topology
 from thunderops.workload import Workload, get_workload
 
 
+def replica_limit(plan: Plan) -> int | None:
+    """The plan's limit on instances per replica (plans made before the limit existed have none)."""
+    return plan.inputs.get("max_replica_nodes")
+
+
 def _inputs(plan: Plan, workload: Workload | str | None, slo: SLO | None) -> tuple[Workload, SLO, float | None]:
     rate = plan.inputs.get("rate")
     if isinstance(workload, Workload):
@@ -93,14 +98,15 @@ def reschedule(plan: Plan, lost_instances: Iterable[str] = (), workload: Workloa
         from thunderops.scheduler import solve
 
         inv = Inventory(survivors, {}, source=f"plan v{plan.version} survivors")
-        res = solve(None, perf.model, wl, rate=rate, slo=slo, inventory=inv,
-                    bandwidth=topo.overrides, seed=seed, time_limit=time_limit, perf=perf)
+        res = solve(None, perf.model, wl, rate=rate, slo=slo, inventory=inv, bandwidth=topo.overrides, seed=seed,
+                    time_limit=time_limit, perf=perf, max_replica_nodes=replica_limit(plan))
         new = res.plan
         new.budget_per_hour = plan.budget_per_hour
         new.inputs = {**plan.inputs, "rescheduled": "full", "lost": sorted(lost)}
         new.version = plan.version + 1
         return new
-    h = Harness(survivors, perf, wl, slo, topo, budget=None, rate=rate, granularity="gpu")
+    h = Harness(survivors, perf, wl, slo, topo, budget=None, rate=rate, granularity="gpu",
+                max_replica_nodes=replica_limit(plan))
     index = {inst.id: k for k, inst in enumerate(survivors)}
     kept = [g.id for g in plan.groups if all(s.instance in index for s in g.stages)]
     if not kept:
@@ -161,7 +167,8 @@ def finalize(plan: Plan, bandwidth_gbps: Mapping[str, Mapping[str, float]], thre
             if a != b and v and old_v and abs(v - old_v) > 0.2 * old_v:
                 changes.append(f"link {a} -> {b}: planned {old_v:g} Gbps, measured {v:g} Gbps")
     topo = Topology(_overrides(plan.bandwidth_gbps)).with_overrides(_overrides(bandwidth_gbps))
-    h = Harness(list(plan.instances), perf, wl, slo, topo, budget=None, rate=rate, granularity="gpu")
+    h = Harness(list(plan.instances), perf, wl, slo, topo, budget=None, rate=rate, granularity="gpu",
+                max_replica_nodes=replica_limit(plan))
     index = {inst.id: k for k, inst in enumerate(plan.instances)}
     state = canon((_group_units(plan, index, g.id), g.phase) for g in plan.groups)
     ev = h.evaluate(state)

@@ -69,10 +69,13 @@ def greedy_groups(h: Harness, instances: Iterable[int]) -> list[tuple[Unit, ...]
             grp.append(loose.pop(k))
         if fits_alone(h, tuple(grp)):
             groups.append(tuple(grp))
-        elif groups:  # leftovers that never fit join the best-connected group as extra pipeline stages
+        else:  # leftovers that never fit join the best-connected group as extra pipeline stages (within the
+            # replica limit; else they stay unused)
             members = [{u[0] for u in g} for g in groups]
-            k = max(range(len(groups)), key=lambda k: min(h.gbps(m, grp[0][0]) for m in members[k]))
-            groups[k] = groups[k] + tuple(grp)
+            ok = [k for k in range(len(groups)) if h.allowed(((groups[k] + tuple(grp), "colocated"),))]
+            if ok:
+                k = max(ok, key=lambda k: min(h.gbps(m, grp[0][0]) for m in members[k]))
+                groups[k] = groups[k] + tuple(grp)
     return groups
 
 
@@ -140,7 +143,7 @@ class Tabu:
                 continue
             need = self.h.instances_per_replica(idle[0]) if copies else 1
             price = self.h.pool[idle[0]].price_per_hour
-            if need > len(idle) or need * price > spend + 1e-9:
+            if need is None or need > len(idle) or need * price > spend + 1e-9:
                 continue
             keys.append(key)
             picks.append(idle[:need])
