@@ -9,8 +9,10 @@ import pytest
 from test_serve_plans import node, pd_plan
 
 from thunderops.errors import PlanError
+from thunderops.perf import PerfModel, vllm_batch_defaults
 from thunderops.plan import Group, Plan, Route, Stage
 from thunderops.serve.vllm import LMCACHE, NIXL, EngineOptions, engine_commands, pinned_settings
+from thunderops.specs import get_gpu
 
 
 def flag(argv: list[str], name: str) -> str:
@@ -147,6 +149,10 @@ def test_every_command_parses_with_vllms_parser_into_an_engine_config(tmp_path, 
             assert config.parallel_config.tensor_parallel_size == int(flag(cmd.argv, "--tensor-parallel-size"))
             assert config.parallel_config.pipeline_parallel_size == int(flag(cmd.argv, "--pipeline-parallel-size"))
             assert config.model_config.max_model_len == int(flag(cmd.argv, "--max-model-len"))
+            # our batch limits win over vLLM's own defaults (here the CPU platform's)
+            sched = config.scheduler_config
+            assert sched.max_num_batched_tokens == int(flag(cmd.argv, "--max-num-batched-tokens"))
+            assert sched.max_num_seqs == int(flag(cmd.argv, "--max-num-seqs"))
             if cmd.connector:
                 assert config.kv_transfer_config.kv_connector == cmd.connector
 
@@ -154,3 +160,51 @@ def test_every_command_parses_with_vllms_parser_into_an_engine_config(tmp_path, 
 def test_older_vllm_pins_the_backend_through_its_environment_variable():
     for c in engine_commands(pd_plan(), EngineOptions(attention_via_env=True)):
         assert "--attention-backend" not in c.argv and c.env["VLLM_ATTENTION_BACKEND"] == "FLASH_ATTN"
+
+
+def test_every_engine_passes_its_groups_batch_limits_as_planned():
+    """vLLM's defaults differ by GPU, so every command pins both limits to what the perf model planned with
+    for that group: per group (an H100 group and a T4 group differ), the smallest GPU of a pipeline."""
+    plan = mixed_plan()
+    pm = PerfModel(plan.model)
+    got = {}
+    for c in engine_commands(plan):
+        gpus = [s.gpu for s in plan.group(c.group).stages]
+        got[c.group] = (int(flag(c.argv, "--max-num-batched-tokens")), int(flag(c.argv, "--max-num-seqs")))
+        assert got[c.group] == pm.batch_limits(gpus)
+    assert got["dd"] == vllm_batch_defaults(get_gpu("H100")) != got["co"] == vllm_batch_defaults(get_gpu("T4"))
+    assert got["pp"] == vllm_batch_defaults(get_gpu("L4"))  # A100 + L4 pipeline: the smaller tier
+    # an explicit option overrides every engine, and the perf model of the same options agrees
+    opts = EngineOptions(max_num_batched_tokens=4096, max_num_seqs=64)
+    for c in engine_commands(plan, opts):
+        assert (flag(c.argv, "--max-num-batched-tokens"), flag(c.argv, "--max-num-seqs")) == ("4096", "64")
+    with pytest.raises(PlanError, match="at least max_num_seqs"):
+        engine_commands(plan, EngineOptions(max_num_batched_tokens=128, max_num_seqs=256))
+
+
+# what CUDA reports (torch.cuda.get_device_properties: name, total_memory in GiB) on real devices
+_DEVICES = [("L4", "NVIDIA L4", 22.5), ("A10G", "NVIDIA A10G", 22.2), ("A40", "NVIDIA A40", 44.4),
+            ("L40S", "NVIDIA L40S", 44.4), ("A100", "NVIDIA A100-SXM4-40GB", 39.4),
+            ("A100-80GB", "NVIDIA A100-SXM4-80GB", 79.2), ("H100", "NVIDIA H100 80GB HBM3", 79.2),
+            ("H100-NVL", "NVIDIA H100 NVL", 93.1), ("H200", "NVIDIA H200", 139.8), ("B200", "NVIDIA B200", 178.4)]
+
+
+@pytest.mark.vllm
+@pytest.mark.parametrize(("gpu", "cuda_name", "gib"), _DEVICES)
+def test_batch_defaults_match_vllms_own_rule(gpu, cuda_name, gib, monkeypatch):
+    """Our reading of the datasheet's GB lands every catalog GPU in the tier vLLM's get_batch_defaults picks
+    from what CUDA reports on that device."""
+    monkeypatch.setenv("VLLM_TARGET_DEVICE", "cpu")
+    from vllm.engine.arg_utils import EngineArgs
+    from vllm.platforms import current_platform
+    from vllm.usage.usage_lib import UsageContext
+
+    cls = type(current_platform)
+    monkeypatch.setattr(cls, "get_device_total_memory", classmethod(lambda c, device_id=0: int(gib * 2**30)))
+    monkeypatch.setattr(cls, "get_device_name", classmethod(lambda c, device_id=0: cuda_name))
+    monkeypatch.setattr(cls, "is_device_capability", classmethod(lambda c, cap, device_id=0: False))
+    monkeypatch.setattr(cls, "is_cpu", classmethod(lambda c: False))
+    monkeypatch.setattr(cls, "is_tpu", classmethod(lambda c: False))
+    tokens, seqs = EngineArgs.get_batch_defaults(world_size=1)
+    server = UsageContext.OPENAI_API_SERVER
+    assert vllm_batch_defaults(get_gpu(gpu)) == (tokens[server], seqs[server])
