@@ -687,7 +687,9 @@ class PerfModel:
         def exact(n: float) -> tuple[np.ndarray, np.ndarray]:
             room = max(1.0, budget - n)
             chunks = np.maximum(1.0, np.ceil(grid / room))
-            times = np.array([k * self.mixed_step_time(layout, prefill_work([p / k]), n, n * ctx)
+            # the average chunk: later chunks attend to the earlier ones, so the prompt's attention pairs are
+            # p(p+1)/2 however it is cut (not k chunk-sized prompts' worth)
+            times = np.array([k * self.mixed_step_time(layout, prefill_work([p]).scaled(1.0 / k), n, n * ctx)
                               for p, k in zip(grid, chunks, strict=True)])
             return times, chunks
 
