@@ -252,12 +252,14 @@ class _EngineActor:
 
         from aiohttp import web
 
+        from thunderops.perf import PerfModel
         from thunderops.serve import free_port
         from thunderops.serve.emulator import Emulator, EmulatorConfig, perf_timing
 
         port = free_port(host)
+        seqs = PerfModel(model).batch_limits([gpu])[1] * pp  # the engine's own limit, as the planner's
         cfg = EmulatorConfig(model=model, served_names=[model], role="both", max_model_len=max_model_len, host=host,
-                             port=port, api_key=engine_key, tp=tp, speedup=speedup)
+                             port=port, api_key=engine_key, tp=tp, speedup=speedup, max_num_seqs=seqs)
         app = Emulator(cfg, perf_timing(model, gpu, tp, pp)).app()
         ready = threading.Event()
 
