@@ -10,7 +10,14 @@ Measures, for each proxy:
 
 Last line: our throughput / the FastAPI+httpx proxy's throughput.
 
-    python bench/bench_router.py [--seconds 10] [--concurrency 64] [--clients 2]
+    python bench/bench_router.py [--seconds 10] [--concurrency 64] [--clients 2] [--replicas 1]
+                                 [--router-cpus 0] [--profile router.txt]
+
+--replicas N starts N prefill + N decode emulators (routes p_i -> d_i, 1/N each; the FastAPI proxy
+round-robins over them like vLLM's toy proxy), so the emulators are not the bottleneck on a big machine.
+--router-cpus pins each proxy to those CPUs and everything else (emulators, load generators) to the other
+CPUs. --profile samples the router with py-spy during its throughput run (collapsed stacks) and prints its
+top functions; it slows the router, so take the headline numbers from a run without it.
 """
 
 import argparse
@@ -50,14 +57,28 @@ def wait_up(url: str, timeout: float = 30.0) -> None:
     raise SystemExit(f"{url} did not come up")
 
 
-def spawn(argv: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
-    return subprocess.Popen(argv, env={**os.environ, **(env or {})}, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
+def spawn(argv: list[str], env: dict[str, str] | None = None, cpus: set[int] | None = None) -> subprocess.Popen:
+    p = subprocess.Popen(argv, env={**os.environ, **(env or {})}, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL, start_new_session=True)
+    if cpus:
+        os.sched_setaffinity(p.pid, cpus)  # before it starts any thread; its threads inherit it
+    return p
+
+
+def parse_cpus(spec: str) -> set[int]:
+    """'0', '0,1' or '0-3' -> a set of CPU numbers."""
+    out: set[int] = set()
+    for part in spec.split(","):
+        a, _, b = part.partition("-")
+        out.update(range(int(a), int(b or a) + 1))
+    return out
 
 
 # ---- vLLM's proxy approach: FastAPI + httpx (a faithful re-implementation of the toy proxy's request path) ----
 
-def run_fastapi_proxy(port: int, prefill: str, decode: str) -> None:
+def run_fastapi_proxy(port: int, prefills: str, decodes: str) -> None:
+    import itertools
+
     import httpx
     import uvicorn
     from fastapi import FastAPI, Request
@@ -65,8 +86,9 @@ def run_fastapi_proxy(port: int, prefill: str, decode: str) -> None:
 
     app = FastAPI()
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
-    pc = httpx.AsyncClient(timeout=None, base_url=prefill + "/v1", limits=limits)
-    dc = httpx.AsyncClient(timeout=None, base_url=decode + "/v1", limits=limits)
+    # one client per engine, taken round-robin, as the toy proxy does
+    pcs = itertools.cycle([httpx.AsyncClient(timeout=None, base_url=u + "/v1", limits=limits) for u in prefills.split(",")])
+    dcs = itertools.cycle([httpx.AsyncClient(timeout=None, base_url=u + "/v1", limits=limits) for u in decodes.split(",")])
 
     @app.post("/v1/completions")
     async def completions(request: Request):
@@ -74,6 +96,7 @@ def run_fastapi_proxy(port: int, prefill: str, decode: str) -> None:
         p = dict(req, stream=False, max_tokens=1, kv_transfer_params={
             "do_remote_decode": True, "do_remote_prefill": False, "remote_engine_id": None,
             "remote_block_ids": None, "remote_host": None, "remote_port": None})
+        pc, dc = next(pcs), next(dcs)
         r = await pc.post("/completions", json=p, headers={"Authorization": f"Bearer {KEY}"})
         r.raise_for_status()
         kv = r.json().get("kv_transfer_params")
@@ -125,7 +148,9 @@ async def _load(url: str, seconds: float, concurrency: int, out: mp.Queue) -> No
     out.put((done, errors))
 
 
-def _load_proc(url: str, seconds: float, concurrency: int, out: mp.Queue) -> None:
+def _load_proc(url: str, seconds: float, concurrency: int, out: mp.Queue, cpus: set[int] | None = None) -> None:
+    if cpus:
+        os.sched_setaffinity(0, cpus)
     try:
         import uvloop
 
@@ -135,16 +160,24 @@ def _load_proc(url: str, seconds: float, concurrency: int, out: mp.Queue) -> Non
     asyncio.run(_load(url, seconds, concurrency, out))
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of one process so far (Linux /proc)."""
+def cpu_times(pid: int) -> tuple[float, float]:
+    """(user, system) CPU seconds of one process so far (Linux /proc)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tick, int(fields[12]) / tick
 
 
-def throughput(url: str, seconds: float, concurrency: int, clients: int) -> tuple[float, int]:
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of one process so far."""
+    return sum(cpu_times(pid))
+
+
+def throughput(url: str, seconds: float, concurrency: int, clients: int,
+               cpus: set[int] | None = None) -> tuple[float, int]:
     ctx = mp.get_context("spawn")
     q: mp.Queue = ctx.Queue()
-    procs = [ctx.Process(target=_load_proc, args=(url, seconds, max(1, concurrency // clients), q)) for _ in range(clients)]
+    procs = [ctx.Process(target=_load_proc, args=(url, seconds, max(1, concurrency // clients), q, cpus))
+             for _ in range(clients)]
     t0 = time.monotonic()
     for p in procs:
         p.start()
@@ -185,13 +218,48 @@ async def _latency(n: int, url: str | None, prefill: str, decode: str) -> list[f
     return out
 
 
+def print_profile(path: str, top: int = 25) -> None:
+    """Self and total sample shares per function from py-spy's collapsed stacks ('a;b;c count' lines)."""
+    from collections import Counter
+
+    self_, total, n = Counter(), Counter(), 0
+    if not Path(path).exists():
+        print(f"router profile: py-spy wrote no {path}")
+        return
+    for line in Path(path).read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack:
+            continue
+        c, frames = int(count), stack.split(";")
+        n += c
+        self_[frames[-1]] += c
+        for f in set(frames):
+            total[f] += c
+    print(f"router profile: {n} samples; top self time (a frame's self time includes the C code it calls: "
+          "for run_app, uvloop's event loop, i.e. socket syscalls and HTTP parsing):")
+    for f, c in self_.most_common(top):
+        print(f"  self {c / n:6.1%}  total {total[f] / n:6.1%}  {f}")
+    print("top total (inclusive) time:")
+    for f, c in total.most_common(top):
+        print(f"  total {c / n:6.1%}  {f}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seconds", type=float, default=10.0)
     ap.add_argument("--concurrency", type=int, default=64)
     ap.add_argument("--clients", type=int, default=2, help="load-generator processes")
     ap.add_argument("--latency-requests", type=int, default=1000)
+    ap.add_argument("--replicas", type=int, default=1, help="prefill and decode emulators of each kind")
+    ap.add_argument("--router-cpus", help="pin each proxy to these CPUs (e.g. 0 or 0-1), the rest elsewhere")
+    ap.add_argument("--profile", help="py-spy the router's throughput run; write collapsed stacks here")
     args = ap.parse_args()
+    proxy_cpus = parse_cpus(args.router_cpus) if args.router_cpus else None
+    rest_cpus = (os.sched_getaffinity(0) - proxy_cpus) if proxy_cpus else None
+    if rest_cpus is not None and not rest_cpus:
+        raise SystemExit("--router-cpus leaves no CPU for the emulators and load generators")
+    if rest_cpus:
+        os.sched_setaffinity(0, rest_cpus)
     try:
         import uvloop
 
@@ -202,41 +270,66 @@ def main() -> None:
     procs: list[subprocess.Popen] = []
     try:
         env = {"THUNDEROPS_ENGINE_KEY": KEY, "THUNDEROPS_API_KEY": KEY}
-        pport, dport, rport, fport = free_port(), free_port(), free_port(), free_port()
-        prefill, decode = f"http://127.0.0.1:{pport}", f"http://127.0.0.1:{dport}"
-        for role, port in (("prefill", pport), ("decode", dport)):
-            procs.append(spawn([sys.executable, "-m", "thunderops.serve", "emulator", "--role", role, "--port", str(port),
-                                "--delay-scale", "0", "--model", MODEL], env))
-        table = {"replicas": [{"id": "p0", "url": prefill, "phase": "prefill"}, {"id": "d0", "url": decode, "phase": "decode"}],
-                 "routes": [{"prefill": "p0", "decode": "d0", "fraction": 1.0}]}
+        n = args.replicas
+        rport, fport = free_port(), free_port()
+        prefills = [f"http://127.0.0.1:{free_port()}" for _ in range(n)]
+        decodes = [f"http://127.0.0.1:{free_port()}" for _ in range(n)]
+        emulators: list[subprocess.Popen] = []
+        for role, urls in (("prefill", prefills), ("decode", decodes)):
+            for u in urls:
+                emulators.append(spawn([sys.executable, "-m", "thunderops.serve", "emulator", "--role", role,
+                                        "--port", u.rsplit(":", 1)[1], "--delay-scale", "0", "--model", MODEL],
+                                       env, rest_cpus))
+        prefill, decode = prefills[0], decodes[0]
+        table = {"replicas": [{"id": f"p{i}", "url": u, "phase": "prefill"} for i, u in enumerate(prefills)]
+                 + [{"id": f"d{i}", "url": u, "phase": "decode"} for i, u in enumerate(decodes)],
+                 "routes": [{"prefill": f"p{i}", "decode": f"d{i}", "fraction": 1.0 / n} for i in range(n)]}
         tpath = Path(tempfile.mkdtemp()) / "routing.json"
         tpath.write_text(json.dumps(table))
-        procs.append(spawn([sys.executable, "-m", "thunderops.serve", "router", "--routing", str(tpath),
-                            "--model", MODEL, "--port", str(rport)], env))
-        procs.append(spawn([sys.executable, __file__, "--fastapi-proxy", str(fport), prefill, decode]))
-        for u in (prefill, decode, f"http://127.0.0.1:{rport}", f"http://127.0.0.1:{fport}"):
+        router_proc = spawn([sys.executable, "-m", "thunderops.serve", "router", "--routing", str(tpath),
+                             "--model", MODEL, "--port", str(rport)], env, proxy_cpus)
+        fastapi_proc = spawn([sys.executable, __file__, "--fastapi-proxy", str(fport), ",".join(prefills),
+                              ",".join(decodes)], None, proxy_cpus)
+        procs += [*emulators, router_proc, fastapi_proc]
+        for u in (*prefills, *decodes, f"http://127.0.0.1:{rport}", f"http://127.0.0.1:{fport}"):
             wait_up(u + "/health")
 
-        print(f"cores: {os.cpu_count()}  load average before: {os.getloadavg()[0]:.2f}")
+        print(f"cores: {os.cpu_count()}  load average before: {os.getloadavg()[0]:.2f}  emulators: {n}+{n}  "
+              f"proxy CPUs: {sorted(proxy_cpus) if proxy_cpus else 'any'}  clients: {args.clients}  "
+              f"concurrency: {args.concurrency}  python: {sys.version.split()[0]}")
         direct = asyncio.run(_latency(args.latency_requests, None, prefill, decode))
         base = statistics.median(direct)
         print(f"direct P/D calls (no proxy): p50 {base * 1e3:.3f} ms")
         results = {}
-        router_proc, fastapi_proc = procs[2], procs[3]
         for name, port, proc in (("thunderops router", rport, router_proc),
                                  ("vLLM-style proxy (FastAPI+httpx)", fport, fastapi_proc)):
             url = f"http://127.0.0.1:{port}/v1/completions"
             lat = asyncio.run(_latency(args.latency_requests, url, prefill, decode))
-            throughput(url, 1.0, args.concurrency, args.clients)  # warm-up
+            throughput(url, 1.0, args.concurrency, args.clients, rest_cpus)  # warm-up
+            spy = None
+            if args.profile and proc is router_proc:
+                spy = subprocess.Popen(["py-spy", "record", "--nonblocking", "--format", "raw", "--function", "--rate", "200",
+                                        "--duration", str(int(args.seconds)), "--pid", str(proc.pid),
+                                        "--output", args.profile], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+            sys0 = cpu_times(proc.pid)[1]
             cpu0 = cpu_seconds(proc.pid)
-            rps, errors = throughput(url, args.seconds, args.concurrency, args.clients)
+            emu0 = [cpu_seconds(e.pid) for e in emulators]
+            rps, errors = throughput(url, args.seconds, args.concurrency, args.clients, rest_cpus)
             cpu = cpu_seconds(proc.pid) - cpu0
+            sys_share = (cpu_times(proc.pid)[1] - sys0) / max(cpu, 1e-9)
+            emu = max(cpu_seconds(e.pid) - c for e, c in zip(emulators, emu0, strict=True))
+            if spy is not None:
+                spy.wait(timeout=60)
             p50 = statistics.median(lat)
             results[name] = rps
             per_req = cpu / max(rps * args.seconds, 1)
             print(f"{name}: {rps:,.0f} req/s ({errors} errors), p50 {p50 * 1e3:.3f} ms, "
                   f"added p50 {(p50 - base) * 1e3:.3f} ms, proxy CPU {per_req * 1e6:.0f} us/request "
-                  f"(= {1 / per_req:,.0f} req/s per fully used core)")
+                  f"(= {1 / per_req:,.0f} req/s per fully used core), proxy busy {cpu / args.seconds:.0%} of a core "
+                  f"({sys_share:.0%} of it in the kernel), "
+                  f"busiest emulator {emu / args.seconds:.0%} of a core")
+        if args.profile:
+            print_profile(args.profile)
         ours, theirs = results.values()
         print(f"load average after: {os.getloadavg()[0]:.2f}")
         print(f"throughput ratio ours/fastapi+httpx: {ours / theirs:.2f}")
