@@ -26,7 +26,7 @@ BandwidthOpt = Annotated[Path | None, typer.Option("--bandwidth", help="Measured
 SeedOpt = Annotated[int, typer.Option("--seed", help="Search seed (same seed, same plan)")]
 TimeLimitOpt = Annotated[float, typer.Option("--time-limit", help="Search time limit, s")]
 MaxReplicaNodesOpt = Annotated[int | None, typer.Option(
-    "--max-replica-nodes", help="Most instances one replica's pipeline may span (default 8)")]
+    "--max-replica-nodes", help="Most instances one replica's pipeline may span (default 4)")]
 
 
 def replica_limit(value: int | None) -> dict:

@@ -9,7 +9,7 @@ route (the routing LP), harness (shared evaluation), search (tabu), baselines, r
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -20,15 +20,15 @@ from thunderops.perf import PerfModel
 from thunderops.plan import SLO, Plan
 from thunderops.scheduler.baselines import BASELINES, HEXGEN_ELITES, all_baselines
 from thunderops.scheduler.check import sim_key, with_sim
-from thunderops.scheduler.harness import MAX_REPLICA_NODES, NO_NODE_LIMIT, Harness
+from thunderops.scheduler.harness import Harness
 from thunderops.scheduler.inventory import Inventory, load_inventory
-from thunderops.scheduler.procure import build_pool, check_budget
+from thunderops.scheduler.procure import MAX_REPLICA_NODES, NO_NODE_LIMIT, build_pool, check_budget
 from thunderops.scheduler.search import SearchConfig, Tabu, designate, greedy_groups
 from thunderops.scheduler.topology import Topology, load_bandwidth
 from thunderops.specs import get_gpu, get_model
 from thunderops.workload import Workload, get_workload
 
-__all__ = ["plan", "solve", "PlanResult", "SearchConfig", "BASELINES"]
+__all__ = ["plan", "solve", "replan", "without_offers", "PlanResult", "SearchConfig", "BASELINES"]
 
 
 @dataclass
@@ -187,6 +187,57 @@ def plan(budget: float | None = None, model: str = "llama-30b", workload: str | 
     bandwidth (JSON/CSV of Gbps between instances), offers (a catalog path or DataFrame), seed, time_limit (s),
     search (SearchConfig), progress (callback(fraction, message)), sim_check (how many of the best candidates
     the simulator checks at the end, with the baselines; 0: the perf model alone decides), sim_requests,
-    max_replica_nodes (most instances one replica may span, default 8; None: no limit).
+    max_replica_nodes (most instances one replica may span, default 4; None: no limit).
     """
     return solve(budget, model, workload, **kwargs).plan
+
+
+def without_offers(offers: pd.DataFrame, blocked: Iterable[tuple]) -> pd.DataFrame:
+    """The catalog minus `blocked` offers, each (cloud, region, zone, instance type, spot): a blocked spot offer
+    loses its spot price, a blocked on-demand one its on-demand price, and a row left with neither is dropped."""
+    spot_off, od_off = set(), set()
+    for cloud, region, zone, itype, spot in blocked:
+        (spot_off if spot else od_off).add((str(cloud), str(region), str(zone or ""), str(itype)))
+    if not spot_off and not od_off:
+        return offers
+    df = offers.copy()
+    keys = list(zip(df["cloud"].astype(str), df["region"].astype(str), df["zone"].fillna("").astype(str),
+                    df["instance_type"].astype(str), strict=True))
+    no_spot = pd.Series([k in spot_off for k in keys], index=df.index)
+    no_od = pd.Series([k in od_off for k in keys], index=df.index)
+    df.loc[no_spot, ["price_spot", "price_per_gpu_spot"]] = float("nan")
+    df.loc[no_od, ["price_ondemand", "price_per_gpu_ondemand"]] = float("nan")
+    return df[~((no_od | df["price_ondemand"].isna()) & df["price_spot"].isna())].reset_index(drop=True)
+
+
+def replan(plan: Plan, blocked: Iterable[tuple] = (), *, clouds: Iterable[str] | None = None,
+           offers: str | Path | None = None, time_limit: float | None = None,
+           progress: Callable[[float, str], None] | None = None) -> Plan:
+    """Plan again for what `plan` was made for (its budget, and from `plan.inputs` the model, workload, rate,
+    SLO, clouds, regions, spot, bandwidth, seed, time limit and --max-replica-nodes) over the catalog minus
+    the `blocked` offers (see `without_offers`); `clouds` narrows the clouds further (e.g. to those with
+    credentials). `thunderops up` gives this to the provider when a GPU type cannot be had."""
+    from thunderops.catalog import load_offers
+
+    inputs = plan.inputs
+    if inputs.get("inventory"):
+        raise PlanError("a plan over your own GPUs (--inventory) cannot be re-planned onto cloud offers")
+    spot = inputs.get("spot")
+    table = load_offers(offers, clouds=inputs.get("clouds"), regions=inputs.get("regions"),
+                        spot=True if spot else None)
+    table = without_offers(table, blocked)
+    if clouds is not None:
+        table = table[table["cloud"].isin({str(c).lower() for c in clouds})]
+    if table.empty:
+        raise PlanError("no offers left to re-plan with once the unavailable ones are set aside; widen "
+                        "--clouds/--regions or try later")
+    slo = inputs.get("slo") or {}
+    workload = inputs.get("workload_source") or inputs.get("workload") or "conversation"
+    limit = inputs["max_replica_nodes"] if "max_replica_nodes" in inputs else MAX_REPLICA_NODES
+    result = solve(plan.budget_per_hour, inputs.get("model") or plan.model, workload, rate=inputs.get("rate"),
+                   slo_ttft=slo.get("ttft_s"), slo_tpot=slo.get("tpot_s"), attainment=slo.get("attainment"),
+                   clouds=inputs.get("clouds"), regions=inputs.get("regions"), spot=spot,
+                   bandwidth=inputs.get("bandwidth"), offers=table, seed=int(inputs.get("seed") or 0),
+                   time_limit=float(time_limit if time_limit is not None else inputs.get("time_limit") or 60.0),
+                   progress=progress, max_replica_nodes=limit)
+    return result.plan

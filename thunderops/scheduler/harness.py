@@ -20,6 +20,7 @@ from thunderops.perf import PerfModel
 from thunderops.plan import SLO, Group, Instance, Plan, Prediction, Route, Stage
 from thunderops.scheduler import route as lp
 from thunderops.scheduler.parallel import GroupConfig, ParallelPlanner, valid_tps
+from thunderops.scheduler.procure import MAX_REPLICA_NODES, NO_NODE_LIMIT, min_nodes_for_replica
 from thunderops.scheduler.topology import Topology
 from thunderops.specs import get_gpu
 from thunderops.workload import Workload
@@ -28,10 +29,6 @@ Unit = tuple[int, int]
 GroupT = tuple[tuple[Unit, ...], str]
 State = tuple[GroupT, ...]
 
-# A replica spanning more instances is one more way to lose it (a spot preemption or a failure of any of them
-# takes the whole pipeline down) and one more network hop per token; vLLM pipelines rarely span more than 8 nodes.
-MAX_REPLICA_NODES = 8
-NO_NODE_LIMIT = 64  # "no limit": the most nodes per replica the memory checks look at
 KV_COMPRESSION = 0.25  # 4-bit KV for transfer only (ThunderServe): a quarter of the bf16 bytes
 TTFT_STEPS = 10  # the TTFT left after a KV transfer is rounded down to 1/TTFT_STEPS of the target (memo key)
 
@@ -133,8 +130,6 @@ class Harness:
         inst = self.pool[k]
         key = (inst.gpu, inst.gpus)
         if key not in self._per_replica:
-            from thunderops.scheduler.procure import min_nodes_for_replica
-
             self._per_replica[key] = min_nodes_for_replica(self.perf, inst.gpu, inst.gpus,
                                                            self.max_replica_nodes or NO_NODE_LIMIT)
         return self._per_replica[key]

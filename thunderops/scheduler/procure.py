@@ -22,6 +22,13 @@ def _slug(name: str) -> str:
     return "".join(c for c in name.lower() if c.isalnum())
 
 
+# A replica spanning more instances is one more way to lose it (a spot preemption or a failure of any of them
+# takes the whole pipeline down) and one more network hop per token. Wider limits also grow the pool of offers
+# (more small-GPU kinds qualify), which the search then explores more thinly.
+MAX_REPLICA_NODES = 4
+NO_NODE_LIMIT = 64  # "no limit": the most nodes per replica the memory checks look at
+
+
 def min_nodes_for_replica(perf: PerfModel, gpu: str, gpus_per_node: int, max_nodes: int = 8) -> int | None:
     """Fewest nodes of this kind that hold one replica (TP inside a node, PP across), or None."""
     spec = get_gpu(gpu)
@@ -55,7 +62,7 @@ def prune_offers(offers: pd.DataFrame, spot: bool | None, keep: int = 2) -> pd.D
 
 
 def build_pool(offers: pd.DataFrame, perf: PerfModel, budget: float, spot: bool | None = None, keep: int = 2,
-               max_copies: int = 64, max_nodes_per_replica: int = 8) -> list[Instance]:
+               max_copies: int = 64, max_nodes_per_replica: int = MAX_REPLICA_NODES) -> list[Instance]:
     """Instances the search may rent: for each kept offer that can form a replica from at most
     `max_nodes_per_replica` of its nodes, copies up to what the budget pays for (at most `max_copies`)."""
     pruned = prune_offers(offers, spot, keep)
@@ -83,7 +90,7 @@ def build_pool(offers: pd.DataFrame, perf: PerfModel, budget: float, spot: bool 
 
 
 def cheapest_replica_cost(offers: pd.DataFrame, perf: PerfModel, spot: bool | None = None,
-                          max_nodes: int = 8) -> float | None:
+                          max_nodes: int = MAX_REPLICA_NODES) -> float | None:
     """$/h of the cheapest single replica any one offer can form (None when the model fits nowhere)."""
     best = None
     pruned = prune_offers(offers, spot, keep=1)
@@ -95,7 +102,7 @@ def cheapest_replica_cost(offers: pd.DataFrame, perf: PerfModel, spot: bool | No
 
 
 def check_budget(offers: pd.DataFrame, perf: PerfModel, budget: float, spot: bool | None,
-                 max_nodes: int = 8) -> None:
+                 max_nodes: int = MAX_REPLICA_NODES) -> None:
     """Raise a one-line PlanError when no offer can host the model on `max_nodes` nodes per replica, or the
     budget cannot pay for a replica."""
     if not budget > 0:

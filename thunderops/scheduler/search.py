@@ -32,7 +32,6 @@ class SearchConfig:
     neighbours: int = 16
     exact: int = 3  # neighbours evaluated exactly per iteration
     new_groups: int = 3  # group compositions costed by the perf model per iteration (the expensive part)
-    max_instances_per_group: int = 4  # longest pipeline across instances worth trying
     tenure: int = 7
     time_limit: float = 60.0
     elite: int = 5
@@ -252,7 +251,7 @@ class Tabu:
         new = canon(zip(groups, phases, strict=True))
         if not new or new == state:
             return None
-        if any(len({u[0] for u in units}) > self.cfg.max_instances_per_group for units, _ in new):
+        if not self.h.allowed(new):
             return None
         if self.h.budget is not None and self.h.cost(new) > self.h.budget + 1e-9:
             return None
