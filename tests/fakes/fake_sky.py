@@ -3,7 +3,8 @@
 It keeps its own cluster list in a JSON file (`$FAKE_SKY_STATE` or the `path` argument), under a file lock, so
 the list survives a process killed with SIGKILL and is shared between the test and a `thunderops` CLI run in a
 subprocess (`THUNDEROPS_SKY_ADAPTER=tests.fakes.fake_sky:FakeSkyCloud`). Tests tell it to misbehave with
-rules: the first rule whose `match` text occurs in "<cluster> <infra> <instance_type> spot=<bool>" fires
+rules: the first rule whose `match` text occurs in "<cluster> <infra> <instance_type> spot=<bool> gpu=<GPU>;"
+(GPU: the node's GPU type, so `gpu=H200;` matches that type on every cloud and region) fires
 (`times` times) with one of these actions:
 
 - `capacity`: raise CapacityError, nothing created (the usual out-of-capacity answer);
@@ -86,7 +87,9 @@ class FakeSkyCloud:
 
     def launch(self, cluster: str, task_config: dict[str, Any], on_stage: Callable[[str], None]) -> str:
         res = task_config.get("resources", {})
-        what = f"{cluster} {res.get('infra', '')} {res.get('instance_type', '')} spot={bool(res.get('use_spot'))}"
+        gpu = task_config.get("envs", {}).get("THUNDEROPS_AGENT_GPU", "")
+        what = (f"{cluster} {res.get('infra', '')} {res.get('instance_type', '')} spot={bool(res.get('use_spot'))} "
+                f"gpu={gpu};")
         with self._lock:
             cancel = self._cancel.setdefault(cluster, threading.Event())
         with self._state() as s:

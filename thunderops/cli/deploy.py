@@ -10,6 +10,7 @@ import json
 import os
 import secrets
 import signal
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any
@@ -110,14 +111,20 @@ def up(
     if provider == "skypilot":
         prov.check(plan)  # budget and credentials, before anything is written or launched
         prov.package(dep)  # the thunderops wheel the nodes install (unless --pip-spec), before anything is recorded
-    result = provision_step(dep, plan, prov, provider, keep_partial)
+    result = provision_step(dep, plan, prov, provider, keep_partial,
+                            replan=replanner(serve) if provider == "skypilot" else None)
+    if not result.ok and result.unavailable:  # no capacity for a GPU type, even after re-planning: one line, exit 2
+        raise ProvisionError(f"provisioning failed: {result.message}; " + (
+            f"kept what came up (--keep-partial): `thunderops down {dep}` when done" if keep_partial and result.nodes
+            else "everything launched was torn down"))
     if not result.ok:
         err_console.print(f"[bold red]provisioning failed:[/] {result.message}", highlight=False, soft_wrap=True)
         err_console.print("everything launched was torn down" if not keep_partial else
                           f"kept what came up (--keep-partial): `thunderops down {dep}` when done", highlight=False)
         raise typer.Exit(1)
     handover: dict[str, Any] = {"deployment": dep, "provider": provider, "plan_version": result.plan_version,
-                                "cost_per_hour": result.plan.cost_per_hour, "nodes": [n.host for n in result.nodes]}
+                                "cost_per_hour": result.plan.cost_per_hour, "nodes": [n.host for n in result.nodes],
+                                "replans": result.replans}
     if serve:
         try:
             netbench_step(dep, result, provider, emulate, json_out)
@@ -250,15 +257,34 @@ def servable(plan: Plan) -> str | None:
     return None
 
 
-def provision_step(dep: str, plan: Plan, prov: Any, provider: str, keep_partial: bool):
-    """Record the deployment and its plan, then bring the nodes up (intent and outcome go to the store)."""
+def provision_step(dep: str, plan: Plan, prov: Any, provider: str, keep_partial: bool, replan: Any = None):
+    """Record the deployment and its plan, then bring the nodes up (intent and outcome go to the store). With
+    `replan`, a GPU type that cannot be had is planned around (see `SkyPilotProvider.up`)."""
     from thunderops.state import Store
 
     store = prov.store if hasattr(prov, "store") else Store()
     store.create_deployment(dep, provider=provider, model=plan.model, budget_per_hour=plan.budget_per_hour,
                             meta={"keep_partial": keep_partial})
     store.add_plan(dep, plan, reason="thunderops up")
+    if replan is not None:
+        return prov.up(dep, plan, keep_partial=keep_partial, replan=replan)
     return prov.up(dep, plan, keep_partial=keep_partial)
+
+
+def replanner(serve: bool) -> Callable[..., Plan]:
+    """What `up` re-plans with when a GPU type cannot be had: `thunderops.scheduler.replan` (same budget,
+    SLOs, model, workload, clouds/regions and --max-replica-nodes as the plan, without the blocked offers),
+    refusing a plan the engines could not start."""
+
+    def again(plan: Plan, blocked: Any, clouds: Any = None) -> Plan:
+        from thunderops.scheduler import replan
+
+        new = replan(plan, blocked, clouds=clouds)
+        if serve and (problem := servable(new)) is not None:
+            raise ProvisionError(f"the engines cannot start on the new plan ({problem})")
+        return new
+
+    return again
 
 
 def netbench_step(dep: str, result: Any, provider: str, emulate: bool, quiet: bool) -> None:

@@ -57,8 +57,11 @@ class Node:
 
 @dataclass
 class ProvisionResult:
-    """What `Provider.up` achieved. `plan` is the plan actually provisioned (fallbacks may change instances);
-    `plan_version` its version in the store. `ok` is False when the plan could not be met."""
+    """What `Provider.up` achieved. `plan` is the plan actually provisioned (fallbacks and re-plans may change
+    instances); `plan_version` its version in the store. `ok` is False when the plan could not be met.
+    `blocked`: offers (cloud, region, zone, instance type, spot) that failed for capacity or timed out;
+    `replans`: how many times the plan was re-made without them; `unavailable`: on failure, the GPU types that
+    could not be had (empty when something else went wrong)."""
 
     deployment: str
     plan: Plan
@@ -66,6 +69,9 @@ class ProvisionResult:
     nodes: list[Node]
     ok: bool = True
     message: str = ""
+    blocked: list[tuple] = field(default_factory=list)
+    replans: int = 0
+    unavailable: list[str] = field(default_factory=list)
 
 
 @dataclass

@@ -16,6 +16,7 @@ from __future__ import annotations
 import re
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -27,7 +28,7 @@ from rich.live import Live
 from rich.table import Table
 
 from thunderops.agent import deployment_token
-from thunderops.errors import ProvisionError
+from thunderops.errors import ProvisionError, UserError
 from thunderops.plan import Instance, Plan
 from thunderops.provision import (
     DownResult,
@@ -40,11 +41,13 @@ from thunderops.provision import (
 )
 from thunderops.provision.sky_adapter import CapacityError, Cluster, SkyCloud, get_sky_cloud
 from thunderops.provision.tasks import (
+    EngineLaunch,
     accelerator_names,
     cluster_name,
     cluster_prefix,
     deployment_of,
     engine_key_name,
+    engine_launches,
     engine_task,
 )
 from thunderops.state import Store, now_utc
@@ -53,8 +56,19 @@ _AWS_ZONE_ID = re.compile(r"^[a-z0-9-]+-az\d+$")  # use1-az1, use1-atl2-az1 (Loc
 BUDGET_EPS = 1e-6  # $/h: float slack when comparing sums of prices with the budget
 
 
+OfferKey = tuple[str, str, str, str, bool]  # (cloud, region, zone, instance type, spot)
+# replan(plan, blocked, clouds=...) -> a new plan for what `plan` was made for, without the blocked offers and on
+# those clouds only (thunderops.scheduler.replan is one); raises a UserError when there is none
+Replanner = Callable[..., Plan]
+
+
 class _GiveUp(Exception):
     """A node cannot be brought up within the plan and budget."""
+
+
+class _Exhausted(_GiveUp):
+    """Capacity errors or timeouts on every offer of the node's GPU type within the budget: the type is
+    unavailable (a re-plan may do without it)."""
 
 
 @dataclass
@@ -68,6 +82,56 @@ class _Slot:
     tried: set[tuple] = field(default_factory=set)
 
 
+@dataclass
+class _Run:
+    """One `up` call, shared by its launch threads and re-planning rounds."""
+
+    deployment: str
+    plan: Plan  # the plan being provisioned now (a re-plan replaces it)
+    wheel: Path | None
+    token: str
+    engine_key: str
+    clouds: set[str]
+    regions: set[str] | None
+    accel: dict[str, str]
+    slots: dict[str, _Slot]
+    nodes: dict[str, Node] = field(default_factory=dict)  # ready nodes of the current plan, by instance id
+    engines: dict[str, tuple] = field(default_factory=dict)  # cluster -> the engine lines it was launched with
+    blocked: set[OfferKey] = field(default_factory=set)  # offers that failed (capacity, timeout), all rounds
+    used: set[str] = field(default_factory=set)  # cluster names recorded for the deployment
+    launched: dict[str, int] = field(default_factory=dict)  # launch attempts per instance id
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    abort: threading.Event = field(default_factory=threading.Event)
+    in_flight: set[str] = field(default_factory=set)
+
+    def next_name(self, inst_id: str) -> str:
+        """A fresh cluster name `to-<deployment>-<instance>-<n>`: n counts this instance's launches."""
+        with self.lock:
+            n = self.launched.get(inst_id, 0) + 1
+            while cluster_name(self.deployment, inst_id, n) in self.used:
+                n += 1
+            self.launched[inst_id] = n
+            name = cluster_name(self.deployment, inst_id, n)
+            self.used.add(name)
+            return name
+
+
+def _engine_lines(launches: list[EngineLaunch]) -> tuple:
+    """What a node's engines are, for telling whether a node launched for one plan serves another as is."""
+    return tuple((tuple(e.argv), tuple(sorted(e.env.items())), e.port) for e in launches)
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+def describe_offers(keys: list[OfferKey], limit: int = 12) -> str:
+    """`cloud/region/zone instance-type [spot]`, comma-separated (the first `limit`, then a count)."""
+    shown = [f"{c}/{r}/{z or '-'} {t}{' spot' if s else ''}" for c, r, z, t, s in keys[:limit]]
+    more = f" and {len(keys) - limit} more" if len(keys) > limit else ""
+    return (", ".join(shown) or "none") + more
+
+
 def offer_instance(original: Instance, row: pd.Series | dict, spot: bool) -> Instance:
     """`original` moved to another catalog offer (same id, GPU type and count)."""
     price = float(row["price_spot"] if spot else row["price_ondemand"])
@@ -77,7 +141,7 @@ def offer_instance(original: Instance, row: pd.Series | dict, spot: bool) -> Ins
                    source=str(row["source"]), as_of=str(row["as_of"]), host=None)
 
 
-def _key(inst: Instance) -> tuple:
+def _key(inst: Instance) -> OfferKey:
     return (inst.cloud, inst.region, inst.zone or "", inst.instance_type, bool(inst.spot))
 
 
@@ -152,7 +216,7 @@ class SkyPilotProvider(Provider):
 
     def __init__(self, store: Store | None = None, cloud: SkyCloud | None = None, *, console: Console | None = None,
                  launch_timeout_s: float = 1800.0, cancel_grace_s: float = 60.0, offers: pd.DataFrame | None = None,
-                 pip_spec: str | None = None, max_attempts: int = 6) -> None:
+                 pip_spec: str | None = None, max_attempts: int = 6, max_replans: int = 2) -> None:
         self.store = store or Store()
         self.cloud = cloud or get_sky_cloud()
         self.console = console
@@ -161,6 +225,7 @@ class SkyPilotProvider(Provider):
         self._offers = offers
         self.pip_spec = pip_spec
         self.max_attempts = max_attempts
+        self.max_replans = max_replans
 
     def package(self, deployment: str) -> Path | None:
         """The thunderops wheel the deployment's nodes install (built once into its work directory), or None
@@ -193,7 +258,13 @@ class SkyPilotProvider(Provider):
         return self._offers
 
     # -- up ---------------------------------------------------------------------------------------------
-    def up(self, deployment: str, plan: Plan, *, keep_partial: bool = False) -> ProvisionResult:
+    def up(self, deployment: str, plan: Plan, *, keep_partial: bool = False,
+           replan: Replanner | None = None) -> ProvisionResult:
+        """Launch every instance of `plan` in parallel (see the module docstring). With `replan` (e.g.
+        `thunderops.scheduler.replan`), a GPU type that cannot be had is not the end: the offers that failed
+        are blocked, `replan(plan, blocked, clouds=...)` makes a new plan without them (at most
+        `max_replans` times), nodes already up that the new plan uses are kept, the others torn down, and the
+        rest of the new plan launched. Only a whole plan is re-planned (not a controller's sub-plan)."""
         store = self.store
         self.check(plan)
         if not plan.instances:
@@ -205,76 +276,143 @@ class SkyPilotProvider(Provider):
             store.set_deployment_status(deployment, "provisioning")
         store.add_event(deployment, "provision-start", f"launching {len(plan.instances)} node(s)",
                         {"plan_version": version, "cost_per_hour": plan.cost_per_hour})
-        accel = accelerator_names(plan)
-        token = deployment_token(deployment)
-        engine_key = deployment_token(engine_key_name(deployment))
-        allowed_clouds = self.cloud.enabled_clouds()
+        clouds = self.cloud.enabled_clouds()
         if plan.inputs.get("clouds"):
-            allowed_clouds &= {str(c).lower() for c in plan.inputs["clouds"]}
-        regions = set(plan.inputs["regions"]) if plan.inputs.get("regions") else None
-        slots = {i.id: _Slot(i, i) for i in plan.instances}
-        earlier: dict[str, int] = {}  # launches recorded before for the same instance id (names stay unique)
-        for r in store.nodes(deployment):
-            earlier[r.instance_id] = earlier.get(r.instance_id, 0) + 1
-        lock = threading.Lock()
-        abort = threading.Event()
-        in_flight: set[str] = set()
-        nodes: dict[str, Node] = {}
+            clouds &= {str(c).lower() for c in plan.inputs["clouds"]}
+        run = _Run(deployment=deployment, plan=plan, wheel=wheel, token=deployment_token(deployment),
+                   engine_key=deployment_token(engine_key_name(deployment)), clouds=clouds,
+                   regions=set(plan.inputs["regions"]) if plan.inputs.get("regions") else None,
+                   accel=accelerator_names(plan), slots={i.id: _Slot(i, i) for i in plan.instances})
+        for r in store.nodes(deployment):  # launches recorded before: cluster names stay unique
+            run.used.add(r.cluster_name)
+            run.launched[r.instance_id] = run.launched.get(r.instance_id, 0) + 1
+        replans = 0
+        with ProgressView(self.console) as view:
+            while True:
+                may_replan = replan is not None and whole and replans < self.max_replans
+                errors, exhausted = self._round(run, view, may_replan)
+                if errors or not exhausted or not may_replan:
+                    break
+                gpus = sorted({run.slots[i].original.gpu for i in exhausted})
+                try:
+                    new = replan(plan, frozenset(run.blocked), clouds=set(run.clouds))
+                    self.check(new)
+                    if not new.instances:
+                        raise ProvisionError("the new plan has no instances")
+                    version = self._adopt(run, new, gpus, version, view)
+                except UserError as e:
+                    errors = {"replan": f"re-planning without {', '.join(gpus)} failed: {e}"}
+                    break
+                except Exception as e:  # a bug in the callback: still nothing may be left running
+                    errors = {"replan-error": f"re-planning failed: {type(e).__name__}: {e}"}
+                    break
+                replans += 1
+
+        final = replace(run.plan, instances=[replace(s.current if s.original.id in run.nodes else s.original)
+                                             for s in run.slots.values()])
+        final.cost_per_hour = sum(i.price_per_hour for i in final.instances)
+        for inst in final.instances:
+            if inst.id in run.nodes:
+                inst.host = run.nodes[inst.id].host
+        blocked = sorted(run.blocked)
+        if errors or exhausted:
+            unavailable = sorted({run.slots[i].original.gpu for i in exhausted}) if exhausted else []
+            message = _one_line("; ".join({**exhausted, **errors}.values()))
+            if replan is not None and unavailable and not set(errors) - {"replan"}:
+                message = (f"{', '.join(unavailable)} unavailable after {replans} re-plan(s) (limit "
+                           f"{self.max_replans}): {message}; tried and blocked: {describe_offers(blocked)}")
+            store.add_event(deployment, "provision-failed", message,
+                            {"errors": {**exhausted, **errors}, "keep_partial": keep_partial, "replans": replans,
+                             "blocked": [list(k) for k in blocked]})
+            if not keep_partial:
+                if whole:
+                    self.down(deployment)
+                else:  # replacements for a running deployment: tear down only what this call launched
+                    self._down_clusters(deployment, [s.cluster for s in run.slots.values() if s.cluster])
+                run.nodes.clear()
+            if whole:
+                store.set_deployment_status(deployment, "failed")
+            return ProvisionResult(deployment, final, version, list(run.nodes.values()), ok=False, message=message,
+                                   blocked=blocked, replans=replans,
+                                   unavailable=unavailable if not set(errors) - {"replan"} else [])
+        if whole and any(_key(s.current) != _key(s.original) for s in run.slots.values()):
+            new_version = store.add_plan(deployment, final, reason="provisioning fallbacks")
+            store.add_event(deployment, "plan-changed", "offers replaced during provisioning",
+                            {"before": version, "after": new_version})
+            version = new_version
+        if whole:
+            store.set_deployment_status(deployment, "up")
+        store.add_event(deployment, "provision-done", f"{len(run.nodes)} node(s) ready",
+                        {"plan_version": version, "cost_per_hour": final.cost_per_hour, "replans": replans})
+        ordered = [run.nodes[i.id] for i in final.instances]
+        return ProvisionResult(deployment, final, version, ordered, ok=True, blocked=blocked, replans=replans)
+
+    def _round(self, run: _Run, view: ProgressView, may_replan: bool) -> tuple[dict[str, str], dict[str, str]]:
+        """Bring up every slot of the current plan that has no node yet, in parallel. Returns (errors,
+        exhausted): instance id -> why, for failures that stop everything, and for nodes whose GPU type ran
+        out of offers. With `may_replan` an exhausted node lets the others finish (their nodes may be kept);
+        otherwise it stops everything as an error does."""
+        store, plan, deployment = self.store, run.plan, run.deployment
         errors: dict[str, str] = {}
+        exhausted: dict[str, str] = {}
+        run.abort.clear()
 
         def total_with(inst_id: str, candidate: Instance) -> float:
             return sum(candidate.price_per_hour if s.original.id == inst_id else s.current.price_per_hour
-                       for s in slots.values())
+                       for s in run.slots.values())
 
         def next_offer(slot: _Slot) -> Instance | None:
-            with lock:
-                for cand in fallback_candidates(slot.original, self.offers(), clouds=allowed_clouds, regions=regions):
-                    if _key(cand) in slot.tried:
+            with run.lock:
+                for cand in fallback_candidates(slot.original, self.offers(), clouds=run.clouds, regions=run.regions):
+                    if _key(cand) in slot.tried or _key(cand) in run.blocked:
                         continue
                     if total_with(slot.original.id, cand) <= plan.budget_per_hour + BUDGET_EPS:
                         slot.current = cand
                         return cand
             return None
 
-        def bring_up(slot: _Slot, view: ProgressView) -> None:
-            while not abort.is_set():
+        def bring_up(slot: _Slot) -> None:
+            while not run.abort.is_set():
                 inst = slot.current
                 slot.tried.add(_key(inst))
                 slot.attempt += 1
                 if slot.attempt > self.max_attempts:
-                    raise _GiveUp(f"{inst.id}: no offer came up after {self.max_attempts} attempts")
-                name = cluster_name(deployment, inst.id, slot.attempt + earlier.get(inst.id, 0))
+                    raise _Exhausted(f"{inst.id}: no offer came up after {self.max_attempts} attempts")
+                name = run.next_name(inst.id)
                 slot.cluster = name
                 ports = Ports()
+                launches = engine_launches(plan, inst.id, ports)
                 config = engine_task(plan, replace(inst, zone=sky_zone(inst)), deployment=deployment, node_id=name,
-                                     cluster=name, accelerator=accel.get(inst.id) if inst.gpu == slot.original.gpu
-                                     else None, ports=ports, pip_spec=self.pip_spec,
-                                     agent_token=token, engine_key=engine_key, wheel=wheel)
+                                     cluster=name, accelerator=run.accel.get(inst.id) if inst.gpu == slot.original.gpu
+                                     else None, ports=ports, pip_spec=self.pip_spec, launches=launches,
+                                     agent_token=run.token, engine_key=run.engine_key, wheel=run.wheel)
                 store.record_node_intent(
                     deployment, name, inst.id, name, cloud=inst.cloud, region=inst.region, zone=inst.zone,
                     instance_type=inst.instance_type, gpu=inst.gpu, gpus=inst.gpus, spot=inst.spot,
                     price_per_hour=inst.price_per_hour, engine_port=ports.engine, kv_port=ports.kv,
                     agent_port=ports.agent)
                 view.update(inst, "intent")
-                with lock:
-                    if abort.is_set():
+                with run.lock:
+                    if run.abort.is_set():
                         store.update_node(name, status="terminated", terminated_at=now_utc(), error="cancelled")
                         return
-                    in_flight.add(name)
+                    run.in_flight.add(name)
                 store.update_node(name, status="provisioning", launched_at=now_utc())
                 view.update(inst, "provisioning")
                 try:
                     host = self._launch_with_timeout(name, config, lambda st, n=name, i=inst: self._stage(n, i, st, view))
                 except (CapacityError, TimeoutError) as e:
                     why = f"{type(e).__name__}: {e}"
+                    with run.lock:
+                        run.blocked.add(_key(inst))
                     self._teardown_failed(deployment, name, why)
                     view.update(inst, "failed", why)
-                    if abort.is_set():
+                    if run.abort.is_set():
                         return
                     nxt = next_offer(slot)
                     if nxt is None:
-                        raise _GiveUp(f"{inst.id}: {why}; no other {inst.gpus}x{inst.gpu} offer keeps the plan "
-                                      f"within {plan.budget_per_hour:.2f} $/h") from None
+                        raise _Exhausted(f"{inst.id}: {why}; no other {inst.gpus}x{inst.gpu} offer keeps the plan "
+                                         f"within {plan.budget_per_hour:.2f} $/h") from None
                     store.add_event(deployment, "fallback", f"{inst.id}: {why}; trying {_key(nxt)}",
                                     {"instance": inst.id, "from": list(_key(inst)), "to": list(_key(nxt)),
                                      "price_per_hour": nxt.price_per_hour})
@@ -286,57 +424,75 @@ class SkyPilotProvider(Provider):
                     view.update(inst, "failed", why)
                     raise _GiveUp(f"{inst.id}: {why}") from None
                 finally:
-                    with lock:
-                        in_flight.discard(name)
+                    with run.lock:
+                        run.in_flight.discard(name)
                 rec = store.update_node(name, status="ready", host=host or None)
-                nodes[inst.id] = Node.from_record(rec)
+                run.nodes[inst.id] = Node.from_record(rec)
+                run.engines[name] = _engine_lines(launches)
                 view.update(inst, "ready", host or "")
                 return
 
-        with ProgressView(self.console) as view, ThreadPoolExecutor(max_workers=len(slots)) as pool:
-            futures = {pool.submit(bring_up, s, view): s for s in slots.values()}
+        todo = [s for s in run.slots.values() if s.original.id not in run.nodes]
+        if not todo:
+            return errors, exhausted
+        with ThreadPoolExecutor(max_workers=len(todo)) as pool:
+            futures = {pool.submit(bring_up, s): s for s in todo}
             for fut in as_completed(futures):
                 slot = futures[fut]
                 try:
                     fut.result()
+                    continue
+                except _Exhausted as e:
+                    exhausted[slot.original.id] = str(e)
+                    if may_replan:
+                        continue  # the others finish; a re-plan follows
                 except Exception as e:  # _GiveUp, or a bug: either way stop everything
                     errors[slot.original.id] = str(e)
-                    if not abort.is_set():
-                        abort.set()
-                        with lock:
-                            flying = list(in_flight)
-                        for name in flying:
-                            self.cloud.cancel(name)
+                if not run.abort.is_set():
+                    run.abort.set()
+                    with run.lock:
+                        flying = list(run.in_flight)
+                    for name in flying:
+                        self.cloud.cancel(name)
+        return errors, exhausted
 
-        final = replace(plan, instances=[replace(s.current if s.original.id in nodes else s.original)
-                                         for s in slots.values()])
-        final.cost_per_hour = sum(i.price_per_hour for i in final.instances)
-        for inst in final.instances:
-            if inst.id in nodes:
-                inst.host = nodes[inst.id].host
-        if errors:
-            message = "; ".join(errors.values())
-            store.add_event(deployment, "provision-failed", message, {"errors": errors, "keep_partial": keep_partial})
-            if not keep_partial:
-                if whole:
-                    self.down(deployment)
-                else:  # replacements for a running deployment: tear down only what this call launched
-                    self._down_clusters(deployment, [s.cluster for s in slots.values() if s.cluster])
-                nodes.clear()
-            if whole:
-                store.set_deployment_status(deployment, "failed")
-            return ProvisionResult(deployment, final, version, list(nodes.values()), ok=False, message=message)
-        if whole and any(_key(s.current) != _key(s.original) for s in slots.values()):
-            new_version = store.add_plan(deployment, final, reason="provisioning fallbacks")
-            store.add_event(deployment, "plan-changed", "offers replaced during provisioning",
-                            {"before": version, "after": new_version})
-            version = new_version
-        if whole:
-            store.set_deployment_status(deployment, "up")
-        store.add_event(deployment, "provision-done", f"{len(nodes)} node(s) ready",
-                        {"plan_version": version, "cost_per_hour": final.cost_per_hour})
-        ordered = [nodes[i.id] for i in final.instances]
-        return ProvisionResult(deployment, final, version, ordered, ok=True)
+    def _adopt(self, run: _Run, new: Plan, gpus: list[str], version: int, view: ProgressView) -> int:
+        """Make `new` (a re-plan without the blocked offers) the plan being provisioned: store it as a new
+        version, keep each node already up that has a new instance with the same offer and the same engine
+        command lines (mapped onto that instance id, not relaunched), tear down the other nodes (recorded),
+        and set up slots for the rest. Returns the new plan version."""
+        store, deployment = self.store, run.deployment
+        free = dict(run.nodes)
+        kept: dict[str, Node] = {}
+        for inst in new.instances:
+            lines = _engine_lines(engine_launches(new, inst.id, Ports()))  # an unservable plan fails here
+            match = next((old_id for old_id, node in free.items() if _key(run.slots[old_id].current) == _key(inst)
+                          and run.engines.get(node.cluster_name) == lines), None)
+            if match is not None:
+                kept[inst.id] = free.pop(match)
+        released = sorted(n.cluster_name for n in free.values())
+        after = store.add_plan(deployment, new, reason=f"re-planned: {', '.join(gpus)} unavailable")
+        store.add_event(deployment, "re-planned",
+                        f"{', '.join(gpus)} unavailable: plan v{after} keeps {len(kept)} node(s), releases "
+                        f"{len(released)}, launches {len(new.instances) - len(kept)}",
+                        {"before": version, "after": after, "unavailable": gpus,
+                         "blocked": [list(k) for k in sorted(run.blocked)],
+                         "kept": {i: n.cluster_name for i, n in kept.items()}, "released": released,
+                         "cost_per_hour": new.cost_per_hour})
+        if released:  # before anything new is launched: the $/h billed at once stays within the budget
+            down = self._down_clusters(deployment, released, why="not in the re-made plan")
+            for old_id in free:
+                view.update(run.slots[old_id].current, "terminated", "not in the new plan")
+            if down.failed:
+                raise ProvisionError(f"could not tear down {', '.join(sorted(down.failed))} after re-planning: "
+                                     + "; ".join(down.failed.values()))
+        run.plan, run.accel = new, accelerator_names(new)
+        run.slots = {i.id: _Slot(i, i) for i in new.instances}
+        run.nodes = {}
+        for inst_id, node in kept.items():
+            run.nodes[inst_id] = Node.from_record(store.update_node(node.id, instance_id=inst_id))
+            view.update(run.slots[inst_id].current, "ready", f"kept ({node.cluster_name})")
+        return after
 
     def _stage(self, name: str, inst: Instance, stage: str, view: ProgressView) -> None:
         if stage == "setup":
@@ -426,11 +582,11 @@ class SkyPilotProvider(Provider):
         result.terminated.append(rec.cluster_name)
         return result
 
-    def _down_clusters(self, deployment: str, names: list[str]) -> DownResult:
+    def _down_clusters(self, deployment: str, names: list[str], why: str = "of a failed launch") -> DownResult:
         """Tear down some clusters of a deployment (the ones one `up` call launched), recording it."""
         recorded = {r.cluster_name: r for r in self.store.nodes(deployment) if r.live and r.cluster_name in names}
         result = self._terminate(sorted(set(names)), recorded, DownResult(deployment))
-        self.store.add_event(deployment, "down", f"terminated {len(result.terminated)} cluster(s) of a failed launch",
+        self.store.add_event(deployment, "down", f"terminated {len(result.terminated)} cluster(s) {why}",
                              {"terminated": result.terminated, "failed": result.failed})
         return result
 
