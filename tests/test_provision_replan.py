@@ -272,3 +272,23 @@ def test_cli_replan_limit_is_one_line_exit_2_with_nothing_left_running(cloud, tm
     assert Store().deployment("nocap").status == "failed"
     assert len(Store().events("nocap", "re-planned")) == 2
     assert json.loads(cli("status", "nocap", "--json").stdout)["deployments"][0]["cost_per_hour"] == 0
+
+
+def test_cli_up_plans_around_an_unavailable_gpu_type(cloud, tmp_path):
+    plan = plan_of([("l4", cheapest("L4", 1, cloud="aws", spot=True), True)], budget=1.0)
+    plan.inputs = {"model": "llama-2-7b", "workload": "conversation", "spot": True, "time_limit": 1.0,
+                   "max_replica_nodes": 8}
+    path = tmp_path / "plan.json"
+    plan.save(path)
+    cloud.add_rule("gpu=L4;", "capacity", times=100_000)  # no L4 anywhere
+    proc = cli("up", "--plan", str(path), "--name", "around", "--no-serve", "--json", "--max-replans", "8")
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert out["replans"] >= 1 and out["cost_per_hour"] <= 1.0 + 1e-9
+    store = Store()
+    final = store.latest_plan("around")
+    assert "L4" not in {i.gpu for i in final.instances} and final.version == out["plan_version"]
+    assert cloud.names() == live_clusters(store, "around") and len(cloud.names()) == len(final.instances)
+    assert json.loads(cli("down", "around", "--json").stdout)["unrecorded"] == []
+    assert cloud.names() == set()
+    one_line_error(cli("up", "--plan", str(path), "--max-replans", "-1", "--dry-run"), "--max-replans")

@@ -70,6 +70,9 @@ def up(
     dry_run: Annotated[bool, typer.Option(help="Print the plan, the SkyPilot tasks and the $/h; provision nothing")] = False,
     keep_partial: Annotated[bool, typer.Option(help="If the plan cannot be met, keep the nodes that came up")] = False,
     launch_timeout: Annotated[float, typer.Option(help="Seconds one node's launch may take before it is replaced")] = 1800.0,
+    max_replans: Annotated[int, typer.Option(help="When a GPU type cannot be had anywhere within the budget, plan "
+                                                  "again without the offers that failed, at most this often (0: "
+                                                  "give up at once)")] = 2,
     pip_spec: Annotated[str | None, typer.Option(help="What nodes pip-install instead of a wheel of this thunderops "
                                                     "(a git URL, an index name)")] = None,
     serve: Annotated[bool, typer.Option("--serve/--no-serve", help="Start engines and router after provisioning")] = True,
@@ -86,6 +89,8 @@ def up(
         raise ProvisionError("--emulate and --ray-address are for the local provider; add --provider local")
     if budget is not None and budget <= 0:
         raise ProvisionError(f"--budget must be a positive $/h amount, got {budget:g}")
+    if max_replans < 0:
+        raise ProvisionError(f"--max-replans must be 0 or more, got {max_replans}")
     if max_spend is not None and max_spend <= 0:
         raise ProvisionError(f"--max-spend must be a positive $ amount, got {max_spend:g}")
     if name is not None:
@@ -107,12 +112,12 @@ def up(
         raise ProvisionError(f"the engines cannot start on this plan ({problem}); nothing was rented")
     dep = name or _new_name()
     prov = _provider(provider, emulate=emulate, ray_address=ray_address, launch_timeout=launch_timeout,
-                     pip_spec=pip_spec, quiet=json_out)
+                     pip_spec=pip_spec, quiet=json_out, max_replans=max_replans)
     if provider == "skypilot":
         prov.check(plan)  # budget and credentials, before anything is written or launched
         prov.package(dep)  # the thunderops wheel the nodes install (unless --pip-spec), before anything is recorded
     result = provision_step(dep, plan, prov, provider, keep_partial,
-                            replan=replanner(serve) if provider == "skypilot" else None)
+                            replan=replanner(serve) if provider == "skypilot" and max_replans > 0 else None)
     if not result.ok and result.unavailable:  # no capacity for a GPU type, even after re-planning: one line, exit 2
         raise ProvisionError(f"provisioning failed: {result.message}; " + (
             f"kept what came up (--keep-partial): `thunderops down {dep}` when done" if keep_partial and result.nodes
@@ -381,12 +386,12 @@ def _new_name() -> str:
 
 
 def _provider(name: str, *, emulate: bool = False, ray_address: str | None = None, launch_timeout: float = 1800.0,
-              pip_spec: str | None = None, quiet: bool = False):
+              pip_spec: str | None = None, quiet: bool = False, max_replans: int = 2):
     from thunderops.provision import get_provider
 
     if name == "skypilot":
         return get_provider(name, console=None if quiet else console, launch_timeout_s=launch_timeout,
-                            pip_spec=pip_spec)
+                            pip_spec=pip_spec, max_replans=max_replans)
     return get_provider(name, emulate=emulate, address=ray_address)
 
 

@@ -6,7 +6,11 @@ Money must not leak, so the order of things is fixed:
 3. a capacity/quota failure (or a hung launch) is torn down, then the node moves to the next-best offer
    (same GPU type and count: another zone, region or cloud, or on-demand instead of spot) if the plan's total
    $/h stays within the budget; any other failure, or no offer left, gives up: every launch in flight is
-   cancelled and every cluster of the deployment torn down (unless `keep_partial`).
+   cancelled and every cluster of the deployment torn down (unless `keep_partial`);
+4. block and re-plan (with a `replan` callback, which `thunderops up` gives): when a node's GPU type runs out of
+   offers, the offers that failed are blocked and, once the other launches are done, the plan is made again
+   without them (same budget and inputs); nodes up whose offer and engine command lines the new plan has are
+   kept (mapped onto its instance ids), the others torn down, then the rest launched. At most `max_replans`.
 Cluster names are `to-<deployment>-<instance>-<attempt>`, so `down` finds clusters the store never heard of
 (a crash between launch and record) in SkyPilot's own cluster list and tears them down too.
 """
@@ -479,6 +483,9 @@ class SkyPilotProvider(Provider):
                          "blocked": [list(k) for k in sorted(run.blocked)],
                          "kept": {i: n.cluster_name for i, n in kept.items()}, "released": released,
                          "cost_per_hour": new.cost_per_hour})
+        if self.console is not None:
+            self.console.print(f"re-planned: {', '.join(gpus)} unavailable; plan v{after} ({new.cost_per_hour:.2f} $/h) "
+                               f"keeps {len(kept)} node(s), releases {len(released)}", highlight=False)
         if released:  # before anything new is launched: the $/h billed at once stays within the budget
             down = self._down_clusters(deployment, released, why="not in the re-made plan")
             for old_id in free:
