@@ -296,3 +296,30 @@ def test_light_reschedule_keeps_the_plans_replica_limit():
     new = reschedule(plan, lost_instances=[lost], full=True, time_limit=10)
     assert new.inputs["max_replica_nodes"] == 4
     assert all(len({s.instance for s in g.stages}) <= 4 for g in new.groups)
+
+
+def test_fill_spends_the_budget_left_on_a_useful_replica(lambda_offers):
+    """After the search, money left over buys one more replica of whichever idle kind helps most."""
+    import time
+
+    from thunderops.scheduler.harness import Harness, canon
+    from thunderops.scheduler.procure import build_pool
+    from thunderops.scheduler.search import Tabu
+    from thunderops.scheduler.topology import Topology
+    from thunderops.workload import get_workload
+
+    offers = lambda_offers[lambda_offers.region == "us-east-1"]
+    offers = offers[((offers.gpu == "H100") & (offers.gpus_per_node == 8)) |
+                    ((offers.gpu == "A10") & (offers.gpus_per_node == 1))]
+    h100, a10 = (float(offers[offers.gpu == g].price_ondemand.min()) for g in ("H100", "A10"))
+    budget = h100 + 2.5 * a10  # one 8xH100 and room for two A10 replicas of an 8B model
+    perf = PerfModel("llama-3.1-8b")
+    pool = build_pool(offers, perf, budget, spot=False)
+    h = Harness(pool, perf, get_workload("conversation"), SLO(2.0, 0.1, 0.9), Topology(), budget=budget)
+    big = next(k for k, i in enumerate(pool) if i.gpu == "H100")
+    start = h.evaluate(canon([(h.units_of[big][:1], "colocated")]))  # one replica on one H100: money left
+    tabu = Tabu(h, SearchConfig(time_limit=30), seed=0)
+    filled = tabu.fill(start, time.perf_counter())
+    assert filled.goodput > start.goodput and filled.cost <= budget + 1e-9
+    assert {pool[i].gpu for i in h.instances_of(filled.state)} == {"H100", "A10"}
+    assert sum(pool[i].gpu == "A10" for i in h.instances_of(filled.state)) == 2

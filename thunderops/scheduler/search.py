@@ -339,4 +339,41 @@ class Tabu:
                 best, stall = cur, 0
             else:
                 stall += 1
+        return self.fill(best, t0)
+
+    def fill(self, best: Evaluation, t0: float, exact: int = 4) -> Evaluation:
+        """Spend what the budget has left: add one more replica of whichever idle kind raises goodput most,
+        repeated while it helps. Kinds that fit the money left are ranked by their replica's best capacity per $
+        (one perf-model call per new composition, memoised), the best few evaluated with the routing LP. The
+        random "rent" move finds such fillers only by luck in a pool of thousands of instances."""
+        h = self.h
+        if not self.cfg.procure or h.budget is None or h.rate is not None:
+            return best
+        while time.perf_counter() - t0 < self.cfg.time_limit:
+            used = {u[0] for units, _ in best.state for u in units}
+            spend = h.budget - best.cost
+            ranked: dict[tuple, tuple[float, tuple]] = {}  # composition -> (capacity per $, units)
+            for key in sorted(self.template_keys, key=lambda k: -self.value[k]):
+                if time.perf_counter() - t0 > self.cfg.time_limit:
+                    break
+                idle = [i for i in self.templates[key] if i not in used]
+                need = h.instances_per_replica(idle[0]) if idle else None
+                price = h.pool[idle[0]].price_per_hour if idle else 0.0
+                if need is None or need > len(idle) or need * price > spend + 1e-9:
+                    continue
+                units = tuple(u for i in idle[:need] for u in h.units_of[i])
+                comp = h.parts(units)[0]
+                per_dollar = max(h.config(units, ph).capacity for ph in self.phases) / max(need * price, 1e-6)
+                if per_dollar > 0 and per_dollar > ranked.get(comp, (0.0, ()))[0]:
+                    ranked[comp] = (per_dollar, units)
+            chosen = best
+            for _, units in sorted(ranked.values(), key=lambda r: -r[0])[:exact]:
+                for ph in self.phases:
+                    ev = h.evaluate(canon([*best.state, (units, ph)]))
+                    self._remember(ev)
+                    if ev.score > chosen.score + 1e-9 * max(1.0, abs(chosen.score)):
+                        chosen = ev
+            if chosen is best:
+                return best
+            best = chosen
         return best
