@@ -322,7 +322,7 @@ class SkyPilotProvider(Provider):
         if errors or exhausted:
             unavailable = sorted({run.slots[i].original.gpu for i in exhausted}) if exhausted else []
             message = _one_line("; ".join({**exhausted, **errors}.values()))
-            if replan is not None and unavailable and not set(errors) - {"replan"}:
+            if replan is not None and whole and unavailable and not set(errors) - {"replan"}:
                 message = (f"{', '.join(unavailable)} unavailable after {replans} re-plan(s) (limit "
                            f"{self.max_replans}): {message}; tried and blocked: {describe_offers(blocked)}")
             store.add_event(deployment, "provision-failed", message,
