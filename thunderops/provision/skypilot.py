@@ -381,6 +381,7 @@ class SkyPilotProvider(Provider):
                 slot.tried.add(_key(inst))
                 slot.attempt += 1
                 if slot.attempt > self.max_attempts:
+                    view.update(inst, "failed", f"no offer came up after {self.max_attempts} attempts")
                     raise _Exhausted(f"{inst.id}: no offer came up after {self.max_attempts} attempts")
                 name = run.next_name(inst.id)
                 slot.cluster = name
