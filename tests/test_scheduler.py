@@ -139,7 +139,8 @@ def test_light_reschedule_keeps_layouts_of_survivors():
         reschedule(plan, ["nope"])
 
 
-def test_finalize_moves_kv_off_a_slow_measured_link():
+@pytest.mark.parametrize("keep_layouts", [False, True])
+def test_finalize_moves_kv_off_a_slow_measured_link(keep_layouts):
     plan = solve(None, "llama-3.1-8b", LONG, slo=TIGHT, inventory=single_gpu_nodes(8, 100.0), search=FAST).plan
     cross = [r for r in plan.routing if r.prefill != r.decode]
     assert cross
@@ -148,13 +149,16 @@ def test_finalize_moves_kv_off_a_slow_measured_link():
     a, b = plan.group(r.prefill).stages[0].instance, plan.group(r.decode).stages[0].instance
     measured = {x.id: {y.id: 100.0 for y in plan.instances if y.id != x.id} for x in plan.instances}
     measured[a][b] = measured[b][a] = 0.01
-    new, changes = finalize(plan, measured, workload=LONG, slo=TIGHT)
+    new, changes = finalize(plan, measured, workload=LONG, slo=TIGHT, keep_layouts=keep_layouts)
     assert any(f"{a} -> {b}" in c or f"{b} -> {a}" in c for c in changes)
     inst = {g.id: {s.instance for s in g.stages} for g in new.groups}
     slow = sum(x.fraction for x in new.routing
                if x.prefill != x.decode and {a, b} <= inst[x.prefill] | inst[x.decode])
     assert slow < 1e-6
     check_plan(new)
+    if keep_layouts:  # the running engines' replicas: same ids, instances, GPUs, TP and layers
+        layout = {g.id: [(s.instance, s.gpu_ids, s.tp, s.layers) for s in g.stages] for g in plan.groups}
+        assert {g.id: [(s.instance, s.gpu_ids, s.tp, s.layers) for s in g.stages] for g in new.groups} == layout
 
 
 def test_inventory_unknown_gpu_one_line(tmp_path):

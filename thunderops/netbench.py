@@ -492,11 +492,14 @@ def _change_lines(changes: Any) -> list[str]:
 
 def measure_and_finalize(deployment: str, *, store: Any = None, endpoints: Sequence[AgentEndpoint] | None = None,
                          threshold: float = 0.1, png: str | Path | None = None, console: Any = None,
-                         finalize_options: dict[str, Any] | None = None, **measure_kwargs: Any) -> FinalizeOutcome:
+                         finalize_options: dict[str, Any] | None = None, relayout: bool = False,
+                         **measure_kwargs: Any) -> FinalizeOutcome:
     """Measure the deployment's links, re-plan on them (`thunderops.scheduler.finalize`: parallel configs and
     routing on the measured matrix; a search restricted to the provisioned nodes if goodput drops more than
     `threshold`), store the new plan version with events, and print what changed and why when `console` is given.
     `finalize_options` go to the scheduler's finalize (e.g. time_limit, seed); the rest to `measure`.
+    The engines start with their nodes, so by default their groups and layouts stay and only phases, routing
+    and KV compression move (`relayout=True` re-derives layouts too: the engines then need restarting).
 
     `thunderops up` calls this between provisioning and serving. Unknown pairs keep the plan's figures."""
     from thunderops.scheduler.reschedule import finalize
@@ -510,7 +513,8 @@ def measure_and_finalize(deployment: str, *, store: Any = None, endpoints: Seque
     measured = result.bandwidth_gbps()
     bw = merge_bandwidth(plan.bandwidth_gbps, measured)
     if measured:
-        new_plan, changes = finalize(plan, bw, threshold=threshold, **(finalize_options or {}))
+        new_plan, changes = finalize(plan, bw, threshold=threshold, keep_layouts=not relayout,
+                                     **(finalize_options or {}))
         new_plan.bandwidth_gbps = new_plan.bandwidth_gbps or bw
         lines = _change_lines(changes) or ["no change: the plan holds on the measured links"]
         reason = "finalize: re-planned on measured bandwidth"

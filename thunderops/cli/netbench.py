@@ -49,6 +49,8 @@ def netbench(
     png: Annotated[Path | None, typer.Option(help="Save the heat map here (deployments default to THUNDEROPS_HOME)")] = None,
     finalize: Annotated[bool, typer.Option(help="Then re-plan on the measured matrix (deployments only)")] = False,
     threshold: Annotated[float, typer.Option(help="With --finalize: re-search when goodput drops more than this")] = 0.1,
+    relayout: Annotated[bool, typer.Option(help="With --finalize: also re-form replicas and layouts (the running "
+                                                "engines keep theirs until redeployed)")] = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print JSON")] = False,
 ) -> None:
     """Measure bandwidth and round trips between all node pairs (rounds of disjoint pairs)."""
@@ -64,7 +66,7 @@ def netbench(
     opts = dict(duration_s=duration, streams=streams, tool=tool, nccl=nccl, progress=say)
     if deployment is not None and finalize:
         outcome = nb.measure_and_finalize(deployment, threshold=threshold, png=png, console=None if json_out else console,
-                                          **opts)
+                                          relayout=relayout, **opts)
         if json_out:
             print_json(outcome.to_dict())
         raise typer.Exit(0 if not outcome.result.unknown else 1)

@@ -150,9 +150,14 @@ def _describe(old: Plan, new: Plan) -> list[str]:
 
 def finalize(plan: Plan, bandwidth_gbps: Mapping[str, Mapping[str, float]], threshold: float = 0.1,
              perf: PerfModel | None = None, workload: Workload | str | None = None, slo: SLO | None = None,
-             seed: int = 0, time_limit: float = 30.0) -> tuple[Plan, list[str]]:
+             seed: int = 0, time_limit: float = 30.0, keep_layouts: bool = False) -> tuple[Plan, list[str]]:
     """Re-plan on a measured bandwidth matrix (Gbps, instance id -> instance id). Returns the new plan version
-    and what changed and why, one line each."""
+    and what changed and why, one line each.
+
+    `keep_layouts`: the engines already run (they start with their nodes), so groups, group ids and layouts stay
+    and only phases, routing and KV compression follow the measurement; a drop beyond `threshold` is reported
+    with what a re-plan would need instead of searching. Otherwise layouts are re-derived on the measured links
+    and a drop beyond `threshold` searches again over the provisioned instances."""
     wl, slo, rate = _inputs(plan, workload, slo)
     perf = perf or PerfModel(plan.model)
     changes: list[str] = []
@@ -170,15 +175,25 @@ def finalize(plan: Plan, bandwidth_gbps: Mapping[str, Mapping[str, float]], thre
     h = Harness(list(plan.instances), perf, wl, slo, topo, budget=None, rate=rate, granularity="gpu",
                 max_replica_nodes=replica_limit(plan))
     index = {inst.id: k for k, inst in enumerate(plan.instances)}
+    if keep_layouts:
+        for g in plan.groups:
+            h.fix_layout(_group_units(plan, index, g.id), layout_of(plan, g, perf))
     state = canon((_group_units(plan, index, g.id), g.phase) for g in plan.groups)
     ev = h.evaluate(state)
     groups = [units for units, _ in state]
     redo = designate(h, groups)
     ev = max([ev, redo], key=lambda e: e.score)
     planned = plan.predicted.goodput_rps
-    new = h.to_plan(ev, strategy=plan.strategy, inputs=plan.inputs)
+    if keep_layouts:
+        new = _rebuild(plan, h, ev, [g.id for g in plan.groups])
+    else:
+        new = h.to_plan(ev, strategy=plan.strategy, inputs=plan.inputs)
     new.budget_per_hour = plan.budget_per_hour
-    if planned > 0 and ev.goodput < (1 - threshold) * planned:
+    if keep_layouts and planned > 0 and ev.goodput < (1 - threshold) * planned:
+        changes.append(f"predicted goodput on measured links {ev.goodput:.2f} req/s is more than {threshold:.0%} "
+                       f"below the plan's {planned:.2f}; the running engines keep their layouts: to re-form "
+                       "replicas, `thunderops netbench DEPLOYMENT --finalize --relayout` and redeploy its plan")
+    elif planned > 0 and ev.goodput < (1 - threshold) * planned:
         changes.append(f"predicted goodput on measured links {ev.goodput:.2f} req/s is more than {threshold:.0%} "
                        f"below the plan's {planned:.2f}: searching again over the provisioned instances")
         from thunderops.scheduler import solve
