@@ -17,7 +17,7 @@ import yaml
 from fakes.fake_sky import FakeSkyCloud
 from provision_helpers import cheapest, plan_of
 
-from thunderops.provision.package import REMOTE_DIR, build_wheel, wheel_name
+from thunderops.provision.package import REMOTE_DIR, build_wheel, pip_spec_for, remote_path, wheel_name
 from thunderops.provision.skypilot import SkyPilotProvider
 from thunderops.provision.tasks import render
 from thunderops.state import Store
@@ -98,6 +98,34 @@ def test_pip_spec_overrides_the_wheel_and_nothing_is_built(tmp_path, thunderops_
     assert [c["envs"]["THUNDEROPS_PIP_SPEC"] for c in seen] == [spec, spec]
     assert all("file_mounts" not in c for c in seen)
     assert not list(thunderops_home.rglob("*.whl"))
+
+
+def test_pip_spec_naming_a_local_wheel_ships_it(tmp_path, thunderops_home):
+    """A local wheel path is no use on a node: it is shipped like thunderops' own (with each task's extras)."""
+    cloud = FakeSkyCloud(tmp_path / "fake-sky.json")
+    seen = _launches(cloud)
+    wheel = tmp_path / "dist" / "thunderops-9.9.9-py3-none-any.whl"
+    wheel.parent.mkdir()
+    wheel.write_bytes(b"PK")
+    p = SkyPilotProvider(Store(), cloud, launch_timeout_s=10, cancel_grace_s=5, pip_spec=f"{wheel}[serve]")
+    plan = _plan()
+    p.store.create_deployment("d3", provider="skypilot", model=plan.model, budget_per_hour=plan.budget_per_hour)
+    p.store.add_plan("d3", plan)
+    try:
+        assert p.up("d3", plan).ok
+    finally:
+        p.down("d3")
+    assert all(c["file_mounts"] == {remote_path(wheel): str(wheel)} for c in seen)
+    assert all(c["envs"]["THUNDEROPS_PIP_SPEC"] == pip_spec_for(wheel, "serve") for c in seen)
+    assert not list(thunderops_home.rglob("*.whl"))  # nothing built
+
+
+def test_pip_spec_naming_a_local_directory_is_one_line_exit_2(tmp_path):
+    code = "import sys; from thunderops.cli import main; sys.argv = ['thunderops', *sys.argv[1:]]; main()"
+    proc = subprocess.run([sys.executable, "-c", code, "up", "--budget", "10", "--pip-spec", str(tmp_path)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    assert "local path the nodes cannot read" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
 
 
 def test_dry_run_shows_the_wheel_mount_without_building_it(tmp_path, thunderops_home):

@@ -97,6 +97,10 @@ def up(
         from thunderops.state import check_deployment_id
 
         check_deployment_id(name)
+    if pip_spec:  # before planning: a local path the nodes cannot read fails now, not after a minute of search
+        from thunderops.provision.package import resolve_pip_spec
+
+        resolve_pip_spec(pip_spec)
 
     plan = plan_step(budget=budget, model=model, workload=workload, rate=rate, slo_ttft=slo_ttft, slo_tpot=slo_tpot,
                      attainment=attainment, clouds=split_list(clouds), regions=split_list(regions), spot=spot,
@@ -213,11 +217,12 @@ def dry_run_step(plan: Plan, provider: str, dep: str, pip_spec: str | None, json
     tasks: dict[str, str] = {}
     problem = servable(plan)
     if provider == "skypilot" and problem is None:
-        from thunderops.provision.package import wheel_name
+        from thunderops.provision.package import resolve_pip_spec, wheel_name
         from thunderops.state import default_home
 
-        # shown, not built: `up` builds this wheel of the running thunderops and ships it to every node
-        wheel = None if pip_spec else default_home() / "deployments" / dep / wheel_name()
+        # shown, not built: `up` builds this wheel of the running thunderops (or ships --pip-spec's) to every node
+        pip_spec, shipped = resolve_pip_spec(pip_spec)
+        wheel = shipped or (None if pip_spec else default_home() / "deployments" / dep / wheel_name())
         accel = accelerator_names(plan)
         for inst in plan.instances:
             name = cluster_name(dep, inst.id, 1)

@@ -13,6 +13,7 @@ import csv
 import hashlib
 import importlib.metadata
 import io
+import re
 import shutil
 import subprocess
 import sys
@@ -41,6 +42,20 @@ def pip_spec_for(wheel: str | Path, extras: str = "") -> str:
     """The pip requirement that installs the shipped wheel, relative to the node's home (setup `cd`s there),
     so it works as a plain double-quoted value (`~` would not expand inside quotes)."""
     return f"./{REMOTE_DIR}/{Path(wheel).name}" + (f"[{extras}]" if extras else "")
+
+
+def resolve_pip_spec(spec: str | None) -> tuple[str | None, Path | None]:
+    """What `--pip-spec` means for the nodes: (a requirement they resolve themselves, or None) and (a local wheel
+    to ship to them like thunderops' own, or None). Nodes cannot read any other local path: that is an error."""
+    if not spec:
+        return None, None
+    local = Path(re.sub(r"\[[^\]]*\]$", "", spec)).expanduser()  # a wheel path may carry [extras]
+    if local.exists():
+        if local.is_file() and local.suffix == ".whl":
+            return None, local.resolve()
+        raise ProvisionError(f"--pip-spec {spec} is a local path the nodes cannot read; give a wheel file (it is "
+                             "shipped to them), a package name or a git URL")
+    return spec, None
 
 
 def source_tree() -> Path | None:

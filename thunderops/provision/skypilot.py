@@ -227,13 +227,17 @@ class SkyPilotProvider(Provider):
         self.launch_timeout_s = launch_timeout_s
         self.cancel_grace_s = cancel_grace_s
         self._offers = offers
-        self.pip_spec = pip_spec
+        from thunderops.provision.package import resolve_pip_spec
+
+        self.pip_spec, self.wheel_file = resolve_pip_spec(pip_spec)
         self.max_attempts = max_attempts
         self.max_replans = max_replans
 
     def package(self, deployment: str) -> Path | None:
         """The thunderops wheel the deployment's nodes install (built once into its work directory), or None
         when `pip_spec` says what to install instead."""
+        if self.wheel_file is not None:
+            return self.wheel_file
         if self.pip_spec:
             return None
         from thunderops.provision.package import build_wheel
