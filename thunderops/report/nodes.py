@@ -1,6 +1,6 @@
 """What the state store says about a deployment's nodes: billed time per node, router usage, and losses.
 
-Preemptions and other losses come from the controller (thunderops/controller.py): a lost node has status
+Preemptions and other losses come from the controller (thunderops/controller/): a lost node has status
 `preempted` (or `failed`) and `terminated_at`; the `reschedule` event lists lost plan instances; `reprovision-start`
 maps each lost instance to its replacement instance and `reprovisioned` (same key) says when the replacement
 serves. Downtime runs from the loss to that moment (or the replacement's launch, or the window's end). Without
