@@ -17,6 +17,7 @@ import yaml
 from fakes.fake_sky import FakeSkyCloud
 from provision_helpers import cheapest, plan_of
 
+from thunderops.errors import ProvisionError
 from thunderops.provision.package import REMOTE_DIR, build_wheel, pip_spec_for, remote_path, wheel_name
 from thunderops.provision.skypilot import SkyPilotProvider
 from thunderops.provision.tasks import render
@@ -126,6 +127,23 @@ def test_pip_spec_naming_a_local_directory_is_one_line_exit_2(tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2
     assert "local path the nodes cannot read" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("spec,wheel", [("thunderops[serve]", False), ("thunderops==0.1", False),
+                                        ("thunderops[serve] @ git+https://github.com/example/thunderops@main", False),
+                                        ("{wheel}", True), ("{wheel}[serve]", True)])
+def test_pip_spec_is_a_path_only_when_it_looks_like_one(tmp_path, monkeypatch, spec, wheel):
+    from thunderops.provision.package import resolve_pip_spec
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "thunderops").mkdir()  # a directory named like the package must not turn the name into a path
+    whl = tmp_path / "dist" / "thunderops-1.0-py3-none-any.whl"
+    whl.parent.mkdir()
+    whl.write_bytes(b"PK")
+    req, shipped = resolve_pip_spec(spec.format(wheel="./dist/" + whl.name))
+    assert (shipped == whl.resolve()) if wheel else (req == spec and shipped is None)
+    with pytest.raises(ProvisionError, match="no such file"):
+        resolve_pip_spec("./dist/missing.whl")
 
 
 def test_dry_run_shows_the_wheel_mount_without_building_it(tmp_path, thunderops_home):

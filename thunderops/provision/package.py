@@ -49,12 +49,18 @@ def resolve_pip_spec(spec: str | None) -> tuple[str | None, Path | None]:
     to ship to them like thunderops' own, or None). Nodes cannot read any other local path: that is an error."""
     if not spec:
         return None, None
-    local = Path(re.sub(r"\[[^\]]*\]$", "", spec)).expanduser()  # a wheel path may carry [extras]
-    if local.exists():
+    bare = re.sub(r"\[[^\]]*\]$", "", spec)  # a wheel path may carry [extras]
+    # pip's reading: a path only when it looks like one ("thunderops[serve]" is a requirement even if ./thunderops
+    # happens to exist)
+    looks_local = "://" not in bare and ("/" in bare or bare.startswith((".", "~")) or
+                                         bare.endswith((".whl", ".tar.gz", ".zip")))
+    local = Path(bare).expanduser()
+    if looks_local:
         if local.is_file() and local.suffix == ".whl":
             return None, local.resolve()
-        raise ProvisionError(f"--pip-spec {spec} is a local path the nodes cannot read; give a wheel file (it is "
-                             "shipped to them), a package name or a git URL")
+        what = "no such file" if not local.exists() else "a local path the nodes cannot read"
+        raise ProvisionError(f"--pip-spec {spec}: {what}; give a wheel file (it is shipped to the nodes), a package "
+                             "name or a git URL")
     return spec, None
 
 
