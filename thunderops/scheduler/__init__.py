@@ -165,6 +165,12 @@ def solve(
             plans["hexgen"] = max([plans["hexgen"], *alts], key=lambda p: sim_key(p, rate))
         for p in plans.values():  # a baseline's plan is ours to take when it simulates better
             cands.append(replace(p, strategy="thunderops", inputs={**p.inputs, "found_by": p.strategy}))
+        for name, ev in base.items():  # ... and so is a baseline's plan plus what its unspent budget buys
+            start = h.prune(ev)
+            filled = tabu.fill(start, time.perf_counter())
+            if filled.state != start.state:
+                p = h.to_plan(filled, strategy="thunderops", inputs={**inputs, "found_by": f"{name}+fill"})
+                cands.append(with_sim(p, wl, slo, perf, rate, sim_requests, seed))
         ours = max(cands, key=lambda p: sim_key(p, rate))
     ours.inputs["baselines"] = {
         name: {"goodput_rps": p.predicted.goodput_rps, "cost_per_hour": p.cost_per_hour, "gpus": p.total_gpus}
