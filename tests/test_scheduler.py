@@ -323,7 +323,7 @@ def test_fill_spends_the_budget_left_on_a_useful_replica(lambda_offers):
     big = next(k for k, i in enumerate(pool) if i.gpu == "H100")
     start = h.evaluate(canon([(h.units_of[big][:1], "colocated")]))  # one replica on one H100: money left
     tabu = Tabu(h, SearchConfig(time_limit=30), seed=0)
-    filled = tabu.fill(start, time.perf_counter())
+    filled = tabu.fill(start, time.perf_counter() + 30)
     assert filled.goodput > start.goodput and filled.cost <= budget + 1e-9
     assert {pool[i].gpu for i in h.instances_of(filled.state)} == {"H100", "A10"}
     assert sum(pool[i].gpu == "A10" for i in h.instances_of(filled.state)) == 2

@@ -167,7 +167,7 @@ def solve(
             cands.append(replace(p, strategy="thunderops", inputs={**p.inputs, "found_by": p.strategy}))
         for name, ev in base.items():  # ... and so is a baseline's plan plus what its unspent budget buys
             start = h.prune(ev)
-            filled = tabu.fill(start, time.perf_counter())
+            filled = tabu.fill(start, t0 + cfg.time_limit)  # within the planning's time limit
             if filled.state != start.state:
                 p = h.to_plan(filled, strategy="thunderops", inputs={**inputs, "found_by": f"{name}+fill"})
                 cands.append(with_sim(p, wl, slo, perf, rate, sim_requests, seed))

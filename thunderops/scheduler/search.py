@@ -137,20 +137,26 @@ class Tabu:
         for key in self.template_keys:
             if key == exclude_template:
                 continue
-            idle = [i for i in self.templates[key] if i not in used]
-            if not idle:
-                continue
-            need = self.h.instances_per_replica(idle[0]) if copies else 1
-            price = self.h.pool[idle[0]].price_per_hour
-            if need is None or need > len(idle) or need * price > spend + 1e-9:
-                continue
-            keys.append(key)
-            picks.append(idle[:need])
-            weights.append(self.value[key])
+            pick = self._affordable(key, used, spend, copies)
+            if pick:
+                keys.append(key)
+                picks.append(pick)
+                weights.append(self.value[key])
         if not keys:
             return []
         w = np.asarray(weights) / sum(weights)
         return picks[int(self.rng.choice(len(keys), p=w))]
+
+    def _affordable(self, key: tuple, used: set[int], spend: float, copies: bool = True) -> list[int]:
+        """Idle instances of kind `key` worth renting with `spend` $/h: one, or with `copies` as many as one
+        replica needs; [] when there are too few or they cost too much."""
+        idle = [i for i in self.templates[key] if i not in used]
+        if not idle:
+            return []
+        need = self.h.instances_per_replica(idle[0]) if copies else 1
+        if need is None or need > len(idle) or need * self.h.pool[idle[0]].price_per_hour > spend + 1e-9:
+            return []
+        return idle[:need]
 
     def _template(self, i: int) -> tuple:
         inst = self.h.pool[i]
@@ -339,31 +345,31 @@ class Tabu:
                 best, stall = cur, 0
             else:
                 stall += 1
-        return self.fill(best, t0)
+        return self.fill(best, t0 + cfg.time_limit)
 
-    def fill(self, best: Evaluation, t0: float, exact: int = 4) -> Evaluation:
+    def fill(self, best: Evaluation, deadline: float, exact: int = 4) -> Evaluation:
         """Spend what the budget has left: add one more replica of whichever idle kind raises goodput most,
         repeated while it helps. Kinds that fit the money left are ranked by their replica's best capacity per $
         (one perf-model call per new composition, memoised), the best few evaluated with the routing LP. The
-        random "rent" move finds such fillers only by luck in a pool of thousands of instances."""
+        random "rent" move finds such fillers only by luck in a pool of thousands of instances. Stops by
+        `deadline` (a time.perf_counter() value)."""
         h = self.h
         if not self.cfg.procure or h.budget is None or h.rate is not None:
             return best
-        while time.perf_counter() - t0 < self.cfg.time_limit:
+        while time.perf_counter() < deadline:
             used = {u[0] for units, _ in best.state for u in units}
             spend = h.budget - best.cost
             ranked: dict[tuple, tuple[float, tuple]] = {}  # composition -> (capacity per $, units)
             for key in sorted(self.template_keys, key=lambda k: -self.value[k]):
-                if time.perf_counter() - t0 > self.cfg.time_limit:
+                if time.perf_counter() > deadline:
                     break
-                idle = [i for i in self.templates[key] if i not in used]
-                need = h.instances_per_replica(idle[0]) if idle else None
-                price = h.pool[idle[0]].price_per_hour if idle else 0.0
-                if need is None or need > len(idle) or need * price > spend + 1e-9:
+                insts = self._affordable(key, used, spend)
+                if not insts:
                     continue
-                units = tuple(u for i in idle[:need] for u in h.units_of[i])
+                units = tuple(u for i in insts for u in h.units_of[i])
                 comp = h.parts(units)[0]
-                per_dollar = max(h.config(units, ph).capacity for ph in self.phases) / max(need * price, 1e-6)
+                cost = sum(h.pool[i].price_per_hour for i in insts)
+                per_dollar = max(h.config(units, ph).capacity for ph in self.phases) / max(cost, 1e-6)
                 if per_dollar > 0 and per_dollar > ranked.get(comp, (0.0, ()))[0]:
                     ranked[comp] = (per_dollar, units)
             chosen = best
