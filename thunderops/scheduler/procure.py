@@ -29,7 +29,8 @@ MAX_REPLICA_NODES = 4
 NO_NODE_LIMIT = 64  # "no limit": the most nodes per replica the memory checks look at
 
 
-def min_nodes_for_replica(perf: PerfModel, gpu: str, gpus_per_node: int, max_nodes: int = 8) -> int | None:
+def min_nodes_for_replica(perf: PerfModel, gpu: str, gpus_per_node: int,
+                          max_nodes: int = MAX_REPLICA_NODES) -> int | None:
     """Fewest nodes of this kind that hold one replica (TP inside a node, PP across), or None."""
     spec = get_gpu(gpu)
     tps = [t for t in valid_tps(perf.model.heads, gpus_per_node) if gpus_per_node % t == 0]
