@@ -327,3 +327,61 @@ def test_fill_spends_the_budget_left_on_a_useful_replica(lambda_offers):
     assert filled.goodput > start.goodput and filled.cost <= budget + 1e-9
     assert {pool[i].gpu for i in h.instances_of(filled.state)} == {"H100", "A10"}
     assert sum(pool[i].gpu == "A10" for i in h.instances_of(filled.state)) == 2
+
+
+def _h200_harness(nodes: int):
+    from thunderops.scheduler.harness import Harness
+    from thunderops.scheduler.topology import Topology
+    from thunderops.workload import get_workload
+
+    inv = parse_inventory({"nodes": [{"name": f"n{i}", "gpu": "H200", "gpus": 8, "network_gbps": 400}
+                                     for i in range(nodes)]}, "test")
+    return Harness(list(inv.instances), PerfModel("llama-3.1-70b"), get_workload("coding"), SLO(2.0, 0.1, 0.9),
+                   Topology(dict(inv.links)))
+
+
+def test_group_parallelism_is_the_best_of_every_valid_tp():
+    """A whole 8-GPU node as one replica: the planner tries TP 8, 4, 2 and 1 (with 1, 2, 4, 8 pipeline stages)
+    and keeps the best per phase: deep pipelines for prefill, wider TP where decode latency needs it."""
+    from thunderops.scheduler.topology import intra_node_gbps
+    from thunderops.specs import get_gpu
+
+    h = _h200_harness(1)
+    units = tuple(u for us in h.units_of for u in us)
+    spec = get_gpu("H200")
+    for phase in ("prefill", "decode", "colocated"):
+        by_tp = {}
+        for tp in (8, 4, 2, 1):
+            layout = h.perf.split_layers([(spec, tp)] * (8 // tp), phase, intra_node_gbps(spec))
+            slo = h.parallel.prefill_slo if phase == "prefill" else h.slo
+            by_tp[tp] = h.perf.capacity(layout, phase, h.workload, slo) if layout is not None else 0.0
+        cfg = h.config(units, phase)
+        assert cfg.capacity == pytest.approx(max(by_tp.values()))
+        assert cfg.tps[0] == max(by_tp, key=by_tp.get)
+    assert h.config(units, "prefill").tps[0] < 4  # narrower than the two widest: what only a full search finds
+
+
+def test_distserve_sizes_prefill_and_decode_replicas_on_their_own():
+    """DistServe's placement: each phase's replica size is among the two with the most capacity per GPU for that
+    phase, chosen on its own; the units are split between n prefill replicas of one size and decode replicas of
+    another."""
+    from thunderops.scheduler.baselines import _per_phase_states, distserve
+
+    h = _h200_harness(4)
+    insts = list(range(len(h.pool)))
+    units = [u for i in insts for u in h.units_of[i]]
+    sizes = [k for k in (1, 2, 4, 8) if k <= len(units) - 1]
+    ranked = {ph: sorted(sizes, key=lambda k, ph=ph: -h.config(tuple(units[:k]), ph).capacity / k)[:2]
+              for ph in ("prefill", "decode")}
+    assert ranked["prefill"][0] != ranked["decode"][0]  # the case where one size for both phases would lose
+    states = _per_phase_states(h, insts, 1)
+    shapes = set()
+    for state in states:
+        by_phase = {ph: {len(g) for g, p in state if p == ph} for ph in ("prefill", "decode")}
+        assert len(by_phase["prefill"]) == 1 and len(by_phase["decode"]) == 1
+        shapes.add((by_phase["prefill"].pop(), by_phase["decode"].pop()))
+        assert sum(len(g) for g, _ in state) <= len(units)
+    assert (ranked["prefill"][0], ranked["decode"][0]) in shapes
+    assert {sp for sp, _ in shapes} <= set(ranked["prefill"]) and {sd for _, sd in shapes} <= set(ranked["decode"])
+    ev = distserve(h)
+    assert ev.goodput >= max(h.evaluate(s).goodput for s in states) - 1e-9

@@ -1,7 +1,9 @@
 """Baselines in the same harness as our search: same pool (offers or inventory), budget, perf model and LP.
 
 - `vllm`: the best single instance type, colocated replicas of uniform TP.
-- `distserve`: the best single instance type, phase-split (prefill and decode groups, best split by the LP).
+- `distserve`: the best single instance type, phase-split: as DistServe places replicas, each phase gets the replica
+  size and parallelism with the most goodput per GPU on its own, then the GPUs are split between prefill and decode
+  replicas (best split by the LP); also the greedy groups with the best phase cut.
 - `hexgen`: heterogeneous instances, colocated replicas with asymmetric parallelism (mixed-GPU pipelines),
   found by the same tabu search restricted to colocated groups.
 - `melange`: the heterogeneous mix that maximises capacity under the budget (or, with a target rate, the
@@ -14,7 +16,7 @@ import numpy as np
 from scipy.optimize import Bounds, LinearConstraint, milp
 
 from thunderops.scheduler.harness import Evaluation, Harness, State, canon
-from thunderops.scheduler.search import SearchConfig, Tabu, designate, fits_alone, greedy_groups
+from thunderops.scheduler.search import SearchConfig, Tabu, best_of, designate, fits_alone, greedy_groups
 from thunderops.specs import get_gpu
 
 BASELINES = ("vllm", "distserve", "hexgen", "melange")
@@ -100,7 +102,31 @@ def _homog_eval(h: Harness, insts: list[int], phase_split: bool) -> Evaluation |
     # DistServe is phase-split by design (colocated only when there is a single replica)
     evs = [designate(h, g, phase_split, require_split=True) if phase_split
            else h.evaluate(canon((u, "colocated") for u in g)) for g in options]
+    if phase_split and (states := _per_phase_states(h, insts, min(len(g) for g in groups))):
+        evs.append(best_of(h, states))
     return max(evs, key=lambda e: e.score)
+
+
+def _per_phase_states(h: Harness, insts: list[int], smallest: int, top: int = 2) -> list[State]:
+    """DistServe's placement on one GPU kind: the prefill replica and the decode replica each take a size (and
+    with it the TP/PP) among the `top` with the most capacity per GPU, chosen on their own; then every way of
+    splitting the units into n prefill replicas and as many decode replicas as the rest holds. `smallest`: units
+    the smallest replica needs; sizes double from it while a replica stays within the replica limit."""
+    units = [u for i in sorted(insts) for u in h.units_of[i]]
+    sizes, k = [], smallest
+    while k <= len(units) - smallest and h.allowed(((tuple(units[:k]), "prefill"),)):
+        sizes.append(k)
+        k *= 2
+    ranked = {ph: sorted(sizes, key=lambda k, ph=ph: -h.config(tuple(units[:k]), ph).capacity / k)[:top]
+              for ph in ("prefill", "decode")}
+    states = []
+    for sp in ranked["prefill"]:
+        for sd in ranked["decode"]:
+            for n_p in range(1, (len(units) - sd) // sp + 1):
+                rest = units[n_p * sp:]
+                states.append(canon([(tuple(units[a * sp:(a + 1) * sp]), "prefill") for a in range(n_p)]
+                                    + [(tuple(rest[b * sd:(b + 1) * sd]), "decode") for b in range(len(rest) // sd)]))
+    return states
 
 
 def vllm(h: Harness) -> Evaluation | None:

@@ -79,8 +79,11 @@ class ParallelPlanner:
     def best(self, parts: tuple[tuple[str, int], ...], pp_link_gbps: float, phase: str) -> GroupConfig:
         self.evaluations += 1
         specs: list[GpuSpec] = [get_gpu(g) for g, _ in parts]
-        # the widest TP common to all instances, and the next narrower (more pipeline stages)
-        combos = [(t,) * len(parts) for t in self.group_tps(tuple(n for _, n in parts))]
+        # every TP common to all instances, widest first: narrower TP means more pipeline stages, which serves
+        # prefill best (no all-reduce), wider TP serves latency-bound decode best
+        counts = tuple(n for _, n in parts)
+        combos = [(t,) * len(parts) for t in sorted((t for t in valid_tps(self.perf.model.heads, min(counts))
+                                                      if all(n % t == 0 for n in counts)), reverse=True)]
         best = GroupConfig(phase, 0.0, None, ())
         slo = self.prefill_slo if phase == "prefill" else self.slo
         # stages inside one instance hop over its GPU link; across instances over the network
