@@ -372,3 +372,18 @@ def test_goodput_is_not_fooled_by_short_bursts():
     long = goodput(plan, wl, SLO_, n=2500, perf=perf)
     assert short == pytest.approx(long, rel=0.1)
     assert goodput(plan, wl, SLO_, n=100, perf=perf, min_duration_s=0) > 2 * long  # what the guard prevents
+
+
+def test_perf_model_ranks_prefill_pipelines_like_the_simulator():
+    """One 8-GPU node as a prefill replica, TP8 down to TP1 x 8 stages: a batch of prompts leaves a pipeline only
+    after every stage, so deep pipelines pay for their batches in TTFT. The perf model must see that: its pick
+    must be (within noise) the simulator's best, and every layout within 15 % of the simulator."""
+    wl, slo = get_workload("coding"), SLO(2.0, 0.1, 0.9)
+    model, sim = {}, {}
+    for tp, pp in ((8, 1), (4, 2), (2, 4), (1, 8)):
+        plan = homogeneous_plan("Llama-3.1-70B", "H200", prefill=(1, tp), decode=(2, tp), pp=pp)
+        perf = PerfModel(plan.model)
+        model[tp] = perf.capacity(layout_of(plan, plan.groups[0], perf), "prefill", wl, slo)
+        sim[tp] = goodput(plan, wl, slo, perf=perf)
+        assert model[tp] == pytest.approx(sim[tp], rel=0.15), (tp, model[tp], sim[tp])
+    assert sim[max(model, key=model.get)] >= 0.95 * max(sim.values())
