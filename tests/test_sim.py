@@ -374,16 +374,15 @@ def test_goodput_is_not_fooled_by_short_bursts():
     assert goodput(plan, wl, SLO_, n=100, perf=perf, min_duration_s=0) > 2 * long  # what the guard prevents
 
 
-def test_perf_model_ranks_prefill_pipelines_like_the_simulator():
-    """One 8-GPU node as a prefill replica, TP8 down to TP1 x 8 stages: a batch of prompts leaves a pipeline only
-    after every stage, so deep pipelines pay for their batches in TTFT. The perf model must see that: its pick
-    must be (within noise) the simulator's best, and every layout within 15 % of the simulator."""
+def test_perf_model_rates_prefill_pipelines_like_the_simulator():
+    """One 8-GPU node as a prefill replica, TP8 down to TP1 x 8 stages (and two nodes, TP1 x 16), on a network
+    fast enough that KV transfers do not queue (the routing LP bounds those, not the replica's capacity): the
+    perf model's capacity within 10 % of the simulator at every depth, so the search ranks them alike."""
     wl, slo = get_workload("coding"), SLO(2.0, 0.1, 0.9)
     model, sim = {}, {}
-    for tp, pp in ((8, 1), (4, 2), (2, 4), (1, 8)):
-        plan = homogeneous_plan("Llama-3.1-70B", "H200", prefill=(1, tp), decode=(2, tp), pp=pp)
+    for tp, pp in ((8, 1), (4, 2), (2, 4), (1, 8), (1, 16)):
+        plan = homogeneous_plan("Llama-3.1-70B", "H200", prefill=(1, tp), decode=(3, 2), pp=pp, network_gbps=400)
         perf = PerfModel(plan.model)
-        model[tp] = perf.capacity(layout_of(plan, plan.groups[0], perf), "prefill", wl, slo)
-        sim[tp] = goodput(plan, wl, slo, perf=perf)
-        assert model[tp] == pytest.approx(sim[tp], rel=0.15), (tp, model[tp], sim[tp])
-    assert sim[max(model, key=model.get)] >= 0.95 * max(sim.values())
+        model[tp, pp] = perf.capacity(layout_of(plan, plan.groups[0], perf), "prefill", wl, slo)
+        sim[tp, pp] = goodput(plan, wl, slo, perf=perf)
+        assert model[tp, pp] == pytest.approx(sim[tp, pp], rel=0.10), (tp, pp, model[tp, pp], sim[tp, pp])

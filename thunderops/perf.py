@@ -642,40 +642,11 @@ class PerfModel:
         miss = 1.0 - slo.attainment
         if float(np.mean(latency > slo.ttft_s)) > miss:
             return 0.0
-        batch_extra = self._prefill_batching(layout, es, es2, workload)
 
         def ok(lam: float) -> bool:
-            return lam * es < 1 and \
-                mg1_miss_probability(lam, es, es2, latency + batch_extra(lam), slo.ttft_s) <= miss
+            return lam * es < 1 and mg1_miss_probability(lam, es, es2, latency, slo.ttft_s) <= miss
 
         return _max_rate(ok, 1.0 / es)
-
-    def _prefill_batching(self, layout: Layout, es: float, es2: float, workload: Workload):
-        """Extra latency (s) a prompt pays, at rate lam, for the other prompts in its batch. An engine batches
-        the prompts queued when the slowest stage frees (up to its token budget), and a batch leaves the last
-        stage only when all of it has passed every stage: with `pp` stages each prompt of the batch costs its
-        members about pp intervals, where the per-prompt M/G/1 wait counts one interval for those ahead. Batch:
-        1 + the Pollaczek-Khinchine mean queue; latency linear in the batch's tokens."""
-        mean = self._stats(workload).mean_prompt
-        budget = float(self.batch_limits(layout)[0])
-        if budget <= mean:
-            return lambda lam: 0.0
-        big, one = prefill_work([int(budget)]), prefill_work([max(1, int(round(mean)))])
-        per_token_interval = (self.interval_time(layout, big) - self.interval_time(layout, one)) / (budget - mean)
-        per_token_latency = (self.pass_time(layout, big) - self.pass_time(layout, one)) / (budget - mean)
-        # others behind it in the batch cost the full latency; those ahead, the latency minus the interval
-        # their wait already counted
-        per_other = mean * (per_token_latency - per_token_interval / 2)
-        most = budget / mean
-
-        def extra(lam: float) -> float:
-            rho = lam * es
-            if rho >= 1:
-                return math.inf
-            b = min(most, 1.0 + lam * lam * es2 / (2 * (1 - rho)))
-            return (b - 1) * per_other
-
-        return extra
 
     def _decode_tpot(self, layout: Layout, n: float, ctx: float) -> float:
         return self.decode_step_time(layout, max(1, int(math.ceil(n))), int(n * ctx))
