@@ -386,3 +386,16 @@ def test_perf_model_rates_prefill_pipelines_like_the_simulator():
         model[tp, pp] = perf.capacity(layout_of(plan, plan.groups[0], perf), "prefill", wl, slo)
         sim[tp, pp] = goodput(plan, wl, slo, perf=perf)
         assert model[tp, pp] == pytest.approx(sim[tp, pp], rel=0.10), (tp, pp, model[tp, pp], sim[tp, pp])
+
+
+def test_perf_model_counts_batch_mates_in_deep_prefill_pipelines_under_a_tight_ttft():
+    """Under a tight TTFT the prompts batched with a request matter: a batch leaves a pipeline only after all of
+    it has passed every stage. Without that term the model rated B200 TP1 x 8 and TP2 x 8 prefill pipelines 1.3-1.9x
+    over the simulator at a 0.42 s TTFT; the term keeps them within 0.85-1.65x (a known, documented limit)."""
+    wl, slo = get_workload("conversation"), SLO(0.417, 1.0, 0.9)
+    for tp, pp in ((1, 8), (2, 8), (8, 1)):
+        plan = homogeneous_plan("Llama-3.1-70B", "B200", prefill=(1, tp), decode=(3, 2), pp=pp, network_gbps=3200)
+        perf = PerfModel(plan.model)
+        model = perf.capacity(layout_of(plan, plan.groups[0], perf), "prefill", wl, slo)
+        sim = goodput(plan, wl, slo, perf=perf)
+        assert 0.85 * sim <= model <= 1.65 * sim, (tp, pp, model, sim)

@@ -642,11 +642,24 @@ class PerfModel:
         miss = 1.0 - slo.attainment
         if float(np.mean(latency > slo.ttft_s)) > miss:
             return 0.0
+        per_mate = self._batch_mate_latency(layout, workload)
 
         def ok(lam: float) -> bool:
-            return lam * es < 1 and mg1_miss_probability(lam, es, es2, latency, slo.ttft_s) <= miss
+            rho = lam * es
+            return rho < 1 and mg1_miss_probability(lam, es, es2, latency + rho * per_mate, slo.ttft_s) <= miss
 
         return _max_rate(ok, 1.0 / es)
+
+    def _batch_mate_latency(self, layout: Layout, workload: Workload) -> float:
+        """What one more mean prompt in a prompt's batch adds to its latency beyond the interval the queue
+        already counts. A batch leaves a `pp`-stage pipeline only after all of it has passed every stage, so a
+        batch-mate costs about pp - 1 extra intervals (0 without PP). Besides the prompt, the batch holds the
+        prompts that arrived while the one before it passed the slowest stage: rho on average."""
+        if layout.pp == 1:
+            return 0.0
+        mean = max(1, int(round(self._stats(workload).mean_prompt)))
+        one = prefill_work([mean])
+        return self.pass_time(layout, one) - self.interval_time(layout, one)
 
     def _decode_tpot(self, layout: Layout, n: float, ctx: float) -> float:
         return self.decode_step_time(layout, max(1, int(math.ceil(n))), int(n * ctx))
