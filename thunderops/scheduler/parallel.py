@@ -49,17 +49,13 @@ class ParallelPlanner:
         self._memo: dict[tuple, dict[str, GroupConfig]] = {}
         self.evaluations = 0
 
-    def stage_options(self, gpus: int) -> list[int]:
-        """TP choices for an instance contributing `gpus` GPUs: the widest valid TP that divides it (one stage
-        per TP block), and the next narrower (more pipeline stages, less all-reduce over slow links)."""
-        return self.group_tps((gpus,))
-
     def group_tps(self, counts: tuple[int, ...]) -> list[int]:
-        """TP choices for a whole group whose instances contribute `counts` GPUs: vLLM needs one TP degree in
-        every pipeline stage, so a TP must divide every instance's share (and the heads); the widest such TP
-        and the next narrower."""
+        """TP choices for a whole group whose instances contribute `counts` GPUs, widest first: vLLM needs one
+        TP degree in every pipeline stage, so a TP must divide every instance's share (and the heads). Narrower
+        TP means more pipeline stages, which serves prefill best (no all-reduce); wider TP serves latency-bound
+        decode best."""
         opts = [t for t in valid_tps(self.perf.model.heads, min(counts)) if all(n % t == 0 for n in counts)]
-        return sorted(opts, reverse=True)[:2]
+        return sorted(opts, reverse=True)
 
     def configs(self, parts: tuple[tuple[str, int], ...], pp_link_gbps: float) -> PhaseConfigs:
         """parts: (GPU name, GPUs) per instance, in pipeline order; pp_link_gbps: slowest link between them.
@@ -79,11 +75,7 @@ class ParallelPlanner:
     def best(self, parts: tuple[tuple[str, int], ...], pp_link_gbps: float, phase: str) -> GroupConfig:
         self.evaluations += 1
         specs: list[GpuSpec] = [get_gpu(g) for g, _ in parts]
-        # every TP common to all instances, widest first: narrower TP means more pipeline stages, which serves
-        # prefill best (no all-reduce), wider TP serves latency-bound decode best
-        counts = tuple(n for _, n in parts)
-        combos = [(t,) * len(parts) for t in sorted((t for t in valid_tps(self.perf.model.heads, min(counts))
-                                                      if all(n % t == 0 for n in counts)), reverse=True)]
+        combos = [(t,) * len(parts) for t in self.group_tps(tuple(n for _, n in parts))]
         best = GroupConfig(phase, 0.0, None, ())
         slo = self.prefill_slo if phase == "prefill" else self.slo
         # stages inside one instance hop over its GPU link; across instances over the network
