@@ -374,18 +374,23 @@ def test_goodput_is_not_fooled_by_short_bursts():
     assert goodput(plan, wl, SLO_, n=100, perf=perf, min_duration_s=0) > 2 * long  # what the guard prevents
 
 
+def prefill_model_and_sim(gpu: str, tp: int, pp: int, wl: Workload, slo: SLO, gbps: float) -> tuple[float, float]:
+    """A Llama-3.1-70B prefill replica of `pp` stages at TP `tp` (three TP2 decode replicas behind it): the perf
+    model's capacity and the simulator's goodput."""
+    plan = homogeneous_plan("Llama-3.1-70B", gpu, prefill=(1, tp), decode=(3, 2), pp=pp, network_gbps=gbps)
+    perf = PerfModel(plan.model)
+    return (perf.capacity(layout_of(plan, plan.groups[0], perf), "prefill", wl, slo),
+            goodput(plan, wl, slo, perf=perf))
+
+
 def test_perf_model_rates_prefill_pipelines_like_the_simulator():
     """One 8-GPU node as a prefill replica, TP8 down to TP1 x 8 stages (and two nodes, TP1 x 16), on a network
     fast enough that KV transfers do not queue (the routing LP bounds those, not the replica's capacity): the
     perf model's capacity within 10 % of the simulator at every depth, so the search ranks them alike."""
     wl, slo = get_workload("coding"), SLO(2.0, 0.1, 0.9)
-    model, sim = {}, {}
     for tp, pp in ((8, 1), (4, 2), (2, 4), (1, 8), (1, 16)):
-        plan = homogeneous_plan("Llama-3.1-70B", "H200", prefill=(1, tp), decode=(3, 2), pp=pp, network_gbps=400)
-        perf = PerfModel(plan.model)
-        model[tp, pp] = perf.capacity(layout_of(plan, plan.groups[0], perf), "prefill", wl, slo)
-        sim[tp, pp] = goodput(plan, wl, slo, perf=perf)
-        assert model[tp, pp] == pytest.approx(sim[tp, pp], rel=0.10), (tp, pp, model[tp, pp], sim[tp, pp])
+        model, sim = prefill_model_and_sim("H200", tp, pp, wl, slo, 400)
+        assert model == pytest.approx(sim, rel=0.10), (tp, pp, model, sim)
 
 
 def test_perf_model_counts_batch_mates_in_deep_prefill_pipelines_under_a_tight_ttft():
@@ -394,8 +399,5 @@ def test_perf_model_counts_batch_mates_in_deep_prefill_pipelines_under_a_tight_t
     over the simulator at a 0.42 s TTFT; the term keeps them within 0.85-1.65x (a known, documented limit)."""
     wl, slo = get_workload("conversation"), SLO(0.417, 1.0, 0.9)
     for tp, pp in ((1, 8), (2, 8), (8, 1)):
-        plan = homogeneous_plan("Llama-3.1-70B", "B200", prefill=(1, tp), decode=(3, 2), pp=pp, network_gbps=3200)
-        perf = PerfModel(plan.model)
-        model = perf.capacity(layout_of(plan, plan.groups[0], perf), "prefill", wl, slo)
-        sim = goodput(plan, wl, slo, perf=perf)
+        model, sim = prefill_model_and_sim("B200", tp, pp, wl, slo, 3200)
         assert 0.85 * sim <= model <= 1.65 * sim, (tp, pp, model, sim)
