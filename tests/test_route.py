@@ -54,6 +54,20 @@ def test_pair_specific_prefill_capacity():
     assert s.raw[0, 1] == pytest.approx(3.0)
 
 
+def test_pairs_crossing_one_link_share_it():
+    # one prefill, two decode replicas on the same node: both pairs cross the same 4 req/s link
+    apart = solve(prob([10.0], [5.0, 5.0], link_raw=[[4.0, 4.0]]))
+    assert apart.total == pytest.approx(8.0)
+    shared = solve(prob([10.0], [5.0, 5.0], link_raw=[[4.0, 4.0]], link_id=np.array([[0, 0]])))
+    assert shared.total == pytest.approx(4.0)
+    # a pair on another link is not held back by the shared one
+    mixed = solve(prob([10.0, 10.0], [5.0, 5.0, 5.0], link_raw=np.full((2, 3), 4.0),
+                       link_id=np.array([[0, 0, 1], [2, 2, 1]])))
+    assert mixed.total == pytest.approx(4.0 + 4.0 + 4.0)  # links 0, 2 and 1, each full
+    assert balance(prob([10.0], [5.0, 5.0], link_raw=[[4.0, 4.0]], link_id=np.array([[0, 0]])), 3.0).total \
+        == pytest.approx(3.0)
+
+
 def test_no_pairs_no_colocated_is_zero():
     s = solve(prob([2.0], []))
     assert s.total == 0.0

@@ -31,6 +31,10 @@ State = tuple[GroupT, ...]
 
 KV_COMPRESSION = 0.25  # 4-bit KV for transfer only (ThunderServe): a quarter of the bf16 bytes
 TTFT_STEPS = 10  # the TTFT left after a KV transfer is rounded down to 1/TTFT_STEPS of the target (memo key)
+# Concurrent KV transfers share a link (processor sharing): at utilisation u a transfer takes 1 / (1 - u) times
+# as long. A route loads its link to the u of these that serves it best (more u: more requests/s over the link,
+# less TTFT left to prefill in).
+LINK_UTILISATIONS = (0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95)
 
 
 def canon(groups: Iterable[tuple[Iterable[Unit], str]]) -> State:
@@ -79,7 +83,8 @@ class Harness:
         self._holds_memo: dict[tuple[str, int], bool] = {}
         self.unit_alone = [self._holds((inst.gpu, self.unit_gpus[k])) for k, inst in enumerate(pool)]
         self._bw: dict[tuple[int, int], float] = {}
-        self._pair: dict[tuple[tuple[int, ...], tuple[int, ...]], tuple[float, float]] = {}
+        self._pair: dict[tuple[tuple[int, ...], tuple[int, ...]], tuple] = {}
+        self._route: dict[tuple, tuple[float, float]] = {}
         self.mean_prompt = workload.mean_prompt
         self.q_prompt = workload.percentile("prompt", slo.attainment * 100)
         self.evaluations = 0
@@ -182,25 +187,41 @@ class Harness:
             v = self._bw[key] = self.topo.gbps(self.pool[a], self.pool[b])
         return v
 
-    def pair_links(self, src: tuple[int, ...], dst: tuple[int, ...]) -> tuple[float, float, float, float]:
-        """KV transfer between two groups: requests/s the link carries raw and compressed, and the transfer
-        time of a prompt at the attainment quantile, raw and compressed. The slowest instance pair bounds it
-        (every stage's KV crosses some such pair). Compression is pointless without a network hop."""
+    def pair_links(self, src: tuple[int, ...], dst: tuple[int, ...]) -> tuple[tuple[int, int], float, float,
+                                                                            float, float]:
+        """KV transfer between two groups: the link (the slowest instance pair: every stage's KV crosses some
+        such pair; pairs of groups crossing the same one share it), the requests/s it carries when fully busy
+        with raw and with compressed KV, and a prompt's transfer time at the attainment quantile, raw and
+        compressed (0 requests/s: no compression without a network hop)."""
         key = (src, dst)
         hit = self._pair.get(key)
         if hit is not None:
             return hit
-        bw = min(self.gbps(a, b) for a in src for b in dst)
+        bw, link = min((self.gbps(a, b), tuple(sorted((a, b)))) for a in src for b in dst)
         mean = max(1, int(self.mean_prompt))
         t_raw = self.perf.kv_transfer_time(int(self.q_prompt), bw, 1.0)
         cap_raw = 1.0 / self.perf.kv_transfer_time(mean, bw, 1.0)
         if set(src) == set(dst):
-            out = (cap_raw, 0.0, t_raw, float("inf"))
+            out = (link, cap_raw, 0.0, t_raw, float("inf"))
         else:
-            out = (cap_raw, 1.0 / self.perf.kv_transfer_time(mean, bw, KV_COMPRESSION), t_raw,
+            out = (link, cap_raw, 1.0 / self.perf.kv_transfer_time(mean, bw, KV_COMPRESSION), t_raw,
                    self.perf.kv_transfer_time(int(self.q_prompt), bw, KV_COMPRESSION))
         self._pair[key] = out
         return out
+
+    def kv_route(self, units: tuple[Unit, ...], link_rate: float, transfer_s: float) -> tuple[float, float]:
+        """For a prefill group sending KV over a link that carries `link_rate` requests/s when fully busy, each
+        taking `transfer_s` alone: (requests/s the route may put on the link, the prefill group's capacity for
+        them), at the link utilisation of LINK_UTILISATIONS that serves the most."""
+        if link_rate <= 0:
+            return 0.0, 0.0
+        key = (units, link_rate, transfer_s)
+        hit = self._route.get(key)
+        if hit is None:
+            options = [(u * link_rate, self.prefill_capacity(units, transfer_s / (1 - u)))
+                       for u in LINK_UTILISATIONS]
+            hit = self._route[key] = max(options, key=lambda o: (min(o), o))
+        return hit
 
     def prefill_capacity(self, units: tuple[Unit, ...], transfer_s: float) -> float:
         """Prefill capacity (requests/s) when each request's KV transfer takes `transfer_s` of the TTFT target."""
@@ -230,17 +251,20 @@ class Harness:
         P, D = roles["prefill"], roles["decode"]
         raw, comp = np.zeros((len(P), len(D))), np.zeros((len(P), len(D)))
         pre_raw, pre_comp = np.zeros((len(P), len(D))), np.zeros((len(P), len(D)))
+        link_id = np.zeros((len(P), len(D)), dtype=int)
+        links: dict[tuple[int, int], int] = {}
         for a, i in enumerate(P):
             if configs[i].capacity <= 0:
                 continue
             for b, j in enumerate(D):
                 if configs[j].capacity > 0:
-                    raw[a, b], comp[a, b], t_raw, t_comp = self.pair_links(insts[i], insts[j])
-                    pre_raw[a, b] = self.prefill_capacity(state[i][0], t_raw)
-                    pre_comp[a, b] = self.prefill_capacity(state[i][0], t_comp) if comp[a, b] > 0 else 0.0
+                    link, rate_raw, rate_comp, t_raw, t_comp = self.pair_links(insts[i], insts[j])
+                    link_id[a, b] = links.setdefault(link, len(links))
+                    raw[a, b], pre_raw[a, b] = self.kv_route(state[i][0], rate_raw, t_raw)
+                    comp[a, b], pre_comp[a, b] = self.kv_route(state[i][0], rate_comp, t_comp)
         prob = lp.RouteProblem(
             np.array([configs[i].capacity for i in P]), np.array([configs[j].capacity for j in D]),
-            np.array([configs[c].capacity for c in roles["colocated"]]), raw, comp, pre_raw, pre_comp)
+            np.array([configs[c].capacity for c in roles["colocated"]]), raw, comp, pre_raw, pre_comp, link_id)
         return prob, configs, dict(roles)
 
     def bound(self, state: State) -> float:

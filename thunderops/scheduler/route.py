@@ -1,8 +1,8 @@
 """The routing (orchestration) LP: how many requests/s go from each prefill replica to each decode replica.
 
 Variables per prefill/decode pair: `raw` (full-precision KV transfer) and `comp` (KV compressed for transfer,
-e.g. 4-bit). Constraints: a replica's routed load stays within its capacity, and a pair's KV traffic within its
-link (raw and compressed requests share the link at their byte cost). Colocated replicas serve whole requests.
+e.g. 4-bit). Constraints: a replica's routed load stays within its capacity, and the KV traffic of the pairs
+that cross one network link within that link (raw and compressed requests share it at their byte cost). Colocated replicas serve whole requests.
 Solved with scipy's HiGHS. A second LP (`balance`) spreads a given rate so that the busiest replica is as idle as
 possible, which is how the plan's routing fractions are chosen.
 """
@@ -26,7 +26,9 @@ class RouteProblem:
     compressed KV; 0 forbids that kind of transfer (e.g. too slow for the TTFT SLO).
     Optional `prefill_raw[i, j]` / `prefill_comp[i, j]`: prefill i's capacity for requests whose KV then goes
     to j that way (the transfer eats into the TTFT budget, so slower links leave less time to prefill);
-    default: `prefill[i]` for every pair."""
+    default: `prefill[i]` for every pair.
+    Optional `link_id[i, j]`: pairs with the same id cross the same network link and share it (each pair's use
+    counted against its own `link_raw`/`link_comp` rate); default: every pair its own link."""
 
     prefill: np.ndarray
     decode: np.ndarray
@@ -35,6 +37,7 @@ class RouteProblem:
     link_comp: np.ndarray
     prefill_raw: np.ndarray | None = None
     prefill_comp: np.ndarray | None = None
+    link_id: np.ndarray | None = None
 
     def pair_prefill(self) -> tuple[np.ndarray, np.ndarray]:
         base = np.broadcast_to(np.asarray(self.prefill, float)[:, None], (len(self.prefill), len(self.decode)))
@@ -95,12 +98,16 @@ def _constraints(prob: RouteProblem, ii: np.ndarray, jj: np.ndarray, extra_col: 
     vals.append(np.ones(C))
     cap_rows += [(r + c, prob.colocated[c]) for c in range(C)]
     r += C
-    # link (i, j): raw / Lraw + comp / Lcomp <= 1
-    rows += [k[has_r] + r, k[has_c] + r]
+    # link l: sum over the pairs crossing it of raw / Lraw + comp / Lcomp <= 1
+    if prob.link_id is None or not n:
+        link = k
+    else:
+        link = np.unique(np.asarray(prob.link_id)[ii, jj], return_inverse=True)[1].reshape(-1)
+    rows += [link[has_r] + r, link[has_c] + r]
     cols += [k[has_r], k[has_c] + n]
     vals += [1.0 / lr[has_r], 1.0 / lc[has_c]]
     link_rows = r
-    r += n
+    r += int(link.max()) + 1 if n else 0
     b = np.zeros(r)
     for row, cap in cap_rows:
         b[row] = cap
