@@ -391,16 +391,14 @@ def test_routes_over_one_slow_link_share_it_and_leave_queueing_room():
     """A prefill node sends KV to two decode replicas on another node over one 10 Gbps link. The routing LP
     counts both routes against that one link, loads it below saturation (concurrent transfers share it and
     slow down), and the plan's predicted goodput holds up in the simulator."""
-    from thunderops.scheduler.harness import LINK_UTILISATIONS, canon
+    from thunderops.scheduler.harness import LINK_UTILISATIONS, Harness, canon
+    from thunderops.scheduler.topology import Topology
     from thunderops.sim import goodput
+    from thunderops.workload import get_workload
 
     inv = parse_inventory({"nodes": [{"name": f"n{i}", "gpu": "H200", "gpus": 8, "network_gbps": 400}
                                      for i in range(2)],
                            "links": [{"a": "n0", "b": "n1", "gbps": 10}]}, "test")
-    from thunderops.scheduler.harness import Harness
-    from thunderops.scheduler.topology import Topology
-    from thunderops.workload import get_workload
-
     wl, slo = get_workload("conversation"), SLO(2.0, 0.1, 0.9)
     h = Harness(list(inv.instances), PerfModel("llama-3.1-70b"), wl, slo, Topology(dict(inv.links)))
     n0, n1 = h.units_of

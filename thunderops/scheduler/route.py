@@ -2,7 +2,8 @@
 
 Variables per prefill/decode pair: `raw` (full-precision KV transfer) and `comp` (KV compressed for transfer,
 e.g. 4-bit). Constraints: a replica's routed load stays within its capacity, and the KV traffic of the pairs
-that cross one network link within that link (raw and compressed requests share it at their byte cost). Colocated replicas serve whole requests.
+that cross one network link within that link (raw and compressed requests share it at their byte cost).
+Colocated replicas serve whole requests.
 Solved with scipy's HiGHS. A second LP (`balance`) spreads a given rate so that the busiest replica is as idle as
 possible, which is how the plan's routing fractions are chosen.
 """
