@@ -54,18 +54,41 @@ def test_pair_specific_prefill_capacity():
     assert s.raw[0, 1] == pytest.approx(3.0)
 
 
+def links(ids) -> tuple:
+    """COO shares for pairs on links given by id (weight 1 each)."""
+    ids = np.asarray(ids)
+    i, j = np.indices(ids.shape)
+    return ids.ravel(), i.ravel(), j.ravel(), np.ones(ids.size)
+
+
 def test_pairs_crossing_one_link_share_it():
     # one prefill, two decode replicas on the same node: both pairs cross the same 4 req/s link
     apart = solve(prob([10.0], [5.0, 5.0], link_raw=[[4.0, 4.0]]))
     assert apart.total == pytest.approx(8.0)
-    shared = solve(prob([10.0], [5.0, 5.0], link_raw=[[4.0, 4.0]], link_id=np.array([[0, 0]])))
+    shared = solve(prob([10.0], [5.0, 5.0], link_raw=[[4.0, 4.0]], shares=links([[0, 0]])))
     assert shared.total == pytest.approx(4.0)
     # a pair on another link is not held back by the shared one
     mixed = solve(prob([10.0, 10.0], [5.0, 5.0, 5.0], link_raw=np.full((2, 3), 4.0),
-                       link_id=np.array([[0, 0, 1], [2, 2, 1]])))
+                       shares=links([[0, 0, 1], [2, 2, 1]])))
     assert mixed.total == pytest.approx(4.0 + 4.0 + 4.0)  # links 0, 2 and 1, each full
-    assert balance(prob([10.0], [5.0, 5.0], link_raw=[[4.0, 4.0]], link_id=np.array([[0, 0]])), 3.0).total \
+    assert balance(prob([10.0], [5.0, 5.0], link_raw=[[4.0, 4.0]], shares=links([[0, 0]])), 3.0).total \
         == pytest.approx(3.0)
+
+
+def test_a_nic_caps_the_links_through_it():
+    # one prefill node sending to two decode nodes over two 4 req/s links: its NIC is shared by both
+    two_links = links([[0, 1]])
+    nic = (np.array([2, 2]), np.array([0, 0]), np.array([0, 1]))
+    same = tuple(np.concatenate([a, b]) for a, b in zip(two_links, (*nic, np.array([1.0, 1.0])), strict=True))
+    assert solve(prob([10.0], [5.0, 5.0], link_raw=[[4.0, 4.0]], shares=same)).total == pytest.approx(4.0)
+    # a NIC of 1.5x the link speed: each link loads it by 2/3 of its own use
+    wide = tuple(np.concatenate([a, b]) for a, b in zip(two_links, (*nic, np.full(2, 1 / 1.5)), strict=True))
+    s = solve(prob([10.0], [5.0, 5.0], link_raw=[[4.0, 4.0]], shares=wide))
+    assert s.total == pytest.approx(6.0)
+    assert s.raw.max() <= 4.0 + 1e-9  # and neither link beyond its own rate
+    # compressed KV loads the NIC less: raw 4 req/s or 4-bit 16 req/s per link, NIC as fast as a link
+    comp = solve(prob([20.0], [10.0, 10.0], link_raw=[[4.0, 4.0]], link_comp=[[16.0, 16.0]], shares=same))
+    assert comp.total == pytest.approx(16.0)
 
 
 def test_no_pairs_no_colocated_is_zero():

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from dataclasses import replace
 
 import pytest
 from typer.testing import CliRunner
@@ -13,7 +14,7 @@ from thunderops.catalog import load_offers
 from thunderops.cli import app
 from thunderops.errors import PlanError, UserError
 from thunderops.perf import PerfModel, layout_of
-from thunderops.plan import SLO, Plan
+from thunderops.plan import SLO, Instance, Plan
 from thunderops.scheduler import SearchConfig, solve
 from thunderops.scheduler.inventory import load_inventory, parse_inventory
 from thunderops.scheduler.reschedule import finalize, reschedule
@@ -73,6 +74,29 @@ def test_offers_plan_within_budget_and_memory(lambda_offers):
         check_plan(b, 6.0) if b.predicted.goodput_rps > 0 else None
         assert res.plan.predicted.goodput_rps >= b.predicted.goodput_rps - 1e-6, name
     Plan.from_json(res.plan.to_json())  # round-trips
+
+
+def test_time_limit_covers_the_simulator_check(lambda_offers, monkeypatch):
+    """The baselines' plans are simulated before the search (their cost is measured and kept out of the
+    search's time), and no plan is simulated twice (a finalist that is a baseline's plan reuses its run)."""
+    import thunderops.scheduler.check as sched
+
+    simulated: list[tuple] = []
+    real = sched.with_sim
+
+    def counting(plan, *a, **kw):
+        simulated.append(tuple((g.phase, tuple((s.instance, tuple(s.gpu_ids)) for s in g.stages))
+                               for g in plan.groups))
+        return real(plan, *a, **kw)
+
+    monkeypatch.setattr(sched, "with_sim", counting)
+    messages: list[str] = []
+    res = solve(6.0, "llama-3.1-8b", "conversation", offers=lambda_offers, search=FAST,
+                progress=lambda f, msg: messages.append(msg))
+    first_iteration = next(k for k, m in enumerate(messages) if m.startswith("iteration"))
+    assert any("baselines' plans" in m for m in messages[:first_iteration])
+    assert len(simulated) == len(set(simulated)) >= len(res.baselines)
+    assert res.plan.predicted.method == "sim"
 
 
 def test_target_rate_finds_cheaper_plan(lambda_offers):
@@ -184,6 +208,17 @@ def test_bandwidth_file_formats(tmp_path):
     bad.write_text("src,dst,gbps\na,b,-1\n")
     with pytest.raises(UserError):
         load_bandwidth(bad)
+
+
+def test_nic_speed_from_catalog_or_fastest_measured_link():
+    from thunderops.scheduler.topology import Topology
+
+    a, b, c = (Instance(n, "aws", "us-east-1", "us-east-1a", "x", "H100", 8, False, 1.0, net)
+               for n, net in (("a", 100.0), ("b", None), ("c", 100.0)))
+    topo = Topology()
+    assert topo.nic_gbps(a) == 100.0 and topo.nic_gbps(b) == topo.defaults.unknown_network_gbps
+    measured = Topology({("a", "b"): 180.0, ("a", "a"): 3600.0})  # a measured link beats the catalog's figure
+    assert measured.nic_gbps(a) == 180.0 and measured.nic_gbps(b) == 180.0 and measured.nic_gbps(c) == 100.0
 
 
 def test_bandwidth_file_changes_the_plan(tmp_path):
@@ -404,10 +439,46 @@ def test_routes_over_one_slow_link_share_it_and_leave_queueing_room():
     n0, n1 = h.units_of
     state = canon([(tuple(n0), "prefill"), (tuple(n1[:4]), "decode"), (tuple(n1[4:]), "decode")])
     ev = h.evaluate(state)
-    _, rate_raw, rate_comp, _, _ = h.pair_links((0,), (1,))
+    link = h.pair_links((0,), (1,))
     sol = ev.solution
-    load = sol.raw.sum() / rate_raw + sol.comp.sum() / rate_comp
+    load = sol.raw.sum() / link.rate_raw + sol.comp.sum() / link.rate_comp
     assert ev.goodput > 0 and load <= max(LINK_UTILISATIONS) + 1e-6
     plan = h.to_plan(ev, strategy="test")
     simulated = goodput(plan, wl, slo, perf=h.perf)
+    assert simulated == pytest.approx(ev.goodput, rel=0.15), (simulated, ev.goodput)
+
+
+@pytest.mark.parametrize("nic", [10, 20])
+def test_links_from_one_node_share_its_nic(nic):
+    """A prefill node sends KV to decode nodes n1 and n2 over two 10 Gbps links. With a 10 Gbps NIC both links
+    together carry what one does (the routing LP counts the NIC, the simulator shares it); with 20 Gbps, two."""
+    from thunderops.scheduler.harness import Harness, canon
+    from thunderops.scheduler.topology import Topology
+    from thunderops.sim import goodput
+    from thunderops.workload import get_workload
+
+    def evaluate(n0_gbps: float):
+        inv = parse_inventory({"nodes": [{"name": "n0", "gpu": "H200", "gpus": 8, "network_gbps": n0_gbps}] +
+                               [{"name": f"n{i}", "gpu": "H200", "gpus": 8, "network_gbps": 400} for i in (1, 2)],
+                               "links": [{"a": "n0", "b": "n1", "gbps": 10}, {"a": "n0", "b": "n2", "gbps": 10}]},
+                              "test")
+        h = Harness(list(inv.instances), PerfModel("llama-3.1-70b"), wl, slo, Topology(dict(inv.links)))
+        n0, n1, n2 = h.units_of
+        ev = h.evaluate(canon([(tuple(n0), "prefill"), (tuple(n1), "decode"), (tuple(n2), "decode")]))
+        return ev, h
+
+    wl, slo = get_workload("conversation"), SLO(2.0, 0.1, 0.9)
+    ev, h = evaluate(nic)
+    wide, hw = evaluate(400)  # NIC never the bottleneck: the two links are
+    if nic == 10:
+        assert ev.goodput < 0.65 * wide.goodput
+        # the simulator shares the NIC too: the wide plan's routes (both links) on a 10 Gbps NIC serve less
+        both = hw.to_plan(wide, strategy="test")
+        assert len(both.routing) == 2
+        narrow = replace(both, instances=[replace(i, network_gbps=10) if i.id == "n0" else i
+                                          for i in both.instances])
+        assert goodput(narrow, wl, slo, perf=hw.perf) < 0.7 * goodput(both, wl, slo, perf=hw.perf)
+    else:
+        assert ev.goodput == pytest.approx(wide.goodput, rel=0.05)
+    simulated = goodput(h.to_plan(ev, strategy="test"), wl, slo, perf=h.perf)
     assert simulated == pytest.approx(ev.goodput, rel=0.15), (simulated, ev.goodput)

@@ -884,6 +884,13 @@ def pair_gbps(plan: Plan, a: str, b: str) -> float:
     return float(min(nics)) if nics else DEFAULT_NETWORK_GBPS
 
 
+def nic_gbps(plan: Plan, inst: str) -> float:
+    """An instance's network (Gbit/s each way), shared by all its links: its NIC figure, raised to its fastest
+    link to another instance of the plan (a measured link cannot beat the NIC it crosses)."""
+    own = next((i.network_gbps for i in plan.instances if i.id == inst), None) or 0.0
+    return max([own] + [pair_gbps(plan, inst, other.id) for other in plan.instances if other.id != inst])
+
+
 def layout_of(plan: Plan, group: Group, model: PerfModel | None = None) -> Layout:
     """The Layout of one plan group (links from plan.bandwidth_gbps or the instances' network_gbps)."""
     if not group.stages:

@@ -1,6 +1,6 @@
 """Discrete-event simulator of a deployment plan: requests arrive (a workload's Poisson process or a trace),
 are routed by the plan's fractions, batched at prefill replicas under a token budget, have their KV cache sent
-over the pair's link (bandwidth shared by concurrent transfers), and decode with continuous batching bounded
+over the pair's link (shared by concurrent transfers, as are the two nodes' NICs), and decode with continuous batching bounded
 by KV capacity; colocated replicas run vLLM-style chunked-prefill steps. Step times come from the perf model.
 
 Accounting: a request's first token is out when its prompt is prefilled and (phase-split) its KV has reached
@@ -26,6 +26,7 @@ from thunderops.perf import (
     PerfModel,
     Work,
     layout_of,
+    nic_gbps,
     pair_gbps,
     prefill_work,
 )
@@ -90,26 +91,41 @@ class SimResult:
 # ---------------------------------------------------------------------------------------------- engines
 
 
-class _Link:
-    """A network link shared by concurrent KV transfers (processor sharing)."""
+class _Network:
+    """KV transfers in flight over shared resources: links, and each node's NIC (egress and ingress). A
+    transfer moves at the smallest fair share among the resources it crosses (a resource's bytes/s over the
+    transfers on it): processor sharing per resource, a lower bound of max-min fairness across them."""
 
-    __slots__ = ("bw", "active", "t_last", "version")
+    __slots__ = ("bw", "active", "count", "t_last", "version")
 
-    def __init__(self, bytes_per_s: float):
+    def __init__(self, bytes_per_s: dict[tuple, float]):
         self.bw = bytes_per_s
-        self.active: dict[int, float] = {}
+        self.active: dict[int, list] = {}  # rid -> [bytes left, resources]
+        self.count: dict[tuple, int] = dict.fromkeys(bytes_per_s, 0)
         self.t_last = 0.0
         self.version = 0
 
+    def _rate(self, resources: tuple) -> float:
+        return min(self.bw[r] / self.count[r] for r in resources)
+
     def progress(self, now: float) -> None:
-        if self.active:
-            done = self.bw / len(self.active) * (now - self.t_last)
-            for rid in self.active:
-                self.active[rid] -= done
+        dt = now - self.t_last
+        if self.active and dt > 0:
+            for item in self.active.values():
+                item[0] -= self._rate(item[1]) * dt
         self.t_last = now
 
+    def add(self, rid: int, nbytes: float, resources: tuple) -> None:
+        self.active[rid] = [nbytes, resources]
+        for r in resources:
+            self.count[r] += 1
+
+    def remove(self, rid: int) -> None:
+        for r in self.active.pop(rid)[1]:
+            self.count[r] -= 1
+
     def next_finish(self, now: float) -> float:
-        return now + max(0.0, min(self.active.values())) * len(self.active) / self.bw
+        return now + min(max(0.0, left) / self._rate(res) for left, res in self.active.values())
 
 
 class _Prefill:
@@ -192,7 +208,7 @@ class Simulator:
                 if r.prefill not in self.prefill_ids:
                     self.prefill_ids.append(r.prefill)
                 self._engine_spec(r.decode, False)
-        self.link_bw: dict[tuple, float] = {}
+        self.link_bw: dict[tuple, float] = {}  # shared network resource -> bytes/s
         self.route_link: list[tuple | None] = [self._link_for(r) for r in self.routes]
 
     def _engine_spec(self, gid: str, colocated: bool) -> None:
@@ -214,26 +230,35 @@ class Simulator:
             eng = _Engine(self.layouts[gid], colocated, cap, seats, budget, c_kv)
             eng.base = self.base_memo[gid]
             self.engines[gid] = eng
-        self.links = {key: _Link(bw) for key, bw in self.link_bw.items()}
+        self.net = _Network(self.link_bw)
 
     def _link_for(self, r: Route) -> tuple | None:
-        """The link a route's KV crosses: the slowest instance pair between the two groups."""
+        """The network resources a route's KV crosses: the slowest instance pair between the two groups (the
+        first in the plan's instance order on ties, as the scheduler picks it) and, between two nodes, the
+        sender's NIC egress and the receiver's NIC ingress."""
         if r.prefill == r.decode or r.prefill not in self.prefill_ids:
             return None
         pg, dg = self.plan.group(r.prefill), self.plan.group(r.decode)
-        best, key = math.inf, None
+        order = {inst.id: k for k, inst in enumerate(self.plan.instances)}
+        best, src, dst = math.inf, None, None
         for a in pg.instances:
             for b in dg.instances:
                 bw = pair_gbps(self.plan, a, b)
                 if a == b:  # GPUs of one node: NVLink/PCIe, GB/s bidirectional -> Gbit/s one way
                     gpu = get_gpu(self.plan.instance(a).gpu) if _has(self.plan, a) else None
                     bw = gpu.intra_link_gbps / 2 * 8 if gpu else math.inf
-                if bw < best:
-                    best, key = bw, tuple(sorted((a, b)))
-        if key is None or math.isinf(best):
+                if (bw, order.get(a, 0), order.get(b, 0)) < (best, order.get(src, 0), order.get(dst, 0)):
+                    best, src, dst = bw, a, b
+        if src is None or math.isinf(best):
             return None
-        self.link_bw[key] = min(self.link_bw.get(key, math.inf), best * 1e9 / 8)
-        return key
+        link = ("link", *sorted((src, dst)))
+        self.link_bw[link] = min(self.link_bw.get(link, math.inf), best * 1e9 / 8)
+        if src == dst:
+            return (link,)
+        nics = (("out", src), ("in", dst))
+        for nic in nics:
+            self.link_bw[nic] = nic_gbps(self.plan, nic[1]) * 1e9 / 8
+        return (link, *nics)
 
     # -- the run
 
@@ -318,26 +343,24 @@ class Simulator:
             if key is None:
                 self._on_kv_ready(t, rid)
                 continue
-            link = self.links[key]
-            link.progress(t)
+            net = self.net
+            net.progress(t)
             route = self.routes[ri]
-            link.active[rid] = float(self.prompt[rid]) * self.perf.model.kv_bytes_per_token * route.kv_compression
-            link.version += 1
-            self._push(link.next_finish(t), 3, (key, link.version))
+            net.add(rid, float(self.prompt[rid]) * self.perf.model.kv_bytes_per_token * route.kv_compression, key)
+            net.version += 1
+            self._push(net.next_finish(t), 3, net.version)
 
-    def _on_link(self, t: float, data) -> None:
-        key, version = data
-        link = self.links[key]
-        if version != link.version:
+    def _on_link(self, t: float, version: int) -> None:
+        net = self.net
+        if version != net.version:
             return
-        link.progress(t)
-        done = [rid for rid, rem in link.active.items() if rem <= 1.0]
-        for rid in done:
-            del link.active[rid]
+        net.progress(t)
+        for rid in [rid for rid, item in net.active.items() if item[0] <= 1.0]:
+            net.remove(rid)
             self._push(t + LINK_LATENCY_S, 4, rid)
-        if link.active:
-            link.version += 1
-            self._push(link.next_finish(t), 3, (key, link.version))
+        if net.active:
+            net.version += 1
+            self._push(net.next_finish(t), 3, net.version)
 
     def _on_kv_ready(self, t: float, rid: int) -> None:
         self.first[rid] = t

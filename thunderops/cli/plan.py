@@ -24,7 +24,7 @@ RegionsOpt = Annotated[str | None, typer.Option("--regions", help="Comma-separat
 SpotOpt = Annotated[bool | None, typer.Option("--spot/--no-spot", help="Spot only / on-demand only (default: either)")]
 BandwidthOpt = Annotated[Path | None, typer.Option("--bandwidth", help="Measured Gbps between instances (JSON or CSV)")]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Search seed (same seed, same plan)")]
-TimeLimitOpt = Annotated[float, typer.Option("--time-limit", help="Search time limit, s")]
+TimeLimitOpt = Annotated[float, typer.Option("--time-limit", help="Seconds for the whole planning: baselines, search and the simulator check")]
 MaxReplicaNodesOpt = Annotated[int | None, typer.Option(
     "--max-replica-nodes", help="Most instances one replica's pipeline may span (default 4)")]
 

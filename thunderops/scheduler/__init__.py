@@ -19,7 +19,7 @@ from thunderops.errors import PlanError
 from thunderops.perf import PerfModel
 from thunderops.plan import SLO, Plan
 from thunderops.scheduler.baselines import BASELINES, HEXGEN_ELITES, all_baselines
-from thunderops.scheduler.check import sim_key, with_sim
+from thunderops.scheduler.check import FinalCheck, sim_key
 from thunderops.scheduler.harness import Harness
 from thunderops.scheduler.inventory import Inventory, load_inventory
 from thunderops.scheduler.procure import MAX_REPLICA_NODES, NO_NODE_LIMIT, build_pool, check_budget
@@ -127,14 +127,6 @@ def solve(
     starts = [s for s in starts if s.goodput > 0] or starts
     if not starts:
         raise PlanError(f"no instance can hold {spec.name} within the inputs; add GPUs or pick a smaller model")
-    # the time limit covers the whole planning: the main search gets what the baselines and the start left
-    left = max(0.05, cfg.time_limit - (time.perf_counter() - t0) - 0.1)
-    tabu = Tabu(h, replace(cfg, time_limit=min(cfg.time_limit, left)), seed=seed, progress=progress)
-    best = tabu.run(starts)
-    best = max([best, *starts], key=lambda e: e.score)
-    if best.goodput <= 0:
-        raise PlanError(f"no plan meets the SLO (TTFT {slo.ttft_s:g} s, TPOT {slo.tpot_s:g} s at "
-                        f"{slo.attainment:.0%}) for {spec.name}; relax --slo-ttft/--slo-tpot or raise the budget")
     inputs = {
         "model": spec.name, "workload": wl.name, "workload_source": wl.source if wl.trace is not None else None,
         "rate": rate, "budget_per_hour": budget,
@@ -144,33 +136,36 @@ def solve(
         "bandwidth": str(bandwidth) if isinstance(bandwidth, str | Path) else None,
         "seed": seed, "time_limit": cfg.time_limit, "max_replica_nodes": max_replica_nodes,
     }
-    best = h.prune(best)
+    tabu = Tabu(h, cfg, seed=seed, progress=progress)
+    check = FinalCheck(h, wl, slo, perf, rate, sim_requests, seed, inputs)
     plans = {name: h.to_plan(h.prune(ev), strategy=name, inputs=inputs) for name, ev in base.items()}
+    cands: list[Plan] = []
+    reserve = 0.0
+    if sim_check > 0:  # the baselines' plans first: the time limit covers the check, so it is measured
+        if progress:
+            progress(0.0, f"simulating the {len(plans)} baselines' plans")
+        plans, cands = check.baselines(plans, base, hexgen_runners[:sim_check - 1], tabu,
+                                       deadline=t0 + cfg.time_limit / 2)
+        reserve = check.seconds_per_plan() * (sim_check + 1)  # what simulating our finalists will take
+    # the main search gets what the baselines, their check and the finalists' check leave of the time limit
+    left = max(0.05, cfg.time_limit - (time.perf_counter() - t0) - reserve - 0.1)
+    tabu.cfg = replace(cfg, time_limit=min(cfg.time_limit, left))
+    best = tabu.run(starts)
+    best = max([best, *starts], key=lambda e: e.score)
+    if best.goodput <= 0:
+        raise PlanError(f"no plan meets the SLO (TTFT {slo.ttft_s:g} s, TPOT {slo.tpot_s:g} s at "
+                        f"{slo.attainment:.0%}) for {spec.name}; relax --slo-ttft/--slo-tpot or raise the budget")
+    best = h.prune(best)
     ours = h.to_plan(best, strategy="thunderops", inputs=inputs)
     if sim_check > 0:  # the simulator decides between our best few and the baselines' plans
         if progress:
-            progress(0.99, f"simulating the best {sim_check} candidates and {len(plans)} baselines")
+            progress(0.99, f"simulating the best {sim_check} candidates")
         elites = sorted(tabu.elites.values(), key=lambda e: -e.score)
         finalists = [best] + [e for e in elites if e.state != best.state][:sim_check - 1]
         split = tabu.best_split
         if split is not None and all(split.state != e.state for e in finalists):
             finalists.append(split)
-        cands = [h.to_plan(h.prune(e), strategy="thunderops", inputs=inputs) for e in finalists]
-        cands = [with_sim(p, wl, slo, perf, rate, sim_requests, seed) for p in cands]
-        plans = {k: with_sim(p, wl, slo, perf, rate, sim_requests, seed) for k, p in plans.items()}
-        if "hexgen" in plans:  # HexGen is a search too: the simulator picks among its best few, as for ours
-            runners = hexgen_runners[:sim_check - 1]
-            alts = [with_sim(h.to_plan(h.prune(e), strategy="hexgen", inputs=inputs), wl, slo, perf, rate,
-                             sim_requests, seed) for e in runners]
-            plans["hexgen"] = max([plans["hexgen"], *alts], key=lambda p: sim_key(p, rate))
-        for p in plans.values():  # a baseline's plan is ours to take when it simulates better
-            cands.append(replace(p, strategy="thunderops", inputs={**p.inputs, "found_by": p.strategy}))
-        for name, ev in base.items():  # ... and so is a baseline's plan plus what its unspent budget buys
-            start = h.prune(ev)
-            filled = tabu.fill(start, t0 + cfg.time_limit)  # within the planning's time limit
-            if filled.state != start.state:
-                p = h.to_plan(filled, strategy="thunderops", inputs={**inputs, "found_by": f"{name}+fill"})
-                cands.append(with_sim(p, wl, slo, perf, rate, sim_requests, seed))
+        cands += [check.ours(h.prune(e)) for e in finalists]
         ours = max(cands, key=lambda p: sim_key(p, rate))
     ours.inputs["baselines"] = {
         name: {"goodput_rps": p.predicted.goodput_rps, "cost_per_hour": p.cost_per_hour, "gpus": p.total_gpus}

@@ -7,10 +7,17 @@ the SLO attainment, latencies are simulated at the target rate (or at that goodp
 
 from __future__ import annotations
 
+import time
 from dataclasses import replace
+from typing import TYPE_CHECKING
 
 from thunderops.plan import SLO, Plan, Prediction
 from thunderops.workload import Workload
+
+if TYPE_CHECKING:
+    from thunderops.perf import PerfModel
+    from thunderops.scheduler.harness import Harness
+    from thunderops.scheduler.search import Tabu
 
 # Simulated seconds of traffic per tested rate. Goodput is a threshold on a tail statistic, so short runs are
 # noisy: one 24-GPU plan measured 30.0-36.2 req/s over 5 seeds at 20 s (std 6.5 %), 31.8-33.5 at 60 s (2 %).
@@ -52,3 +59,52 @@ def sim_key(plan: Plan, rate: float | None) -> tuple:
         meets = p.goodput_rps >= rate * 0.999
         return (meets, -plan.cost_per_hour if meets else p.goodput_rps, p.goodput_rps)
     return (True, p.goodput_rps, -plan.cost_per_hour)
+
+
+class FinalCheck:
+    """The final check's simulations, memoised by state: the baselines' plans (before the search, to measure
+    what a simulation costs) and then our finalists."""
+
+    def __init__(self, h: Harness, wl: Workload, slo: SLO, perf: PerfModel, rate: float | None, n: int, seed: int,
+                 inputs: dict) -> None:
+        self.h, self.wl, self.slo, self.perf, self.rate, self.n, self.seed = h, wl, slo, perf, rate, n, seed
+        self.inputs = inputs
+        self.done: dict = {}  # state -> simulated plan
+        self.spent, self.count = 0.0, 0
+
+    def sim(self, plan: Plan, state) -> Plan:
+        hit = self.done.get(state)
+        if hit is None:
+            t = time.perf_counter()
+            hit = self.done[state] = with_sim(plan, self.wl, self.slo, self.perf, self.rate, self.n, self.seed)
+            self.spent, self.count = self.spent + time.perf_counter() - t, self.count + 1
+        return replace(hit, strategy=plan.strategy,
+                       inputs={**plan.inputs, "model_goodput_rps": hit.inputs["model_goodput_rps"]})
+
+    def seconds_per_plan(self) -> float:
+        return self.spent / max(self.count, 1)
+
+    def ours(self, ev, found_by: str | None = None) -> Plan:
+        extra = {"found_by": found_by} if found_by else {}
+        return self.sim(self.h.to_plan(ev, strategy="thunderops", inputs={**self.inputs, **extra}), ev.state)
+
+    def baselines(self, plans: dict[str, Plan], base: dict, hexgen_runners: list, tabu: Tabu,
+                  deadline: float) -> tuple[dict[str, Plan], list[Plan]]:
+        """Simulate the baselines' plans (HexGen, a search too, by its best few as for ours: a ratio above 1
+        never comes from simulating more of our candidates than of theirs). Returns them and the candidates
+        for our plan they give: each baseline's plan (ours to take when it simulates better) and, where it
+        leaves budget unspent, that plan plus what the rest buys (by `deadline`, a perf_counter value)."""
+        h, rate = self.h, self.rate
+        out = {k: self.sim(p, h.prune(base[k]).state) for k, p in plans.items()}
+        if "hexgen" in out:
+            alts = [self.sim(h.to_plan(h.prune(e), strategy="hexgen", inputs=self.inputs), h.prune(e).state)
+                    for e in hexgen_runners]
+            out["hexgen"] = max([out["hexgen"], *alts], key=lambda p: sim_key(p, rate))
+        cands = [replace(p, strategy="thunderops", inputs={**p.inputs, "found_by": p.strategy})
+                 for p in out.values()]
+        for name, ev in base.items():
+            start = h.prune(ev)
+            filled = tabu.fill(start, deadline)
+            if filled.state != start.state:
+                cands.append(self.ours(filled, found_by=f"{name}+fill"))
+        return out, cands

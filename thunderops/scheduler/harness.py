@@ -12,6 +12,7 @@ import math
 from collections import Counter, defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 
@@ -35,6 +36,19 @@ TTFT_STEPS = 10  # the TTFT left after a KV transfer is rounded down to 1/TTFT_S
 # as long. A route loads its link to the u of these that serves it best (more u: more requests/s over the link,
 # less TTFT left to prefill in).
 LINK_UTILISATIONS = (0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95)
+
+
+class PairLink(NamedTuple):
+    """How one prefill group's KV reaches one decode group: over the slowest instance pair between them."""
+
+    link: tuple[int, int]  # the instance pair (sorted): pairs of groups crossing the same one share it
+    src: int  # the sending instance (its NIC's egress is shared by all its links)
+    dst: int  # the receiving instance (its NIC's ingress likewise)
+    gbps: float
+    rate_raw: float  # requests/s the link carries when busy with raw KV only
+    rate_comp: float  # ... with compressed KV only (0: no network hop, nothing to compress)
+    t_raw: float  # one prompt's transfer alone at the attainment quantile, raw
+    t_comp: float  # ... compressed
 
 
 def canon(groups: Iterable[tuple[Iterable[Unit], str]]) -> State:
@@ -85,6 +99,7 @@ class Harness:
         self._bw: dict[tuple[int, int], float] = {}
         self._pair: dict[tuple[tuple[int, ...], tuple[int, ...]], tuple] = {}
         self._route: dict[tuple, tuple[float, float]] = {}
+        self._nic: dict[int, float] = {}
         self.mean_prompt = workload.mean_prompt
         self.q_prompt = workload.percentile("prompt", slo.attainment * 100)
         self.evaluations = 0
@@ -187,27 +202,31 @@ class Harness:
             v = self._bw[key] = self.topo.gbps(self.pool[a], self.pool[b])
         return v
 
-    def pair_links(self, src: tuple[int, ...], dst: tuple[int, ...]) -> tuple[tuple[int, int], float, float,
-                                                                            float, float]:
-        """KV transfer between two groups: the link (the slowest instance pair: every stage's KV crosses some
-        such pair; pairs of groups crossing the same one share it), the requests/s it carries when fully busy
-        with raw and with compressed KV, and a prompt's transfer time at the attainment quantile, raw and
-        compressed (0 requests/s: no compression without a network hop)."""
+    def pair_links(self, src: tuple[int, ...], dst: tuple[int, ...]) -> PairLink:
+        """KV transfer between two groups: every stage's KV crosses some instance pair, the slowest bounds it."""
         key = (src, dst)
         hit = self._pair.get(key)
         if hit is not None:
             return hit
-        bw, link = min((self.gbps(a, b), tuple(sorted((a, b)))) for a in src for b in dst)
+        bw, a, b = min((self.gbps(a, b), a, b) for a in src for b in dst)
         mean = max(1, int(self.mean_prompt))
         t_raw = self.perf.kv_transfer_time(int(self.q_prompt), bw, 1.0)
         cap_raw = 1.0 / self.perf.kv_transfer_time(mean, bw, 1.0)
+        link = (a, b) if a <= b else (b, a)
         if set(src) == set(dst):
-            out = (link, cap_raw, 0.0, t_raw, float("inf"))
+            out = PairLink(link, a, b, bw, cap_raw, 0.0, t_raw, float("inf"))
         else:
-            out = (link, cap_raw, 1.0 / self.perf.kv_transfer_time(mean, bw, KV_COMPRESSION), t_raw,
-                   self.perf.kv_transfer_time(int(self.q_prompt), bw, KV_COMPRESSION))
+            out = PairLink(link, a, b, bw, cap_raw, 1.0 / self.perf.kv_transfer_time(mean, bw, KV_COMPRESSION),
+                           t_raw, self.perf.kv_transfer_time(int(self.q_prompt), bw, KV_COMPRESSION))
         self._pair[key] = out
         return out
+
+    def nic_gbps(self, k: int) -> float:
+        """Instance k's network (Gbps each way), shared by all its links to other instances."""
+        v = self._nic.get(k)
+        if v is None:
+            v = self._nic[k] = self.topo.nic_gbps(self.pool[k])
+        return v
 
     def kv_route(self, units: tuple[Unit, ...], link_rate: float, transfer_s: float) -> tuple[float, float]:
         """For a prefill group sending KV over a link that carries `link_rate` requests/s when fully busy, each
@@ -251,20 +270,27 @@ class Harness:
         P, D = roles["prefill"], roles["decode"]
         raw, comp = np.zeros((len(P), len(D))), np.zeros((len(P), len(D)))
         pre_raw, pre_comp = np.zeros((len(P), len(D))), np.zeros((len(P), len(D)))
-        link_id = np.zeros((len(P), len(D)), dtype=int)
-        links: dict[tuple[int, int], int] = {}
+        # shared network resources: each link (weight 1), each sending NIC and each receiving NIC (weight
+        # link / NIC Gbps) carry the pairs through them
+        shares: list[tuple[int, int, int, float]] = []
+        resources: dict[tuple, int] = {}
         for a, i in enumerate(P):
             if configs[i].capacity <= 0:
                 continue
             for b, j in enumerate(D):
                 if configs[j].capacity > 0:
-                    link, rate_raw, rate_comp, t_raw, t_comp = self.pair_links(insts[i], insts[j])
-                    link_id[a, b] = links.setdefault(link, len(links))
-                    raw[a, b], pre_raw[a, b] = self.kv_route(state[i][0], rate_raw, t_raw)
-                    comp[a, b], pre_comp[a, b] = self.kv_route(state[i][0], rate_comp, t_comp)
+                    pl = self.pair_links(insts[i], insts[j])
+                    shares.append((resources.setdefault(("link", pl.link), len(resources)), a, b, 1.0))
+                    if pl.src != pl.dst:
+                        for end, k in (("out", pl.src), ("in", pl.dst)):
+                            w = min(1.0, pl.gbps / self.nic_gbps(k))
+                            shares.append((resources.setdefault((end, k), len(resources)), a, b, w))
+                    raw[a, b], pre_raw[a, b] = self.kv_route(state[i][0], pl.rate_raw, pl.t_raw)
+                    comp[a, b], pre_comp[a, b] = self.kv_route(state[i][0], pl.rate_comp, pl.t_comp)
+        coo = tuple(np.array(c) for c in zip(*shares, strict=True)) if shares else None
         prob = lp.RouteProblem(
             np.array([configs[i].capacity for i in P]), np.array([configs[j].capacity for j in D]),
-            np.array([configs[c].capacity for c in roles["colocated"]]), raw, comp, pre_raw, pre_comp, link_id)
+            np.array([configs[c].capacity for c in roles["colocated"]]), raw, comp, pre_raw, pre_comp, coo)
         return prob, configs, dict(roles)
 
     def bound(self, state: State) -> float:

@@ -1,8 +1,9 @@
 """The routing (orchestration) LP: how many requests/s go from each prefill replica to each decode replica.
 
 Variables per prefill/decode pair: `raw` (full-precision KV transfer) and `comp` (KV compressed for transfer,
-e.g. 4-bit). Constraints: a replica's routed load stays within its capacity, and the KV traffic of the pairs
-that cross one network link within that link (raw and compressed requests share it at their byte cost).
+e.g. 4-bit). Constraints: a replica's routed load stays within its capacity, and the KV traffic over each shared
+network resource within it: a link carries the pairs that cross it (raw and compressed requests share it at their
+byte cost), a node's NIC the pairs of all its links.
 Colocated replicas serve whole requests.
 Solved with scipy's HiGHS. A second LP (`balance`) spreads a given rate so that the busiest replica is as idle as
 possible, which is how the plan's routing fractions are chosen.
@@ -28,8 +29,10 @@ class RouteProblem:
     Optional `prefill_raw[i, j]` / `prefill_comp[i, j]`: prefill i's capacity for requests whose KV then goes
     to j that way (the transfer eats into the TTFT budget, so slower links leave less time to prefill);
     default: `prefill[i]` for every pair.
-    Optional `link_id[i, j]`: pairs with the same id cross the same network link and share it (each pair's use
-    counted against its own `link_raw`/`link_comp` rate); default: every pair its own link."""
+    Optional `shares`: shared network resources as COO entries `(resource, i, j, weight)`: pair (i, j) loads
+    resource r by `weight` x its own link use (raw / link_raw + comp / link_comp), and each resource carries at
+    most 1. Pairs crossing one link share it at weight 1; a node's NIC carries all its links' pairs at weight
+    link / NIC bandwidth. Default: every pair its own link (a pair without entries is bounded by nothing else)."""
 
     prefill: np.ndarray
     decode: np.ndarray
@@ -38,7 +41,7 @@ class RouteProblem:
     link_comp: np.ndarray
     prefill_raw: np.ndarray | None = None
     prefill_comp: np.ndarray | None = None
-    link_id: np.ndarray | None = None
+    shares: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None = None
 
     def pair_prefill(self) -> tuple[np.ndarray, np.ndarray]:
         base = np.broadcast_to(np.asarray(self.prefill, float)[:, None], (len(self.prefill), len(self.decode)))
@@ -67,7 +70,7 @@ def _pair_vars(prob: RouteProblem) -> tuple[np.ndarray, np.ndarray, int]:
 
 
 def _constraints(prob: RouteProblem, ii: np.ndarray, jj: np.ndarray, extra_col: bool):
-    """Rows: prefill capacity, decode capacity, link use. Columns: raw pairs, comp pairs, colocated[, u].
+    """Rows: prefill capacity, decode capacity, shared network use. Columns: raw pairs, comp pairs, colocated[, u].
 
     With `extra_col`, the right-hand capacities move into the matrix as `-cap * u` (utilisation form)."""
     P, D, C = len(prob.prefill), len(prob.decode), len(prob.colocated)
@@ -99,16 +102,23 @@ def _constraints(prob: RouteProblem, ii: np.ndarray, jj: np.ndarray, extra_col: 
     vals.append(np.ones(C))
     cap_rows += [(r + c, prob.colocated[c]) for c in range(C)]
     r += C
-    # link l: sum over the pairs crossing it of raw / Lraw + comp / Lcomp <= 1
-    if prob.link_id is None or not n:
-        link = k
+    # resource l (a link, a NIC): sum over its pairs of weight x (raw / Lraw + comp / Lcomp) <= 1
+    if prob.shares is None:
+        res, pair, w = k, k, np.ones(n)
     else:
-        link = np.unique(np.asarray(prob.link_id)[ii, jj], return_inverse=True)[1].reshape(-1)
-    rows += [link[has_r] + r, link[has_c] + r]
-    cols += [k[has_r], k[has_c] + n]
-    vals += [1.0 / lr[has_r], 1.0 / lc[has_c]]
+        pos = np.full((P, D), -1)
+        pos[ii, jj] = k
+        rid, si, sj, sw = (np.asarray(a) for a in prob.shares)
+        pair = pos[si.astype(int), sj.astype(int)] if len(rid) else np.zeros(0, int)
+        keep = pair >= 0
+        res = np.unique(rid[keep], return_inverse=True)[1].reshape(-1)
+        pair, w = pair[keep], sw[keep].astype(float)
+    on_r, on_c = has_r[pair], has_c[pair]
+    rows += [res[on_r] + r, res[on_c] + r]
+    cols += [pair[on_r], pair[on_c] + n]
+    vals += [w[on_r] / lr[pair[on_r]], w[on_c] / lc[pair[on_c]]]
     link_rows = r
-    r += int(link.max()) + 1 if n else 0
+    r += int(res.max()) + 1 if len(res) else 0
     b = np.zeros(r)
     for row, cap in cap_rows:
         b[row] = cap

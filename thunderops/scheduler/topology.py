@@ -44,6 +44,10 @@ class Topology:
         for (a, b), v in (overrides or {}).items():
             self.overrides[(a, b)] = float(v)
             self.overrides.setdefault((b, a), float(v))
+        self._fastest: dict[str, float] = {}  # per instance id / host: its fastest explicit link to another node
+        for (a, b), v in self.overrides.items():
+            if a != b:
+                self._fastest[a] = max(self._fastest.get(a, 0.0), v)
 
     def with_overrides(self, more: Mapping[tuple[str, str], float]) -> Topology:
         merged = dict(self.overrides)
@@ -74,6 +78,12 @@ class Topology:
         if a.zone and b.zone and a.zone != b.zone:
             return net * d.same_region_factor
         return net
+
+    def nic_gbps(self, inst: Instance) -> float:
+        """The node's network (Gbps each way), shared by all its links to other nodes: the catalog's figure,
+        raised to the fastest link given or measured from it (a measured link cannot beat the NIC it crosses)."""
+        own = inst.network_gbps or self.defaults.unknown_network_gbps
+        return max(own, *(self._fastest.get(k, 0.0) for k in (inst.id, inst.host) if k))
 
     def matrix(self, instances: Iterable[Instance]) -> dict[str, dict[str, float]]:
         insts = list(instances)
