@@ -79,9 +79,21 @@ def ray_connect(address: str) -> None:
         ray.shutdown()  # connected to another cluster: switch
     if host in LOOPBACK:
         ray_constants.ENABLE_RAY_CLUSTER = False  # read at call time by ray._private.services
-    ray.init(address=address, namespace="thunderops", ignore_reinit_error=True,
-             _node_ip_address=host if host in LOOPBACK else None,
-             log_to_driver=False, logging_level="WARNING", configure_logging=False)
+    # A GCS that dies between our reachability check and the connection (a cluster going down with the
+    # process that started it) would be retried for up to 120 attempts of several seconds each: give it 3.
+    ours = GCS_WAIT_ENV not in os.environ
+    if ours:
+        os.environ[GCS_WAIT_ENV] = "3"
+    try:
+        ray.init(address=address, namespace="thunderops", ignore_reinit_error=True,
+                 _node_ip_address=host if host in LOOPBACK else None,
+                 log_to_driver=False, logging_level="WARNING", configure_logging=False)
+    finally:
+        if ours:
+            os.environ.pop(GCS_WAIT_ENV, None)
+
+
+GCS_WAIT_ENV = "RAY_gcs_server_port_wait_time_s"  # Ray's own knob: attempts (about 1 s apart) to reach a GCS
 
 
 def gcs_reachable(address: str, timeout_s: float = 2.0) -> bool:

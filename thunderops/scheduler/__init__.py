@@ -150,7 +150,7 @@ def solve(
     # the main search gets what the baselines, their check and the finalists' check leave of the time limit
     left = max(0.05, cfg.time_limit - (time.perf_counter() - t0) - reserve - 0.1)
     tabu.cfg = replace(cfg, time_limit=min(cfg.time_limit, left))
-    best = tabu.run(starts)
+    best = tabu.walks(starts)
     best = max([best, *starts], key=lambda e: e.score)
     if best.goodput <= 0:
         raise PlanError(f"no plan meets the SLO (TTFT {slo.ttft_s:g} s, TPOT {slo.tpot_s:g} s at "

@@ -15,7 +15,7 @@ import math
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -38,6 +38,7 @@ class SearchConfig:
     phase_split: bool = True  # False: colocated groups only (HexGen-style)
     procure: bool = True  # False: no renting or giving back instances (fixed set)
     moves: tuple[str, ...] | None = None  # restrict the move kinds (e.g. ("flip",) for light rescheduling)
+    walks: int = 3  # independent walks from the same starts (`Tabu.walks`), while the time limit allows
 
 
 # ------------------------------------------------------------------------------ greedy start
@@ -109,6 +110,7 @@ def best_of(h: Harness, states: list[State], exact: int = 6) -> Evaluation:
 class Tabu:
     def __init__(self, h: Harness, cfg: SearchConfig, seed: int = 0, progress: Progress | None = None) -> None:
         self.h, self.cfg = h, cfg
+        self.seed = seed
         self.rng = np.random.default_rng(seed)
         self.progress = progress
         self.phases = ("prefill", "decode", "colocated") if cfg.phase_split else ("colocated",)
@@ -346,6 +348,26 @@ class Tabu:
             else:
                 stall += 1
         return self.fill(best, t0 + cfg.time_limit)
+
+    def walks(self, starts: list[Evaluation]) -> Evaluation:
+        """The best of `cfg.walks` walks from the same starts, each with its own random stream (the first is
+        `run`'s), as many as the time limit allows. One walk ends where its moves stall, and where that is
+        depends on its draws: one case's plan ranged 25-33 req/s over 4 seeds."""
+        cfg, t0 = self.cfg, time.perf_counter()
+        best = self.run(starts)
+        for k in range(1, cfg.walks):
+            left = cfg.time_limit - (time.perf_counter() - t0)
+            if left <= 0:
+                break
+            self.rng = np.random.default_rng([self.seed, k])
+            self.cfg = replace(cfg, time_limit=left)
+            try:
+                ev = self.run(starts)
+            finally:
+                self.cfg = cfg
+            if ev.score > best.score + 1e-9 * max(1.0, abs(best.score)):
+                best = ev
+        return best
 
     def fill(self, best: Evaluation, deadline: float, exact: int = 4) -> Evaluation:
         """Spend what the budget has left: add one more replica of whichever idle kind raises goodput most,
