@@ -90,6 +90,7 @@ def test_time_limit_covers_the_simulator_check(lambda_offers, monkeypatch):
         return real(plan, *a, **kw)
 
     monkeypatch.setattr(sched, "with_sim", counting)
+    monkeypatch.setattr(sched, "MAX_SIM_WORKERS", 1)  # in this process, where the counter is
     messages: list[str] = []
     res = solve(6.0, "llama-3.1-8b", "conversation", offers=lambda_offers, search=FAST,
                 progress=lambda f, msg: messages.append(msg))
@@ -97,6 +98,23 @@ def test_time_limit_covers_the_simulator_check(lambda_offers, monkeypatch):
     assert any("baselines' plans" in m for m in messages[:first_iteration])
     assert len(simulated) == len(set(simulated)) >= len(res.baselines)
     assert res.plan.predicted.method == "sim"
+
+
+def test_parallel_simulator_check_gives_the_same_results(lambda_offers):
+    """The final check's processes run the same seeded simulations as one process would."""
+    from thunderops.scheduler.check import FinalCheck
+
+    res = solve(6.0, "llama-3.1-8b", "conversation", offers=lambda_offers, search=FAST, sim_check=0)
+    h = res.harness
+    plans = [b for b in res.baselines.values() if b.groups][:3]
+    items = [(p, ("state", k)) for k, p in enumerate(plans)]
+    results = {}
+    for workers in (1, 2):
+        with FinalCheck(h, h.workload, h.slo, h.perf, None, 600, 0, {}, workers=workers) as check:
+            assert (check.pool is not None) == (workers > 1)
+            results[workers] = [p.predicted for p in check.sim_all(items)]
+    assert len(plans) >= 2 and results[1] == results[2]
+    assert all(p.method == "sim" and p.goodput_rps > 0 for p in results[1])
 
 
 def test_target_rate_finds_cheaper_plan(lambda_offers):

@@ -106,6 +106,24 @@ def test_goodput_search_brackets_the_attainment_target():
     assert goodput(plan, wl, SLO_, n=600, max_rate=g * 3) == pytest.approx(g, rel=0.06)
 
 
+@pytest.mark.parametrize("colocated", [False, True])
+def test_giving_up_on_a_lost_rate_keeps_the_verdict(colocated):
+    """goodput's runs stop once more requests have surely missed than the target allows: same pass/fail as a
+    full run at every rate, and an overloaded run ends with requests still in flight."""
+    from thunderops.sim import Simulator, requests_for
+
+    plan = homogeneous_plan("Llama-3.1-8B", "H100", colocated=(1, 1)) if colocated else pd_plan(p=1, d=1)
+    wl = get_workload("conversation")
+    g = goodput(plan, wl, SLO_, n=600, rel_tol=0.02)
+    sim = Simulator(plan, PerfModel(plan.model), SLO_, default_routing(plan, PerfModel(plan.model), wl, SLO_))
+    for scale in (0.5, 0.95, 1.1, 2.0, 4.0):
+        reqs = requests_for(wl, g * scale, max(600, math.ceil(g * scale * 20)), 0)
+        full, quick = sim.run(reqs), sim.run(reqs, give_up=True)
+        assert (quick.attainment >= SLO_.attainment) == (full.attainment >= SLO_.attainment), scale
+        if scale == 4.0:
+            assert np.isinf(quick.e2e).sum() > np.isinf(full.e2e).sum()
+
+
 def test_more_replicas_never_lower_goodput():
     wl = get_workload("conversation")
     small = goodput(pd_plan(p=1, d=1), wl, SLO_, n=600)

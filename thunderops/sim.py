@@ -262,8 +262,11 @@ class Simulator:
 
     # -- the run
 
-    def run(self, reqs: Requests, seed: int = 0) -> SimResult:
-        """Replay these requests; routes are drawn per request from the plan's fractions under `seed`."""
+    def run(self, reqs: Requests, seed: int = 0, give_up: bool = False) -> SimResult:
+        """Replay these requests; routes are drawn per request from the plan's fractions under `seed`.
+        With `give_up`, stop as soon as more requests have surely missed the SLO than its attainment target
+        allows (the run's attainment is then below target, its other figures partial): a rate the plan cannot
+        sustain fails in a fraction of the events."""
         self._reset()
         n = len(reqs)
         rng = np.random.default_rng(seed + 7919)
@@ -283,9 +286,14 @@ class Simulator:
         events = self.events
         handlers = (self._on_arrival, self._on_prefill_done, self._on_prefill_free, self._on_link,
                     self._on_kv_ready, self._on_engine)
+        allowed = (1.0 - self.slo.attainment) * n if give_up else math.inf
+        count = 0
         while events:
             t, _, kind, data = heapq.heappop(events)
             handlers[kind](t, data)
+            count += 1
+            if count % 2048 == 0 and allowed < n and self._surely_missed(t) > allowed:
+                break
         done = np.isfinite(self.finish)
         ttft = self.first - self.arrival
         gen = np.maximum(self.output - 1, 1)
@@ -298,6 +306,16 @@ class Simulator:
         rate = (n - 1) / max(float(self.arrival[-1] - self.arrival[0]), 1e-9) if n > 1 else 0.0
         return SimResult(rate, n, duration, ttft, tpot, e2e, self.output, self.prompt, self.rejected, self.slo,
                          batch)
+
+    def _surely_missed(self, now: float) -> int:
+        """Requests that miss the SLO whatever happens after `now`: no first token by arrival + TTFT target
+        (rejected ones included), or finished with a TPOT above target."""
+        late = np.minimum(self.first, now) - self.arrival > self.slo.ttft_s
+        gen = np.maximum(self.output - 1, 1)
+        done = np.isfinite(self.finish) & (self.output > 1)
+        slow = np.zeros_like(done)
+        slow[done] = (self.finish[done] - self.first[done]) / gen[done] > self.slo.tpot_s
+        return int(np.count_nonzero(late | slow))
 
     def _push(self, t: float, kind: int, data) -> None:
         self.seq += 1
@@ -608,7 +626,7 @@ def goodput(plan: Plan, workload: Workload, slo: SLO, n: int = 1000, seed: int =
 
     def meets(rate: float) -> bool:
         count = max(n, min(max_requests, math.ceil(rate * min_duration_s)))
-        return sim.run(requests_for(workload, rate, count, seed), seed=seed).attainment >= slo.attainment
+        return sim.run(requests_for(workload, rate, count, seed), seed=seed, give_up=True).attainment >= slo.attainment
 
     lo = 0.0
     if max_rate is not None:  # a cap: the answer is at most max_rate

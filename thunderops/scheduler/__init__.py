@@ -137,36 +137,37 @@ def solve(
         "seed": seed, "time_limit": cfg.time_limit, "max_replica_nodes": max_replica_nodes,
     }
     tabu = Tabu(h, cfg, seed=seed, progress=progress)
-    check = FinalCheck(h, wl, slo, perf, rate, sim_requests, seed, inputs)
-    plans = {name: h.to_plan(h.prune(ev), strategy=name, inputs=inputs) for name, ev in base.items()}
-    cands: list[Plan] = []
-    reserve = 0.0
-    if sim_check > 0:  # the baselines' plans first: the time limit covers the check, so it is measured
-        if progress:
-            progress(0.0, f"simulating the {len(plans)} baselines' plans")
-        plans, cands = check.baselines(plans, base, hexgen_runners[:sim_check - 1], tabu,
-                                       deadline=t0 + cfg.time_limit / 2)
-        reserve = check.seconds_per_plan() * (sim_check + 1)  # what simulating our finalists will take
-    # the main search gets what the baselines, their check and the finalists' check leave of the time limit
-    left = max(0.05, cfg.time_limit - (time.perf_counter() - t0) - reserve - 0.1)
-    tabu.cfg = replace(cfg, time_limit=min(cfg.time_limit, left))
-    best = tabu.walks(starts)
-    best = max([best, *starts], key=lambda e: e.score)
-    if best.goodput <= 0:
-        raise PlanError(f"no plan meets the SLO (TTFT {slo.ttft_s:g} s, TPOT {slo.tpot_s:g} s at "
-                        f"{slo.attainment:.0%}) for {spec.name}; relax --slo-ttft/--slo-tpot or raise the budget")
-    best = h.prune(best)
-    ours = h.to_plan(best, strategy="thunderops", inputs=inputs)
-    if sim_check > 0:  # the simulator decides between our best few and the baselines' plans
-        if progress:
-            progress(0.99, f"simulating the best {sim_check} candidates")
-        elites = sorted(tabu.elites.values(), key=lambda e: -e.score)
-        finalists = [best] + [e for e in elites if e.state != best.state][:sim_check - 1]
-        split = tabu.best_split
-        if split is not None and all(split.state != e.state for e in finalists):
-            finalists.append(split)
-        cands += [check.ours(h.prune(e)) for e in finalists]
-        ours = max(cands, key=lambda p: sim_key(p, rate))
+    with FinalCheck(h, wl, slo, perf, rate, sim_requests, seed, inputs,
+                    workers=None if sim_check > 0 else 1) as check:
+        plans = {name: h.to_plan(h.prune(ev), strategy=name, inputs=inputs) for name, ev in base.items()}
+        cands: list[Plan] = []
+        reserve = 0.0
+        if sim_check > 0:  # the baselines' plans first: the time limit covers the check, so it is measured
+            if progress:
+                progress(0.0, f"simulating the {len(plans)} baselines' plans")
+            plans, cands = check.baselines(plans, base, hexgen_runners[:sim_check - 1], tabu,
+                                           deadline=t0 + cfg.time_limit / 2)
+            reserve = check.seconds_for(sim_check + 1)  # what simulating our finalists will take
+        # the main search gets what the baselines, their check and the finalists' check leave of the time limit
+        left = max(0.05, cfg.time_limit - (time.perf_counter() - t0) - reserve - 0.1)
+        tabu.cfg = replace(cfg, time_limit=min(cfg.time_limit, left))
+        best = tabu.walks(starts)
+        best = max([best, *starts], key=lambda e: e.score)
+        if best.goodput <= 0:
+            raise PlanError(f"no plan meets the SLO (TTFT {slo.ttft_s:g} s, TPOT {slo.tpot_s:g} s at "
+                            f"{slo.attainment:.0%}) for {spec.name}; relax --slo-ttft/--slo-tpot or raise the budget")
+        best = h.prune(best)
+        ours = h.to_plan(best, strategy="thunderops", inputs=inputs)
+        if sim_check > 0:  # the simulator decides between our best few and the baselines' plans
+            if progress:
+                progress(0.99, f"simulating the best {sim_check} candidates")
+            elites = sorted(tabu.elites.values(), key=lambda e: -e.score)
+            finalists = [best] + [e for e in elites if e.state != best.state][:sim_check - 1]
+            split = tabu.best_split
+            if split is not None and all(split.state != e.state for e in finalists):
+                finalists.append(split)
+            cands += check.ours([h.prune(e) for e in finalists])
+            ours = max(cands, key=lambda p: sim_key(p, rate))
     ours.inputs["baselines"] = {
         name: {"goodput_rps": p.predicted.goodput_rps, "cost_per_hour": p.cost_per_hour, "gpus": p.total_gpus}
         for name, p in plans.items()}

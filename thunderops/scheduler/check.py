@@ -7,7 +7,12 @@ the SLO attainment, latencies are simulated at the target rate (or at that goodp
 
 from __future__ import annotations
 
+import math
+import multiprocessing
+import os
+import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
@@ -27,7 +32,7 @@ SIM_DURATION_S = 60.0
 def simulate_plan(plan: Plan, workload: Workload, slo: SLO, perf, rate: float | None = None, n: int = 600,
                   seed: int = 0, max_rate: float | None = None) -> Prediction:
     """Simulated goodput and latencies of a plan (the model's goodput stays in plan.inputs). Goodput is
-    bisected down from `max_rate` (default 1.5 x the model's goodput) to 3 %: plans compared with each other
+    bisected down from `max_rate` (default 1.5 x the model's goodput) to 5 %: plans compared with each other
     should share one `max_rate`, so that they are tested at the same rates and rank as their attainment does
     (from their own starting points one plan simulated 30.8 or 32.8 req/s)."""
     from thunderops import sim
@@ -35,7 +40,7 @@ def simulate_plan(plan: Plan, workload: Workload, slo: SLO, perf, rate: float | 
     if not plan.groups or not plan.routing:
         return Prediction(method="sim")
     top = max_rate if max_rate is not None else max(plan.predicted.goodput_rps, 1e-3) * 1.5
-    g = sim.goodput(plan, workload, slo, n=n, seed=seed, perf=perf, max_rate=top, rel_tol=0.03,
+    g = sim.goodput(plan, workload, slo, n=n, seed=seed, perf=perf, max_rate=top, rel_tol=0.05,
                     min_duration_s=SIM_DURATION_S)
     at = rate if rate else g
     if at <= 0:
@@ -67,36 +72,80 @@ def sim_key(plan: Plan, rate: float | None) -> tuple:
 # The final check tests every plan on one grid of rates, from this multiple of the best model goodput among the
 # baselines' plans down (ours have been up to 1.4x the best baseline's; a plan meeting the top is reported at it).
 GRID_HEADROOM = 3.0
+MAX_SIM_WORKERS = 8
+
+
+def _sim_job(job: tuple) -> Plan:
+    return with_sim(*job)
+
+
+def _can_fork() -> bool:
+    """Forked workers, or none. Spawned ones would re-run the caller's script (`thunderops.plan(...)` in a
+    script without a `__main__` guard would plan again in each); a fork copies this process, and the workers
+    only simulate (no printing, no locks another thread may hold). Not where Ray is connected: its gRPC
+    threads do not survive a fork."""
+    if "fork" not in multiprocessing.get_all_start_methods():
+        return False
+    ray = sys.modules.get("ray")
+    return not (ray is not None and getattr(ray, "is_initialized", lambda: False)())
 
 
 class FinalCheck:
-    """The final check's simulations, memoised by state: the baselines' plans (before the search, to measure
-    what a simulation costs) and then our finalists, all on one grid of rates."""
+    """The final check's simulations, memoised by state, all on one grid of rates: the baselines' plans (before
+    the search, to measure what a simulation costs) and then our finalists. Plans of one batch are simulated
+    in parallel, forked processes (as many as there are cores, up to 8; the runs are seeded, so the results
+    are the same as one after the other). Use as a context manager: the processes end with it."""
 
     def __init__(self, h: Harness, wl: Workload, slo: SLO, perf: PerfModel, rate: float | None, n: int, seed: int,
-                 inputs: dict) -> None:
+                 inputs: dict, workers: int | None = None) -> None:
         self.h, self.wl, self.slo, self.perf, self.rate, self.n, self.seed = h, wl, slo, perf, rate, n, seed
         self.inputs = inputs
         self.done: dict = {}  # state -> simulated plan
         self.max_rate: float | None = None  # the grid's top, set from the baselines' plans
-        self.spent, self.count = 0.0, 0
+        self.workers = max(1, min(MAX_SIM_WORKERS, workers if workers is not None else (os.cpu_count() or 1)))
+        self.pool: ProcessPoolExecutor | None = None
+        self.seconds_per_round = 0.0  # wall time of one plan per worker, as measured
 
-    def sim(self, plan: Plan, state) -> Plan:
-        hit = self.done.get(state)
-        if hit is None:
+    def __enter__(self) -> FinalCheck:
+        if self.workers > 1 and _can_fork():
+            import thunderops.sim  # noqa: F401  (imported before the fork: the workers need no import lock)
+
+            self.pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("fork"))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(cancel_futures=True)
+            self.pool = None
+
+    def sim_all(self, items: list[tuple[Plan, tuple]]) -> list[Plan]:
+        """Simulate these (plan, state) pairs (states seen before reuse their run), in parallel."""
+        todo = list({state: plan for plan, state in items if state not in self.done}.items())
+        if todo:
             t = time.perf_counter()
-            hit = self.done[state] = with_sim(plan, self.wl, self.slo, self.perf, self.rate, self.n, self.seed,
-                                              self.max_rate)
-            self.spent, self.count = self.spent + time.perf_counter() - t, self.count + 1
-        return replace(hit, strategy=plan.strategy,
-                       inputs={**plan.inputs, "model_goodput_rps": hit.inputs["model_goodput_rps"]})
+            jobs = [(plan, self.wl, self.slo, self.perf, self.rate, self.n, self.seed, self.max_rate)
+                    for _, plan in todo]
+            if self.pool is not None and len(jobs) > 1:
+                results = list(self.pool.map(_sim_job, jobs))
+            else:
+                results = [_sim_job(j) for j in jobs]
+            rounds = math.ceil(len(jobs) / (self.workers if self.pool is not None else 1))
+            self.seconds_per_round = (time.perf_counter() - t) / rounds
+            for (state, _), res in zip(todo, results, strict=True):
+                self.done[state] = res
+        return [replace(self.done[state], strategy=plan.strategy,
+                        inputs={**plan.inputs, "model_goodput_rps": self.done[state].inputs["model_goodput_rps"]})
+                for plan, state in items]
 
-    def seconds_per_plan(self) -> float:
-        return self.spent / max(self.count, 1)
+    def seconds_for(self, plans: int) -> float:
+        """What simulating this many more plans should take, from the runs so far."""
+        return self.seconds_per_round * math.ceil(plans / (self.workers if self.pool is not None else 1))
 
-    def ours(self, ev, found_by: str | None = None) -> Plan:
-        extra = {"found_by": found_by} if found_by else {}
-        return self.sim(self.h.to_plan(ev, strategy="thunderops", inputs={**self.inputs, **extra}), ev.state)
+    def ours(self, evs: list, found_by: list[str | None] | None = None) -> list[Plan]:
+        tags = found_by or [None] * len(evs)
+        return self.sim_all([(self.h.to_plan(ev, strategy="thunderops",
+                                             inputs={**self.inputs, **({"found_by": f} if f else {})}), ev.state)
+                             for ev, f in zip(evs, tags, strict=True)])
 
     def baselines(self, plans: dict[str, Plan], base: dict, hexgen_runners: list, tabu: Tabu,
                   deadline: float) -> tuple[dict[str, Plan], list[Plan]]:
@@ -107,16 +156,23 @@ class FinalCheck:
         h, rate = self.h, self.rate
         best = max((p.predicted.goodput_rps for p in plans.values()), default=0.0)
         self.max_rate = GRID_HEADROOM * best if best > 0 else None
-        out = {k: self.sim(p, h.prune(base[k]).state) for k, p in plans.items()}
-        if "hexgen" in out:
-            alts = [self.sim(h.to_plan(h.prune(e), strategy="hexgen", inputs=self.inputs), h.prune(e).state)
-                    for e in hexgen_runners]
-            out["hexgen"] = max([out["hexgen"], *alts], key=lambda p: sim_key(p, rate))
-        cands = [replace(p, strategy="thunderops", inputs={**p.inputs, "found_by": p.strategy})
-                 for p in out.values()]
+        names = list(plans)
+        items = [(plans[k], h.prune(base[k]).state) for k in names]
+        runners = [h.prune(e) for e in hexgen_runners] if "hexgen" in plans else []
+        items += [(h.to_plan(e, strategy="hexgen", inputs=self.inputs), e.state) for e in runners]
+        fills = []
         for name, ev in base.items():
             start = h.prune(ev)
             filled = tabu.fill(start, deadline)
             if filled.state != start.state:
-                cands.append(self.ours(filled, found_by=f"{name}+fill"))
-        return out, cands
+                fills.append((filled, f"{name}+fill"))
+        items += [(h.to_plan(ev, strategy="thunderops", inputs={**self.inputs, "found_by": f}), ev.state)
+                  for ev, f in fills]
+        done = self.sim_all(items)
+        out = dict(zip(names, done[:len(names)], strict=True))
+        if runners:
+            out["hexgen"] = max([out["hexgen"], *done[len(names):len(names) + len(runners)]],
+                                key=lambda p: sim_key(p, rate))
+        cands = [replace(p, strategy="thunderops", inputs={**p.inputs, "found_by": p.strategy})
+                 for p in out.values()]
+        return out, cands + done[len(names) + len(runners):]
