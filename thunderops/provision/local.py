@@ -66,6 +66,9 @@ def gpu_resource(gpu: str) -> str:
     return f"thunderops_gpu_{get_gpu(gpu).name}"
 
 
+GCS_WAIT_ENV = "RAY_gcs_server_port_wait_time_s"  # Ray's own knob: attempts (about 1 s apart) to reach a GCS
+
+
 def ray_connect(address: str) -> None:
     """Connect this process to the Ray cluster at `address` as a driver. Ray turns a loopback address into
     the machine's IP unless told it is not running a multi-host cluster; for 127.0.0.1 we tell it so."""
@@ -92,8 +95,6 @@ def ray_connect(address: str) -> None:
         if ours:
             os.environ.pop(GCS_WAIT_ENV, None)
 
-
-GCS_WAIT_ENV = "RAY_gcs_server_port_wait_time_s"  # Ray's own knob: attempts (about 1 s apart) to reach a GCS
 
 
 def gcs_reachable(address: str, timeout_s: float = 2.0) -> bool:

@@ -141,11 +141,8 @@ class FinalCheck:
         """What simulating this many more plans should take, from the runs so far."""
         return self.seconds_per_round * math.ceil(plans / (self.workers if self.pool is not None else 1))
 
-    def ours(self, evs: list, found_by: list[str | None] | None = None) -> list[Plan]:
-        tags = found_by or [None] * len(evs)
-        return self.sim_all([(self.h.to_plan(ev, strategy="thunderops",
-                                             inputs={**self.inputs, **({"found_by": f} if f else {})}), ev.state)
-                             for ev, f in zip(evs, tags, strict=True)])
+    def ours(self, evs: list) -> list[Plan]:
+        return self.sim_all([(self.h.to_plan(ev, strategy="thunderops", inputs=self.inputs), ev.state) for ev in evs])
 
     def baselines(self, plans: dict[str, Plan], base: dict, hexgen_runners: list, tabu: Tabu,
                   deadline: float) -> tuple[dict[str, Plan], list[Plan]]:
