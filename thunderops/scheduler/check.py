@@ -82,9 +82,9 @@ def _sim_job(job: tuple) -> Plan:
 def _can_fork() -> bool:
     """Forked workers, or none. Spawned ones would re-run the caller's script (`thunderops.plan(...)` in a
     script without a `__main__` guard would plan again in each); a fork copies this process, and the workers
-    only simulate (no printing, no locks another thread may hold). Not where Ray is connected: its gRPC
-    threads do not survive a fork."""
-    if "fork" not in multiprocessing.get_all_start_methods():
+    only simulate (no printing, no locks another thread may hold). Linux only (macOS's system frameworks are
+    not fork-safe), and not where Ray is connected: its gRPC threads do not survive a fork."""
+    if not sys.platform.startswith("linux") or "fork" not in multiprocessing.get_all_start_methods():
         return False
     ray = sys.modules.get("ray")
     return not (ray is not None and getattr(ray, "is_initialized", lambda: False)())
