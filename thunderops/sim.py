@@ -355,16 +355,19 @@ class Simulator:
             self._start_prefill(p, t)
 
     def _on_prefill_done(self, t: float, batch: list[int]) -> None:
+        net = self.net
+        net.progress(t)
+        sent = False
         for rid in batch:
             ri = self.route_of[rid]
             key = self.route_link[ri]
             if key is None:
                 self._on_kv_ready(t, rid)
                 continue
-            net = self.net
-            net.progress(t)
             route = self.routes[ri]
             net.add(rid, float(self.prompt[rid]) * self.perf.model.kv_bytes_per_token * route.kv_compression, key)
+            sent = True
+        if sent:  # one next-finish event for the whole batch's transfers
             net.version += 1
             self._push(net.next_finish(t), 3, net.version)
 
