@@ -53,6 +53,33 @@ def test_single_prefill_replica_matches_md1_waiting_time(rho):
     assert light.ttft.mean() == pytest.approx(service + r * service / (2 * (1 - r)) + hop, rel=0.01)
 
 
+def test_round_robin_over_replicas_queues_less_than_a_random_split():
+    """The simulator routes with the router's picker: two prefill replicas at half the stream each see every
+    other request (Erlang-2 gaps), not a random half (Poisson, M/D/1), so the wait is about half M/D/1's."""
+    prompt, rho = 1000, 0.8
+    plan = pd_plan(p=2, d=1)
+    perf = PerfModel(plan.model, max_batch_tokens=prompt)
+    service = perf.pass_time(layout_of(plan, plan.groups[0], perf), prefill_work([prompt]))
+    res = simulate(plan, fixed(prompt, 1), SLO_, rate=2 * rho / service, n=20000, seed=3, perf=perf)
+    md1_mean_wait = rho * service / (2 * (1 - rho))
+    assert 0.2 * md1_mean_wait < res.ttft.mean() - service < 0.7 * md1_mean_wait  # the KV hop: microseconds
+
+
+def test_every_request_leaves_the_routers_books():
+    """In-flight counts (what the picker balances on) return to zero once every request has finished or been
+    rejected, colocated and phase-split alike."""
+    from thunderops.sim import Simulator
+
+    wl = get_workload("conversation")
+    for plan in (pd_plan(p=2, d=2), homogeneous_plan("Llama-3.1-8B", "H100", colocated=(3, 1))):
+        perf = PerfModel(plan.model)
+        sim = Simulator(plan, perf, SLO_, default_routing(plan, perf, wl))
+        res = sim.run(wl.sample(400, seed=1, rate=20.0))
+        assert np.isfinite(res.e2e).sum() + res.rejected == 400
+        assert sim.inflight_total == 0 and set(sim.inflight.values()) == {0}
+        assert len(sim.inflight) == len({g.id for g in plan.groups})
+
+
 def test_littles_law_for_decode_batches():
     """Time-average decode batch (integrated on the engines' own clocks) = arrival rate x mean time in
     decode (from per-request records)."""
@@ -173,9 +200,9 @@ def test_concurrent_transfers_share_the_link():
 
     routes = [Route("p0", "d0", 0.5), Route("p1", "d0", 0.5)]
     sim = Simulator(plan, perf, SLO_, routes)
-    both = sim.run(burst, seed=4)
-    # the seed sends one request to each prefill replica or both to one; either way the last KV lands
-    # about 2 transfer-times after the prompts are done
+    both = sim.run(burst)
+    # the router's picker sends one request to each prefill replica; the two KV transfers then share the
+    # link, so the last KV lands about 2 transfer-times after the prompts are done
     assert both.ttft.max() >= service + 1.9 * alone
 
 

@@ -1,5 +1,5 @@
 """Discrete-event simulator of a deployment plan: requests arrive (a workload's Poisson process or a trace),
-are routed by the plan's fractions, batched at prefill replicas under a token budget, have their KV cache sent
+are routed by the plan's fractions (the router's own picker, `serve.pick`), batched at prefill replicas under a token budget, have their KV cache sent
 over the pair's link (shared by concurrent transfers, as are the two nodes' NICs), and decode with continuous batching bounded
 by KV capacity; colocated replicas run vLLM-style chunked-prefill steps. Step times come from the perf model.
 
@@ -31,6 +31,7 @@ from thunderops.perf import (
     prefill_work,
 )
 from thunderops.plan import SLO, Plan, Route
+from thunderops.serve.pick import Picker
 from thunderops.specs import get_gpu
 from thunderops.workload import Requests, Workload, check_rate
 
@@ -196,7 +197,6 @@ class Simulator:
         fr = np.array([r.fraction for r in self.routes], dtype=float)
         if (fr < 0).any() or fr.sum() <= 0:
             raise PlanError("route fractions must be non-negative and sum to more than 0")
-        self.fractions = fr / fr.sum()
         self.prefill_ids: list[str] = []
         # gid -> (colocated, kv capacity, max seqs, token budget, KV cost per token)
         self.engine_spec: dict[str, tuple] = {}
@@ -231,6 +231,9 @@ class Simulator:
             eng.base = self.base_memo[gid]
             self.engines[gid] = eng
         self.net = _Network(self.link_bw)
+        self.picker = Picker([(r.prefill, r.decode, r.fraction) for r in self.routes])
+        self.inflight: dict[str, int] = {}  # replica -> requests the router has in flight there
+        self.inflight_total = 0
 
     def _link_for(self, r: Route) -> tuple | None:
         """The network resources a route's KV crosses: the slowest instance pair between the two groups (the
@@ -262,15 +265,14 @@ class Simulator:
 
     # -- the run
 
-    def run(self, reqs: Requests, seed: int = 0, give_up: bool = False) -> SimResult:
-        """Replay these requests; routes are drawn per request from the plan's fractions under `seed`.
+    def run(self, reqs: Requests, give_up: bool = False) -> SimResult:
+        """Replay these requests; each arrival gets its route from the router's picker (deterministic).
         With `give_up`, stop as soon as more requests have surely missed the SLO than its attainment target
         allows (the run's attainment is then below target, its other figures partial): a rate the plan cannot
         sustain fails in a fraction of the events."""
         self._reset()
         n = len(reqs)
-        rng = np.random.default_rng(seed + 7919)
-        route_of = rng.choice(len(self.routes), size=n, p=self.fractions)
+        route_of = np.full(n, -1, dtype=np.int64)
         self.arrival = reqs.arrival.astype(float)
         self.prompt = reqs.prompt.astype(np.int64)
         self.output = reqs.output.astype(np.int64)
@@ -317,12 +319,26 @@ class Simulator:
         slow[done] = (self.finish[done] - self.first[done]) / gen[done] > self.slo.tpot_s
         return int(np.count_nonzero(late | slow))
 
+    def _hold(self, gid: str, k: int) -> None:
+        self.inflight[gid] = self.inflight.get(gid, 0) + k
+        self.inflight_total += k
+
+    def _done(self, rid: int, t: float) -> None:
+        """The request's stream ends at `t` (inf: rejected, its KV never fits): the router lets go of it."""
+        if math.isinf(t):
+            self.rejected += 1
+        else:
+            self.finish[rid] = t
+        self._hold(self.routes[self.route_of[rid]].decode, -1)
+
     def _push(self, t: float, kind: int, data) -> None:
         self.seq += 1
         heapq.heappush(self.events, (t, self.seq, kind, data))
 
     def _on_arrival(self, t: float, rid: int) -> None:
-        route = self.routes[self.route_of[rid]]
+        ri = self.route_of[rid] = self.picker.pick(self.inflight, self.inflight_total)
+        route = self.routes[ri]
+        self._hold(route.prefill, 1)
         eng = self.engines.get(route.prefill)
         if eng is not None and eng.colocated:
             eng.pf_queue.append(rid)
@@ -360,11 +376,13 @@ class Simulator:
         sent = False
         for rid in batch:
             ri = self.route_of[rid]
+            route = self.routes[ri]  # the router has the prefill's answer: it sends the decode request
+            self._hold(route.prefill, -1)
+            self._hold(route.decode, 1)
             key = self.route_link[ri]
             if key is None:
                 self._on_kv_ready(t, rid)
                 continue
-            route = self.routes[ri]
             net.add(rid, float(self.prompt[rid]) * self.perf.model.kv_bytes_per_token * route.kv_compression, key)
             sent = True
         if sent:  # one next-finish event for the whole batch's transfers
@@ -386,7 +404,7 @@ class Simulator:
     def _on_kv_ready(self, t: float, rid: int) -> None:
         self.first[rid] = t
         if self.output[rid] <= 1:
-            self.finish[rid] = t
+            self._done(rid, t)
             return
         eng = self.engines[self.routes[self.route_of[rid]].decode]
         eng.waiting.append(rid)
@@ -436,7 +454,7 @@ class Simulator:
     def _retire(self, eng: _Engine) -> None:
         while eng.running and eng.running[0][0] <= eng.steps:
             _, rid = heapq.heappop(eng.running)
-            self.finish[rid] = eng.t_state
+            self._done(rid, eng.t_state)
             eng.B -= 1
             ctx = int(self.prompt[rid] + self.output[rid])
             eng.C -= ctx - 1
@@ -448,7 +466,7 @@ class Simulator:
             need = int(self.prompt[rid] + self.output[rid])
             if need > eng.kv_cap:
                 eng.waiting.popleft()
-                self.rejected += 1
+                self._done(rid, math.inf)
                 continue
             if eng.kv_used + need > eng.kv_cap:
                 break
@@ -496,7 +514,7 @@ class Simulator:
             need = int(self.prompt[rid] + self.output[rid])
             if need > eng.kv_cap:
                 eng.pf_queue.popleft()
-                self.rejected += 1
+                self._done(rid, math.inf)
                 continue
             if eng.kv_used + need > eng.kv_cap:
                 break
@@ -538,7 +556,7 @@ class Simulator:
             rid = item[0]
             self.first[rid] = eng.t_state
             if self.output[rid] <= 1:
-                self.finish[rid] = eng.t_state
+                self._done(rid, eng.t_state)
                 eng.kv_used -= int(self.prompt[rid] + self.output[rid])
                 continue
             eng.B += 1
@@ -612,7 +630,7 @@ def simulate(plan: Plan, workload: Workload, slo: SLO, rate: float | None = None
         raise WorkloadError(f"number of requests must be positive, got {n}")
     perf = perf or PerfModel(plan.model)
     sim = Simulator(plan, perf, slo, routing)
-    return sim.run(requests_for(workload, rate, n, seed), seed=seed)
+    return sim.run(requests_for(workload, rate, n, seed))
 
 
 def goodput(plan: Plan, workload: Workload, slo: SLO, n: int = 1000, seed: int = 0, perf: PerfModel | None = None,
@@ -629,7 +647,7 @@ def goodput(plan: Plan, workload: Workload, slo: SLO, n: int = 1000, seed: int =
 
     def meets(rate: float) -> bool:
         count = max(n, min(max_requests, math.ceil(rate * min_duration_s)))
-        return sim.run(requests_for(workload, rate, count, seed), seed=seed, give_up=True).attainment >= slo.attainment
+        return sim.run(requests_for(workload, rate, count, seed), give_up=True).attainment >= slo.attainment
 
     lo = 0.0
     if max_rate is not None:  # a cap: the answer is at most max_rate

@@ -15,7 +15,7 @@ import math
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -277,8 +277,10 @@ class Tabu:
             worst = min(self.elites.values(), key=lambda e: e.score)
             del self.elites[worst.state]
 
-    def run(self, starts: list[Evaluation]) -> Evaluation:
+    def run(self, starts: list[Evaluation], time_limit: float | None = None) -> Evaluation:
+        """One walk from the best of `starts` (`time_limit`: seconds, default the config's)."""
         cfg, h = self.cfg, self.h
+        limit = cfg.time_limit if time_limit is None else time_limit
         t0 = time.perf_counter()
         for ev in starts:
             self._remember(ev)
@@ -290,9 +292,9 @@ class Tabu:
         for it in range(cfg.max_iters):
             elapsed = time.perf_counter() - t0
             if self.progress:
-                self.progress(max(it / cfg.max_iters, stall / cfg.patience, elapsed / cfg.time_limit),
+                self.progress(max(it / cfg.max_iters, stall / cfg.patience, elapsed / limit),
                               f"iteration {it}, best {best.goodput:.2f} req/s at {best.cost:.2f} $/h")
-            if elapsed > cfg.time_limit or stall >= cfg.patience:
+            if elapsed > limit or stall >= cfg.patience:
                 break
             moves: dict[State, tuple] = {}
             for _ in range(cfg.neighbours):
@@ -327,7 +329,7 @@ class Tabu:
             ranked = redesign + [s for s in ranked if s not in redesign]
             chosen: Evaluation | None = None
             for s in ranked[:cfg.exact + len(redesign)]:
-                if chosen is not None and time.perf_counter() - t0 > cfg.time_limit:
+                if chosen is not None and time.perf_counter() - t0 > limit:
                     break
                 ev = seen.get(s) or h.evaluate(s)
                 seen[s] = ev
@@ -347,7 +349,7 @@ class Tabu:
                 best, stall = cur, 0
             else:
                 stall += 1
-        return self.fill(best, t0 + cfg.time_limit)
+        return self.fill(best, t0 + limit)
 
     def walks(self, starts: list[Evaluation]) -> Evaluation:
         """The best of `cfg.walks` walks from the same starts, each with its own random stream (the first is
@@ -359,12 +361,8 @@ class Tabu:
             left = cfg.time_limit - (time.perf_counter() - t0)
             if left <= 0:
                 break
-            self.rng = np.random.default_rng([self.seed, k])
-            self.cfg = replace(cfg, time_limit=left)
-            try:
-                ev = self.run(starts)
-            finally:
-                self.cfg = cfg
+            self.rng = np.random.default_rng([self.seed, k])  # the walk's own stream (`neighbour` draws from it)
+            ev = self.run(starts, time_limit=left)
             if ev.score > best.score + 1e-9 * max(1.0, abs(best.score)):
                 best = ev
         return best

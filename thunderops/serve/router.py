@@ -32,6 +32,7 @@ from aiohttp import web
 
 from thunderops.errors import UserError
 from thunderops.plan import Plan, Route
+from thunderops.serve.pick import Picker
 from thunderops.serve.upstream import UpstreamError, UpstreamPool
 
 log = logging.getLogger(__name__)
@@ -171,20 +172,12 @@ class _Upstream(Exception):
 
 
 class _Compiled:
-    """A routing table plus what picking needs; replaced whole, never mutated except its SWRR counters."""
+    """A routing table plus its picker; replaced whole, never mutated except the picker's counters."""
 
     def __init__(self, table: RoutingTable) -> None:
         self.table = table
-        total = sum(r.fraction for r in table.routes)
-        self.routes = [r for r in table.routes if r.fraction > 0]
-        self.weights = [r.fraction / total for r in self.routes]
-        share: dict[str, float] = {}
-        for r, w in zip(self.routes, self.weights, strict=True):
-            share[r.prefill] = share.get(r.prefill, 0.0) + w
-            if r.decode != r.prefill:
-                share[r.decode] = share.get(r.decode, 0.0) + w
-        self.share = share
-        self.current = [0.0] * len(self.routes)
+        self.routes = table.routes
+        self.picker = Picker([(r.prefill, r.decode, r.fraction) for r in table.routes])
 
 
 def _error(status: int, message: str, type_: str, param: str | None = None,
@@ -241,30 +234,13 @@ class Router:
             self.healthy.setdefault(rid, True)
 
     def pick(self, exclude: set[str] | frozenset[str] = frozenset()) -> tuple[Route, Replica, Replica]:
-        """The next (prefill, decode) pair: smooth weighted round robin over the plan's fractions, each
-        weight divided by 1 + the pair's load ratio (in-flight requests over the replica's share of all)."""
+        """The next (prefill, decode) pair (`serve.pick.Picker`: smooth weighted round robin over the plan's
+        fractions, each weight divided by 1 + the pair's load ratio) among healthy, not excluded replicas."""
         rt = self._rt
-        inflight, healthy = self.inflight, self.healthy
-        total = sum(inflight.values())
-        best = -1
-        wsum = 0.0
-        cur = rt.current
-        for i, r in enumerate(rt.routes):
-            p, d = r.prefill, r.decode
-            if p in exclude or d in exclude or not healthy.get(p, False) or not healthy.get(d, False):
-                continue
-            w = rt.weights[i]
-            if total:
-                load = max(inflight[p] / (rt.share[p] * total + 1.0), inflight[d] / (rt.share[d] * total + 1.0))
-                w /= 1.0 + load
-            cur[i] += w
-            wsum += w
-            if best < 0 or cur[i] > cur[best]:
-                best = i
-        if best < 0:
+        k = rt.picker.pick(self.inflight, healthy=self.healthy, exclude=exclude)
+        if k < 0:
             raise _NoReplica()
-        cur[best] -= wsum
-        r = rt.routes[best]
+        r = rt.routes[k]
         reps = rt.table.replicas
         return r, reps[r.prefill], reps[r.decode]
 

@@ -1,0 +1,59 @@
+"""How a request gets its (prefill, decode) replica pair. The router picks with this; the simulator replays the
+same picker, so a plan's simulated latencies come from the arrival pattern its replicas will really see.
+
+Smooth weighted round robin (nginx's algorithm) over the routing fractions: over any window a route gets its
+fraction of picks to within one, and each replica sees its requests evenly spaced rather than as a random
+(Poisson) thinning of the stream, which halves or better a busy prefill replica's queueing. Each route's weight
+is divided by 1 + its pair's load ratio (a replica's in-flight requests over its share of all in flight), so a
+replica that runs behind (slower than planned, or hit by long prompts) gets fewer new requests until it catches
+up.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Mapping, Sequence
+
+
+class Picker:
+    """Picks among `pairs` = [(prefill id, decode id, fraction), ...] (colocated: prefill id == decode id).
+    Routes with fraction 0 are never picked. Holds only the round-robin counters: in-flight counts and
+    health belong to the caller (they outlive a routing table)."""
+
+    def __init__(self, pairs: Sequence[tuple[str, str, float]]) -> None:
+        total = sum(f for _, _, f in pairs if f > 0)
+        self.index = [k for k, (_, _, f) in enumerate(pairs) if f > 0]  # pick k -> position in `pairs`
+        self.prefill = [pairs[k][0] for k in self.index]
+        self.decode = [pairs[k][1] for k in self.index]
+        self.weights = [pairs[k][2] / total for k in self.index] if total > 0 else []
+        self.share: dict[str, float] = {}  # replica -> its fraction of all requests
+        for p, d, w in zip(self.prefill, self.decode, self.weights, strict=True):
+            self.share[p] = self.share.get(p, 0.0) + w
+            if d != p:
+                self.share[d] = self.share.get(d, 0.0) + w
+        self.current = [0.0] * len(self.index)
+
+    def pick(self, inflight: Mapping[str, int], total: int | None = None,
+             healthy: Mapping[str, bool] | None = None, exclude: Collection[str] = ()) -> int:
+        """The position in `pairs` of the next route, or -1 when every route is excluded or unhealthy.
+        `inflight`: requests in flight per replica; `total`: their sum (computed when not given)."""
+        if total is None:
+            total = sum(inflight.values())
+        share, cur, weights = self.share, self.current, self.weights
+        best, wsum = -1, 0.0
+        for i, (p, d) in enumerate(zip(self.prefill, self.decode, strict=True)):
+            if healthy is not None and not (healthy.get(p, False) and healthy.get(d, False)):
+                continue
+            if exclude and (p in exclude or d in exclude):
+                continue
+            w = weights[i]
+            if total:
+                load = max(inflight.get(p, 0) / (share[p] * total + 1.0), inflight.get(d, 0) / (share[d] * total + 1.0))
+                w /= 1.0 + load
+            cur[i] += w
+            wsum += w
+            if best < 0 or cur[i] > cur[best]:
+                best = i
+        if best < 0:
+            return -1
+        cur[best] -= wsum
+        return self.index[best]
