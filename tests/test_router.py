@@ -37,6 +37,18 @@ def test_load_above_a_replicas_share_moves_picks_away_from_it():
     assert abs(seen[("p0", "d0")] - 250) <= 2
 
 
+def test_a_prefill_replica_behind_gets_fewer_picks_while_decodes_are_busy():
+    """Prefill load counts among prefill replicas: three prompts queued at p0 and none at p1 steer new
+    requests to p1 even while hundreds of streams run at the decode replicas."""
+    r = router((0.25, 0.25, 0.25, 0.25))
+    r.inflight.update({"p0": 3, "p1": 0, "d0": 200, "d1": 200})
+    seen = picks(r, 1000)
+    assert seen[("p0", "d0")] + seen[("p0", "d1")] < 400  # planned: 500
+    r.inflight.update({"p0": 0})
+    seen = picks(r, 1000)
+    assert abs(seen[("p0", "d0")] + seen[("p0", "d1")] - 500) <= 2
+
+
 def test_unhealthy_and_excluded_replicas_are_skipped():
     r = router()
     r.healthy["d1"] = False

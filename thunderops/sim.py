@@ -336,7 +336,7 @@ class Simulator:
         heapq.heappush(self.events, (t, self.seq, kind, data))
 
     def _on_arrival(self, t: float, rid: int) -> None:
-        ri = self.route_of[rid] = self.picker.pick(self.inflight, self.inflight_total)
+        ri = self.route_of[rid] = self.picker.pick(self.inflight)
         route = self.routes[ri]
         self._hold(route.prefill, 1)
         eng = self.engines.get(route.prefill)

@@ -4,9 +4,12 @@ same picker, so a plan's simulated latencies come from the arrival pattern its r
 Smooth weighted round robin (nginx's algorithm) over the routing fractions: over any window a route gets its
 fraction of picks to within one, and each replica sees its requests evenly spaced rather than as a random
 (Poisson) thinning of the stream, which halves or better a busy prefill replica's queueing. Each route's weight
-is divided by 1 + its pair's load ratio (a replica's in-flight requests over its share of all in flight), so a
-replica that runs behind (slower than planned, or hit by long prompts) gets fewer new requests until it catches
-up.
+is divided by 1 + the load ratio of each of its replicas: the replica's in-flight requests over its share of
+what is in flight at the replicas of its role (prefill replicas among prefill replicas; decode and colocated
+ones among those). A replica that runs behind (slower than planned, or stuck on a long prompt) so gets fewer
+new requests until it catches up. Per role because a decode replica holds a request for its whole generation
+and a prefill replica for a fraction of a second: against everything in flight, a prefill replica's queue
+would always look empty.
 """
 
 from __future__ import annotations
@@ -31,13 +34,18 @@ class Picker:
             if d != p:
                 self.share[d] = self.share.get(d, 0.0) + w
         self.current = [0.0] * len(self.index)
+        self.prefill_only = sorted({p for p, d in zip(self.prefill, self.decode, strict=True) if p != d})
+        self.holding = sorted(set(self.decode))  # decode and colocated replicas: their shares sum to 1
+        split = sum(self.share[r] for r in self.prefill_only)
+        for r in self.prefill_only:  # a prefill replica's share among prefill replicas
+            self.share[r] /= split
 
-    def pick(self, inflight: Mapping[str, int], total: int | None = None,
-             healthy: Mapping[str, bool] | None = None, exclude: Collection[str] = ()) -> int:
+    def pick(self, inflight: Mapping[str, int], healthy: Mapping[str, bool] | None = None,
+             exclude: Collection[str] = ()) -> int:
         """The position in `pairs` of the next route, or -1 when every route is excluded or unhealthy.
-        `inflight`: requests in flight per replica; `total`: their sum (computed when not given)."""
-        if total is None:
-            total = sum(inflight.values())
+        `inflight`: requests in flight per replica (prefills at a prefill replica, streams elsewhere)."""
+        pre = sum(inflight.get(r, 0) for r in self.prefill_only)
+        hold = sum(inflight.get(r, 0) for r in self.holding)
         share, cur, weights = self.share, self.current, self.weights
         best, wsum = -1, 0.0
         for i, (p, d) in enumerate(zip(self.prefill, self.decode, strict=True)):
@@ -46,9 +54,9 @@ class Picker:
             if exclude and (p in exclude or d in exclude):
                 continue
             w = weights[i]
-            if total:
-                load = max(inflight.get(p, 0) / (share[p] * total + 1.0), inflight.get(d, 0) / (share[d] * total + 1.0))
-                w /= 1.0 + load
+            w /= 1.0 + inflight.get(d, 0) / (share[d] * hold + 1.0)
+            if p != d:
+                w /= 1.0 + inflight.get(p, 0) / (share[p] * pre + 1.0)
             cur[i] += w
             wsum += w
             if best < 0 or cur[i] > cur[best]:
