@@ -44,19 +44,22 @@ class Picker:
              exclude: Collection[str] = ()) -> int:
         """The position in `pairs` of the next route, or -1 when every route is excluded or unhealthy.
         `inflight`: requests in flight per replica (prefills at a prefill replica, streams elsewhere)."""
-        pre = sum(inflight.get(r, 0) for r in self.prefill_only)
-        hold = sum(inflight.get(r, 0) for r in self.holding)
-        share, cur, weights = self.share, self.current, self.weights
+        get, share = inflight.get, self.share
+        factor: dict[str, float] = {}  # 1 / (1 + load) per replica
+        for role in (self.prefill_only, self.holding):
+            total = sum(get(r, 0) for r in role)
+            for r in role:
+                factor[r] = 1.0 / (1.0 + get(r, 0) / (share[r] * total + 1.0))
+        cur, weights = self.current, self.weights
         best, wsum = -1, 0.0
         for i, (p, d) in enumerate(zip(self.prefill, self.decode, strict=True)):
             if healthy is not None and not (healthy.get(p, False) and healthy.get(d, False)):
                 continue
             if exclude and (p in exclude or d in exclude):
                 continue
-            w = weights[i]
-            w /= 1.0 + inflight.get(d, 0) / (share[d] * hold + 1.0)
+            w = weights[i] * factor[d]
             if p != d:
-                w /= 1.0 + inflight.get(p, 0) / (share[p] * pre + 1.0)
+                w *= factor[p]
             cur[i] += w
             wsum += w
             if best < 0 or cur[i] > cur[best]:
