@@ -500,3 +500,23 @@ def test_links_from_one_node_share_its_nic(nic):
         assert ev.goodput == pytest.approx(wide.goodput, rel=0.05)
     simulated = goodput(h.to_plan(ev, strategy="test"), wl, slo, perf=h.perf)
     assert simulated == pytest.approx(ev.goodput, rel=0.15), (simulated, ev.goodput)
+
+
+def test_replicas_sharing_the_stream_count_the_routers_spacing():
+    """The routing LP rates a prefill or colocated replica at the arrival spacing of the router's round robin
+    over the state's k arrival-taking replicas (SCV 1/k): more of them, more each; decode is not queued."""
+    from thunderops.scheduler.harness import MAX_SPREAD, Harness, canon
+    from thunderops.workload import get_workload
+
+    inv = parse_inventory({"nodes": [{"name": "n0", "gpu": "H100", "gpus": 8}]}, "test")
+    h = Harness(list(inv.instances), PerfModel("llama-3.1-8b"), get_workload("conversation"), SLO(0.5, 0.05, 0.9))
+    u = h.units_of[0]
+    alone = canon([((u[0],), "prefill"), ((u[1],), "decode")])
+    four = canon([((u[k],), "prefill") for k in range(4)] + [((u[k],), "decode") for k in range(4, 8)])
+    assert Harness.arrival_scv(alone) == 1.0 and Harness.arrival_scv(four) == 0.25
+    assert Harness.arrival_scv(canon([((x,), "colocated") for x in u])) == 1 / min(8, MAX_SPREAD)
+    p_alone, _, _ = h.problem(alone)
+    p_four, _, _ = h.problem(four)
+    assert p_alone.prefill[0] == pytest.approx(h.config((u[0],), "prefill").capacity)
+    assert p_four.prefill[0] > 1.02 * p_alone.prefill[0]
+    assert p_four.decode[0] == pytest.approx(p_alone.decode[0])

@@ -606,15 +606,19 @@ class PerfModel:
             self._stats_cache[key] = st
         return st
 
-    def capacity(self, layout: Layout, phase: str, workload: Workload, slo: SLO) -> float:
+    def capacity(self, layout: Layout, phase: str, workload: Workload, slo: SLO, arrival_scv: float = 1.0) -> float:
         """Requests/s one replica sustains in `phase` while meeting the SLO (0.0 when it cannot at any rate).
+        `arrival_scv`: squared coefficient of variation of the gaps between the replica's arrivals (1: Poisson,
+        one replica taking the whole stream; the router's round robin over k replicas spaces them: about 1/k).
 
         prefill: M/G/1 queue of prompts, TTFT = wait + prefill latency at the attainment quantile;
         decode: continuous batching, Little's law N = rate x output x TPOT, bounded by TPOT, KV and max_num_seqs;
         colocated: chunked-prefill steps carrying both, decode slowed by the prefill tokens in each step."""
         if phase not in PHASES:
             raise PlanError(f"phase must be one of {', '.join(PHASES)}, got {phase!r}")
-        key = (layout, phase, workload.prompt_quantiles, workload.output_quantiles, slo)
+        if phase == "decode":
+            arrival_scv = 1.0  # decode capacity is Little's law on the batch: no queue of arrivals in it
+        key = (layout, phase, workload.prompt_quantiles, workload.output_quantiles, slo, arrival_scv)
         hit = self._cap_cache.get(key)
         if hit is not None:
             return hit
@@ -622,11 +626,11 @@ class PerfModel:
         if not self.fits(layout):
             value = 0.0
         elif phase == "prefill":
-            value = self._prefill_capacity(layout, workload, slo)
+            value = self._prefill_capacity(layout, workload, slo, arrival_scv)
         elif phase == "decode":
             value = self._decode_capacity(layout, workload, slo)
         else:
-            value = self._colocated_capacity(layout, workload, slo)
+            value = self._colocated_capacity(layout, workload, slo, arrival_scv)
         self._cap_cache[key] = value
         return value
 
@@ -637,7 +641,7 @@ class PerfModel:
         latency = np.array([self.pass_time(layout, prefill_work([p])) for p in st.prompt_grid])
         return float(interval.mean()), float((interval**2).mean()), float(latency.max()), latency
 
-    def _prefill_capacity(self, layout: Layout, workload: Workload, slo: SLO) -> float:
+    def _prefill_capacity(self, layout: Layout, workload: Workload, slo: SLO, arrival_scv: float = 1.0) -> float:
         es, es2, _, latency = self._prefill_service(layout, workload)
         miss = 1.0 - slo.attainment
         if float(np.mean(latency > slo.ttft_s)) > miss:
@@ -649,7 +653,7 @@ class PerfModel:
         def ok(lam: float) -> bool:
             rho = lam * es
             extra = batch_mates(rho, room) * per_mate
-            return rho < 1 and mg1_miss_probability(lam, es, es2, latency + extra, slo.ttft_s) <= miss
+            return rho < 1 and mg1_miss_probability(lam, es, es2, latency + extra, slo.ttft_s, arrival_scv) <= miss
 
         return _max_rate(ok, 1.0 / es)
 
@@ -686,7 +690,7 @@ class PerfModel:
             n = hi
         return n / (st.mean_output * self._decode_tpot(layout, n, ctx))
 
-    def _colocated_capacity(self, layout: Layout, workload: Workload, slo: SLO) -> float:
+    def _colocated_capacity(self, layout: Layout, workload: Workload, slo: SLO, arrival_scv: float = 1.0) -> float:
         """vLLM's chunked prefill: a waiting prompt rides in 'mixed' steps with the running sequences, in
         chunks of up to (budget - N) tokens; other steps are pure decode. A prompt of P tokens costs
         t_mix(P) (its mixed steps); per second that is lam*E[t_mix] of mixed time in lam*E[chunks] steps, the
@@ -759,10 +763,11 @@ class PerfModel:
             # mixed steps' extra time over pure steps; few output tokens and a long prompt among them miss
             extra = np.maximum(times - np.ceil(grid / max(1.0, budget - n)) * t_d, 0.0)
             tpot_miss = tpot_miss_probability(st.output_grid[::2] - 1, lam, t_d, extra, slo.tpot_s)
-            return mg1_miss_probability(lam, es, es2, times, slo.ttft_s) + tpot_miss <= miss
+            return mg1_miss_probability(lam, es, es2, times, slo.ttft_s, arrival_scv) + tpot_miss <= miss
 
-        per_prompt = prefill_work(st.prompt_grid).scaled(1.0 / len(st.prompt_grid))
-        return _max_rate(ok, 1.0 / max(self.pass_time(layout, per_prompt), 1e-9))
+        # ceiling: prompts alone keep the replica busy (their mixed steps at an empty batch; a pipeline works on
+        # pp microbatches at once, so this is about one stage's share, not the whole pass)
+        return _max_rate(ok, 1.0 / max(float(tab[0].mean()), 1e-9))
 
 
 _CRN = np.random.default_rng(20261125)  # common random numbers: the same draws for every rate (monotone search)
@@ -787,7 +792,9 @@ def tpot_miss_probability(steps: np.ndarray, lam: float, t_pure: float, extra: n
     exponential with the Pollaczek-Khinchine mean), and the prompts arriving during its window (Poisson, rate
     `lam`, window lengthened by their own work: / (1 - rho)) add theirs: a compound Poisson sum, drawn with
     fixed random numbers (exact counts up to 40 prompts, a normal approximation beyond). Requests that start in
-    a busy period see mostly mixed steps: a step-averaged TPOT misses this."""
+    a busy period see mostly mixed steps: a step-averaged TPOT misses this. Arrivals are taken as Poisson even
+    where the router spaces them (only the TTFT queue gets the correction): the prompts' extra work is so
+    skewed that the count's spread matters little (a colocated H200 replica's capacity moved under 1 %)."""
     steps = np.maximum(np.rint(np.asarray(steps, dtype=float)), 0.0)
     extra = np.asarray(extra, dtype=float)
     if t_pure > target:
@@ -833,15 +840,27 @@ def batch_mates(rho: float, room: int) -> float:
     return rho * (1 - rho**room) / (1 - rho)
 
 
-def mg1_miss_probability(lam: float, es: float, es2: float, latency: np.ndarray, target: float) -> float:
+def arrival_scv_factor(arrival_scv: float, es: float, es2: float) -> float:
+    """Kingman's G/G/1 correction to an M/G/1 mean wait: (ca^2 + cs^2) / (1 + cs^2), ca^2 the arrival gaps'
+    squared coefficient of variation (1: Poisson), cs^2 the service times'."""
+    if arrival_scv >= 1 or es <= 0:
+        return 1.0
+    cs2 = max(es2 / (es * es) - 1.0, 0.0)
+    return (arrival_scv + cs2) / (1.0 + cs2)
+
+
+def mg1_miss_probability(lam: float, es: float, es2: float, latency: np.ndarray, target: float,
+                         arrival_scv: float = 1.0) -> float:
     """P(wait + latency > target) in an M/G/1 queue, the wait taken as 0 with probability 1 - rho and else
-    exponential with the Pollaczek-Khinchine mean; `latency` samples the requests' own service latencies."""
+    exponential with the Pollaczek-Khinchine mean; `latency` samples the requests' own service latencies.
+    With `arrival_scv` < 1 (arrivals spaced more evenly than Poisson, as the router's round robin spaces them
+    at each of several replicas) the mean wait takes Kingman's G/G/1 correction."""
     rho = lam * es
     if rho >= 1:
         return 1.0
     if rho <= 0:
         return float(np.mean(latency > target))
-    cond_mean = lam * es2 / (2 * (1 - rho)) / rho
+    cond_mean = lam * es2 / (2 * (1 - rho)) / rho * arrival_scv_factor(arrival_scv, es, es2)
     slack = target - latency
     p = np.where(slack < 0, 1.0, rho * np.exp(-np.maximum(slack, 0.0) / cond_mean))
     return float(p.mean())

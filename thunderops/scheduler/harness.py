@@ -36,6 +36,10 @@ TTFT_STEPS = 10  # the TTFT left after a KV transfer is rounded down to 1/TTFT_S
 # as long. A route loads its link to the u of these that serves it best (more u: more requests/s over the link,
 # less TTFT left to prefill in).
 LINK_UTILISATIONS = (0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95)
+# The router's round robin (`serve.pick`) spaces each replica's arrivals: of k replicas taking arrivals (prefill and
+# colocated), each sees gaps with a squared coefficient of variation of about 1/k, not a Poisson stream's 1.
+# Capped at 1/MAX_SPREAD: the queueing gain flattens out, and each distinct value costs a capacity computation.
+MAX_SPREAD = 8
 
 
 class PairLink(NamedTuple):
@@ -100,6 +104,7 @@ class Harness:
         self._pair: dict[tuple[tuple[int, ...], tuple[int, ...]], tuple] = {}
         self._route: dict[tuple, tuple[float, float]] = {}
         self._nic: dict[int, float] = {}
+        self._spread: dict[tuple, float] = {}
         self.mean_prompt = workload.mean_prompt
         self.q_prompt = workload.percentile("prompt", slo.attainment * 100)
         self.evaluations = 0
@@ -228,22 +233,43 @@ class Harness:
             v = self._nic[k] = self.topo.nic_gbps(self.pool[k])
         return v
 
-    def kv_route(self, units: tuple[Unit, ...], link_rate: float, transfer_s: float) -> tuple[float, float]:
+    @staticmethod
+    def arrival_scv(state: State) -> float:
+        """Squared coefficient of variation of one replica's arrival gaps under the router (see MAX_SPREAD)."""
+        k = sum(1 for _, ph in state if ph != "decode")
+        return 1.0 / min(max(k, 1), MAX_SPREAD)
+
+    def spread(self, cfg: GroupConfig, scv: float) -> float:
+        """A prefill or colocated group's capacity when its arrivals come with gaps of this SCV (the group's
+        layout is chosen at Poisson arrivals and kept)."""
+        if scv >= 1 or cfg.layout is None or cfg.capacity <= 0 or cfg.phase == "decode":
+            return cfg.capacity
+        key = (cfg.layout, cfg.phase, scv)
+        hit = self._spread.get(key)
+        if hit is None:
+            slo = self.parallel.prefill_slo if cfg.phase == "prefill" else self.slo
+            hit = self._spread[key] = max(cfg.capacity, self.perf.capacity(cfg.layout, cfg.phase, self.workload,
+                                                                          slo, arrival_scv=scv))
+        return hit
+
+    def kv_route(self, units: tuple[Unit, ...], link_rate: float, transfer_s: float,
+                 scv: float = 1.0) -> tuple[float, float]:
         """For a prefill group sending KV over a link that carries `link_rate` requests/s when fully busy, each
         taking `transfer_s` alone: (requests/s the route may put on the link, the prefill group's capacity for
         them), at the link utilisation of LINK_UTILISATIONS that serves the most."""
         if link_rate <= 0:
             return 0.0, 0.0
-        key = (units, link_rate, transfer_s)
+        key = (units, link_rate, transfer_s, scv)
         hit = self._route.get(key)
         if hit is None:
-            options = [(u * link_rate, self.prefill_capacity(units, transfer_s / (1 - u)))
+            options = [(u * link_rate, self.prefill_capacity(units, transfer_s / (1 - u), scv))
                        for u in LINK_UTILISATIONS]
             hit = self._route[key] = max(options, key=lambda o: (min(o), o))
         return hit
 
-    def prefill_capacity(self, units: tuple[Unit, ...], transfer_s: float) -> float:
-        """Prefill capacity (requests/s) when each request's KV transfer takes `transfer_s` of the TTFT target."""
+    def prefill_capacity(self, units: tuple[Unit, ...], transfer_s: float, scv: float = 1.0) -> float:
+        """Prefill capacity (requests/s) when each request's KV transfer takes `transfer_s` of the TTFT target
+        (arrival gaps of SCV `scv`)."""
         ttft = self.slo.ttft_s
         step = ttft / TTFT_STEPS
         left = int((ttft - transfer_s) / step) * step if transfer_s < ttft else 0.0
@@ -252,17 +278,19 @@ class Harness:
         cfg = self.config(units, "prefill")
         if cfg.layout is None or cfg.capacity <= 0:
             return 0.0
-        key = (cfg.layout, round(left, 9))
+        key = (cfg.layout, round(left, 9), scv)
         hit = self._pre.get(key)
         if hit is None:
             slo = SLO(left, self.slo.tpot_s, self.slo.attainment)
-            hit = self._pre[key] = self.perf.capacity(cfg.layout, "prefill", self.workload, slo)
+            hit = self._pre[key] = self.perf.capacity(cfg.layout, "prefill", self.workload, slo, arrival_scv=scv)
         return hit
 
     # ------------------------------------------------------------------ scoring
 
     def problem(self, state: State) -> tuple[lp.RouteProblem, list[GroupConfig], dict[str, list[int]]]:
         configs = [self.config(units, ph) for units, ph in state]
+        scv = self.arrival_scv(state)
+        caps = [self.spread(cfg, scv) for cfg in configs]
         roles: dict[str, list[int]] = defaultdict(list)
         for k, (_, ph) in enumerate(state):
             roles[ph].append(k)
@@ -285,12 +313,12 @@ class Harness:
                         for end, k in (("out", pl.src), ("in", pl.dst)):
                             w = min(1.0, pl.gbps / self.nic_gbps(k))
                             shares.append((resources.setdefault((end, k), len(resources)), a, b, w))
-                    raw[a, b], pre_raw[a, b] = self.kv_route(state[i][0], pl.rate_raw, pl.t_raw)
-                    comp[a, b], pre_comp[a, b] = self.kv_route(state[i][0], pl.rate_comp, pl.t_comp)
+                    raw[a, b], pre_raw[a, b] = self.kv_route(state[i][0], pl.rate_raw, pl.t_raw, scv)
+                    comp[a, b], pre_comp[a, b] = self.kv_route(state[i][0], pl.rate_comp, pl.t_comp, scv)
         coo = tuple(np.array(c) for c in zip(*shares, strict=True)) if shares else None
         prob = lp.RouteProblem(
-            np.array([configs[i].capacity for i in P]), np.array([configs[j].capacity for j in D]),
-            np.array([configs[c].capacity for c in roles["colocated"]]), raw, comp, pre_raw, pre_comp, coo)
+            np.array([caps[i] for i in P]), np.array([caps[j] for j in D]),
+            np.array([caps[c] for c in roles["colocated"]]), raw, comp, pre_raw, pre_comp, coo)
         return prob, configs, dict(roles)
 
     def bound(self, state: State) -> float:
