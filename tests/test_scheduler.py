@@ -514,6 +514,7 @@ def test_replicas_sharing_the_stream_count_the_routers_spacing():
     alone = canon([((u[0],), "prefill"), ((u[1],), "decode")])
     four = canon([((u[k],), "prefill") for k in range(4)] + [((u[k],), "decode") for k in range(4, 8)])
     assert Harness.arrival_scv(alone) == 1.0 and Harness.arrival_scv(four) == 0.25
+    assert Harness.arrival_scv(canon([((x,), "colocated") for x in u[:3]])) == 0.5  # k rounded down: 2
     assert Harness.arrival_scv(canon([((x,), "colocated") for x in u])) == 1 / min(8, MAX_SPREAD)
     p_alone, _, _ = h.problem(alone)
     p_four, _, _ = h.problem(four)

@@ -38,7 +38,8 @@ TTFT_STEPS = 10  # the TTFT left after a KV transfer is rounded down to 1/TTFT_S
 LINK_UTILISATIONS = (0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95)
 # The router's round robin (`serve.pick`) spaces each replica's arrivals: of k replicas taking arrivals (prefill and
 # colocated), each sees gaps with a squared coefficient of variation of about 1/k, not a Poisson stream's 1.
-# Capped at 1/MAX_SPREAD: the queueing gain flattens out, and each distinct value costs a capacity computation.
+# k is rounded down to a power of two and capped at MAX_SPREAD: each distinct value costs every group a capacity
+# computation (tens of ms for a colocated one), and the queueing gain flattens out.
 MAX_SPREAD = 8
 
 
@@ -236,8 +237,8 @@ class Harness:
     @staticmethod
     def arrival_scv(state: State) -> float:
         """Squared coefficient of variation of one replica's arrival gaps under the router (see MAX_SPREAD)."""
-        k = sum(1 for _, ph in state if ph != "decode")
-        return 1.0 / min(max(k, 1), MAX_SPREAD)
+        k = min(max(sum(1 for _, ph in state if ph != "decode"), 1), MAX_SPREAD)
+        return 1.0 / (1 << (k.bit_length() - 1))
 
     def spread(self, cfg: GroupConfig, scv: float) -> float:
         """A prefill or colocated group's capacity when its arrivals come with gaps of this SCV (the group's
