@@ -1,7 +1,8 @@
 """Discrete-event simulator of a deployment plan: requests arrive (a workload's Poisson process or a trace),
-are routed by the plan's fractions (the router's own picker, `serve.pick`), batched at prefill replicas under a token budget, have their KV cache sent
-over the pair's link (shared by concurrent transfers, as are the two nodes' NICs), and decode with continuous batching bounded
-by KV capacity; colocated replicas run vLLM-style chunked-prefill steps. Step times come from the perf model.
+are routed by the plan's fractions (with the router's own picker, `serve.pick`), batched at prefill replicas
+under a token budget, have their KV cache sent over the pair's link (shared by concurrent transfers, as are the
+two nodes' NICs), and decode with continuous batching bounded by KV capacity; colocated replicas run
+vLLM-style chunked-prefill steps. Step times come from the perf model.
 
 Accounting: a request's first token is out when its prompt is prefilled and (phase-split) its KV has reached
 the decode replica; TTFT is that time minus arrival; TPOT is the rest of its generation time divided by the
@@ -233,7 +234,6 @@ class Simulator:
         self.net = _Network(self.link_bw)
         self.picker = Picker([(r.prefill, r.decode, r.fraction) for r in self.routes])
         self.inflight: dict[str, int] = {}  # replica -> requests the router has in flight there
-        self.inflight_total = 0
 
     def _link_for(self, r: Route) -> tuple | None:
         """The network resources a route's KV crosses: the slowest instance pair between the two groups (the
@@ -321,7 +321,6 @@ class Simulator:
 
     def _hold(self, gid: str, k: int) -> None:
         self.inflight[gid] = self.inflight.get(gid, 0) + k
-        self.inflight_total += k
 
     def _done(self, rid: int, t: float) -> None:
         """The request's stream ends at `t` (inf: rejected, its KV never fits): the router lets go of it."""
