@@ -191,6 +191,25 @@ def test_prompt_longer_than_max_model_len_is_400(fast):
         client(fast).completions.create(model=MODEL, prompt=[1] * 5000, max_tokens=4)
 
 
+def test_health_counts_only_routes_that_carry_traffic(fast):
+    """Healthy replicas whose routes have fraction 0 serve nothing: with the only route that carries traffic
+    through a dead replica, /health is 503 (and requests get 503), as picking would find no pair."""
+    status, original, _ = http(fast, "GET", "/admin/routing")
+    assert status == 200
+    idle = [{**r, "fraction": 0.0} for r in original["routes"]]
+    table = {"version": 98, "replicas": original["replicas"] + [{"id": "gone-d", "url": "http://127.0.0.1:9",
+                                                                "phase": "decode"}],
+             "routes": idle + [{"prefill": original["routes"][0]["prefill"], "decode": "gone-d", "fraction": 1.0}]}
+    try:
+        assert http(fast, "POST", "/admin/routing", table)[0] == 200
+        status, _, _ = http(fast, "POST", "/v1/completions", {"model": MODEL, "prompt": "hi", "max_tokens": 1})
+        assert status == 503
+        assert http(fast, "GET", "/health", key=None)[0] == 503
+    finally:
+        assert http(fast, "POST", "/admin/routing", original)[0] == 200
+    assert http(fast, "GET", "/health", key=None)[0] == 200
+
+
 def test_no_healthy_replica_is_503_with_retry_after_and_routing_swaps_back(fast):
     status, original, _ = http(fast, "GET", "/admin/routing")
     assert status == 200

@@ -176,7 +176,6 @@ class _Compiled:
 
     def __init__(self, table: RoutingTable) -> None:
         self.table = table
-        self.routes = table.routes
         self.picker = Picker([(r.prefill, r.decode, r.fraction) for r in table.routes])
 
 
@@ -234,13 +233,13 @@ class Router:
             self.healthy.setdefault(rid, True)
 
     def pick(self, exclude: set[str] | frozenset[str] = frozenset()) -> tuple[Route, Replica, Replica]:
-        """The next (prefill, decode) pair (`serve.pick.Picker`: smooth weighted round robin over the plan's
-        fractions, each weight divided by 1 + the pair's load ratio) among healthy, not excluded replicas."""
+        """The next (prefill, decode) pair among healthy, not excluded replicas (`serve.pick.Picker`: smooth
+        weighted round robin over the plan's fractions, steered by each replica's in-flight load in its role)."""
         rt = self._rt
         k = rt.picker.pick(self.inflight, healthy=self.healthy, exclude=exclude)
         if k < 0:
             raise _NoReplica()
-        r = rt.routes[k]
+        r = rt.table.routes[k]
         reps = rt.table.replicas
         return r, reps[r.prefill], reps[r.decode]
 
@@ -314,7 +313,8 @@ class Router:
 
     async def _health(self, request: web.Request) -> web.Response:
         up = [rid for rid in self._rt.table.replicas if self.healthy.get(rid)]
-        status = 200 if any(self.healthy.get(r.prefill) and self.healthy.get(r.decode) for r in self._rt.routes) else 503
+        status = 200 if any(r.fraction > 0 and self.healthy.get(r.prefill) and self.healthy.get(r.decode)
+                                for r in self._rt.table.routes) else 503
         return web.Response(status=status, body=orjson.dumps({"healthy_replicas": up, "routing_version": self.table.version}),
                             content_type="application/json")
 
