@@ -28,25 +28,81 @@ def test_idle_picks_follow_the_plan_fractions_exactly():
 
 def test_load_above_a_replicas_share_moves_picks_away_from_it():
     r = router((0.25, 0.25, 0.25, 0.25))
-    r.inflight.update({"p0": 5, "p1": 5, "d0": 40, "d1": 0})  # d0 holds far more than its half
+    r.load.update({"p0": 5, "p1": 5, "d0": 40, "d1": 0})  # d0 holds far more than its half
     seen = picks(r, 1000)
     to_d0 = seen[("p0", "d0")] + seen[("p1", "d0")]
     assert to_d0 < 350  # clearly under its planned 50%
-    r.inflight.update({"p0": 10, "p1": 10, "d0": 10, "d1": 10})  # load in proportion: fractions hold
+    r.load.update({"p0": 10, "p1": 10, "d0": 10, "d1": 10})  # load in proportion: fractions hold
     seen = picks(r, 1000)
     assert abs(seen[("p0", "d0")] - 250) <= 2
 
 
 def test_a_prefill_replica_behind_gets_fewer_picks_while_decodes_are_busy():
-    """Prefill load counts among prefill replicas: three prompts queued at p0 and none at p1 steer new
+    """Prefill load counts among prefill replicas: three mean prompts queued at p0 and none at p1 steer new
     requests to p1 even while hundreds of streams run at the decode replicas."""
     r = router((0.25, 0.25, 0.25, 0.25))
-    r.inflight.update({"p0": 3, "p1": 0, "d0": 200, "d1": 200})
+    r.load.update({"p0": 3, "p1": 0, "d0": 200, "d1": 200})
     seen = picks(r, 1000)
     assert seen[("p0", "d0")] + seen[("p0", "d1")] < 400  # planned: 500
-    r.inflight.update({"p0": 0})
+    r.load.update({"p0": 0})
     seen = picks(r, 1000)
     assert abs(seen[("p0", "d0")] + seen[("p0", "d1")] - 500) <= 2
+
+
+def test_one_long_prompt_weighs_like_many_short_ones():
+    """Load is in request-equivalents: one prompt 8x the mean at p0 steers picks away from it as eight
+    mean prompts would, where a request count would see one request against one."""
+    from thunderops.serve.pick import PromptWeights
+
+    w = PromptWeights()
+    for _ in range(99):
+        w.weight(1000)
+    long, short = w.weight(8000), w.weight(1000)
+    assert long > 7 * short
+    to_p0 = {}
+    for name, held in (("weights", (long, short)), ("counts", (1, 1))):
+        r = router((0.25, 0.25, 0.25, 0.25))
+        r.load.update({"p0": held[0], "p1": held[1]})
+        seen = picks(r, 1000)
+        to_p0[name] = seen[("p0", "d0")] + seen[("p0", "d1")]
+    assert to_p0["counts"] == 500 and to_p0["weights"] < 350  # planned: 500
+
+
+def test_prompt_weights_are_relative_and_add_back_to_zero():
+    from thunderops.serve.pick import MAX_WEIGHT, WEIGHT_STEP, PromptWeights
+
+    w = PromptWeights()
+    assert w.weight(500) == 1.0  # the first prompt is the mean
+    sizes = [37, 4000, 1, 123456789, 900, 0, 2500] * 50
+    got = [w.weight(s) for s in sizes]
+    assert all(WEIGHT_STEP <= g <= MAX_WEIGHT for g in got)
+    assert max(got) == MAX_WEIGHT and min(got) == WEIGHT_STEP
+    total = 0.0
+    for g in got:
+        total += g
+    for g in reversed(got):
+        total -= g
+    assert total == 0.0  # multiples of a power of two: the router's books return exactly to zero
+    # the unit cancels: characters or tokens give the same weights
+    a, b = PromptWeights(), PromptWeights()
+    assert [a.weight(s) for s in (100, 300, 50)] == [b.weight(4 * s) for s in (100, 300, 50)]
+
+
+@pytest.mark.parametrize("body,size", [
+    ({"prompt": "abcd" * 10}, 40),
+    ({"prompt": list(range(10))}, 40),  # token ids, CHARS_PER_TOKEN each
+    ({"prompt": ["ab", "cde"]}, 5),
+    ({"prompt": [[1, 2], [3]]}, 12),
+    ({"messages": [{"role": "system", "content": "be brief"},
+                   {"role": "user", "content": [{"type": "text", "text": "hello"},
+                                                {"type": "image_url", "image_url": {"url": "x"}}]}]}, 13),
+    ({"model": "m"}, 0),
+    ({"prompt": None, "messages": "not a list"}, 10),
+])
+def test_prompt_size_reads_both_apis(body, size):
+    from thunderops.serve.router import prompt_size
+
+    assert prompt_size(body) == size
 
 
 def test_unhealthy_and_excluded_replicas_are_skipped():

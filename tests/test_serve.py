@@ -162,6 +162,25 @@ def test_routing_fractions_over_2000_requests(fast):
         assert abs(seen[pair] / 2000 - want) < 0.03, (pair, seen[pair] / 2000, want)
 
 
+def test_a_long_prompt_weighs_on_its_prefill_replica_until_its_answer(timed):
+    """The router's load gauge shows a long prompt in prefill as many mean prompts (what it steers by), the
+    request gauge as one request; both return exactly to zero once the requests are answered."""
+    c = client(timed)
+    for _ in range(20):  # the router's mean prompt: a few words
+        c.completions.create(model=MODEL, prompt="a short prompt of words", max_tokens=1)
+    long_prompt = " ".join(["word"] * 3000)
+    done = threading.Event()
+    threading.Thread(target=lambda: (c.completions.create(model=MODEL, prompt=long_prompt, max_tokens=2),
+                                     done.set()), daemon=True).start()
+    peak: dict[str, float] = {}
+    while not done.wait(0.01):
+        for rid, v in _inflight(timed, "load").items():
+            if rid.startswith("p"):
+                peak[rid] = max(peak.get(rid, 0.0), v)
+    assert max(peak.values()) >= 20  # ~15,000 characters against a mean of ~25
+    assert set(_inflight(timed).values()) == set(_inflight(timed, "load").values()) == {0.0}
+
+
 # ---- bad input ------------------------------------------------------------------------------------------
 
 def test_missing_or_wrong_key_is_401(fast):
@@ -265,12 +284,13 @@ def test_metrics_expose_token_totals(fast):
 
 # ---- failures -------------------------------------------------------------------------------------------
 
-def _inflight(h: ServingHandle) -> dict[str, float]:
+def _inflight(h: ServingHandle, gauge: str = "inflight") -> dict[str, float]:
+    """A per-replica gauge of the router's /metrics: `inflight` (requests) or `load` (request-equivalents)."""
     with urllib.request.urlopen(h.admin_url + "/metrics") as r:
         text = r.read().decode()
     out = {}
     for line in text.splitlines():
-        if line.startswith("thunderops_replica_inflight{"):
+        if line.startswith(f"thunderops_replica_{gauge}{{"):
             out[line.split('"')[1]] = float(line.split()[-1])
     return out
 
@@ -310,6 +330,7 @@ def test_killing_a_decode_engine_mid_stream_loses_no_request(timed):
     assert all(r["output_tokens"] == max_tokens and r["status"] == 200 for r in recs)
     migrated = [r for r in recs if r["migrations"]]
     assert all(victim in r["replicas"] and r["decode_replica"] != victim for r in migrated)
+    assert set(_inflight(timed).values()) == set(_inflight(timed, "load").values()) == {0.0}  # books balanced
 
 
 def test_chat_stream_migrates_with_continue_final_message(timed):

@@ -80,6 +80,32 @@ def test_every_request_leaves_the_routers_books():
         assert len(sim.inflight) == len({g.id for g in plan.groups})
 
 
+@pytest.mark.parametrize("colocated", [False, True])
+def test_short_prompts_wait_less_behind_a_long_one_when_the_router_weighs_prompts(colocated, monkeypatch):
+    """The router weighs a prompt in prefill by its size (serve.pick): after one prompt 32x the others lands
+    on one of two replicas, fewer of the short prompts that follow queue behind it than when the router
+    counts requests, and they wait less in all; the books still return exactly to zero."""
+    from thunderops.serve import pick
+    from thunderops.sim import Simulator
+    from thunderops.workload import Requests
+
+    plan = homogeneous_plan("Llama-3.1-8B", "H100", colocated=(2, 1)) if colocated else pd_plan(p=2, d=1)
+    perf = PerfModel(plan.model)
+    n = 60
+    reqs = Requests(np.arange(n) * 0.01, np.array([256] * 10 + [8192] + [256] * (n - 11)), np.full(n, 2))
+    waits = {}
+    for how in ("weights", "counts"):
+        if how == "counts":
+            monkeypatch.setattr(pick.PromptWeights, "weight", lambda self, size: 1.0)
+        sim = Simulator(plan, perf, SLO_, default_routing(plan, perf))
+        res = sim.run(reqs)
+        assert set(sim.inflight.values()) == {0}
+        short = res.ttft[11:]
+        waits[how] = (int((short > 2 * res.ttft[:10].max()).sum()), float(short.sum()))
+    assert waits["weights"][0] < waits["counts"][0]
+    assert waits["weights"][1] < 0.9 * waits["counts"][1]
+
+
 def test_littles_law_for_decode_batches():
     """Time-average decode batch (integrated on the engines' own clocks) = arrival rate x mean time in
     decode (from per-request records)."""

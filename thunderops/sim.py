@@ -32,7 +32,7 @@ from thunderops.perf import (
     prefill_work,
 )
 from thunderops.plan import SLO, Plan, Route
-from thunderops.serve.pick import Picker
+from thunderops.serve.pick import Picker, PromptWeights
 from thunderops.specs import get_gpu
 from thunderops.workload import Requests, Workload, check_rate
 
@@ -233,7 +233,8 @@ class Simulator:
             self.engines[gid] = eng
         self.net = _Network(self.link_bw)
         self.picker = Picker([(r.prefill, r.decode, r.fraction) for r in self.routes])
-        self.inflight: dict[str, int] = {}  # replica -> requests the router has in flight there
+        self.inflight: dict[str, float] = {}  # replica -> load the router has in flight there (request-equivalents)
+        self.weights = PromptWeights()
 
     def _link_for(self, r: Route) -> tuple | None:
         """The network resources a route's KV crosses: the slowest instance pair between the two groups (the
@@ -279,6 +280,7 @@ class Simulator:
         self.first = np.full(n, math.inf)
         self.finish = np.full(n, math.inf)
         self.route_of = route_of
+        self.held = np.ones(n)  # what each request weighs at the replica holding it (serve.pick)
         self.rejected = 0
         self.events: list = []
         self.seq = 0
@@ -319,8 +321,13 @@ class Simulator:
         slow[done] = (self.finish[done] - self.first[done]) / gen[done] > self.slo.tpot_s
         return int(np.count_nonzero(late | slow))
 
-    def _hold(self, gid: str, k: int) -> None:
+    def _hold(self, gid: str, k: float) -> None:
         self.inflight[gid] = self.inflight.get(gid, 0) + k
+
+    def _streams(self, rid: int, gid: str) -> None:
+        """The request's first token is out: from now on it weighs 1 at `gid`, which streams the rest."""
+        self._hold(gid, 1.0 - self.held[rid])
+        self.held[rid] = 1.0
 
     def _done(self, rid: int, t: float) -> None:
         """The request's stream ends at `t` (inf: rejected, its KV never fits): the router lets go of it."""
@@ -328,7 +335,7 @@ class Simulator:
             self.rejected += 1
         else:
             self.finish[rid] = t
-        self._hold(self.routes[self.route_of[rid]].decode, -1)
+        self._hold(self.routes[self.route_of[rid]].decode, -self.held[rid])
 
     def _push(self, t: float, kind: int, data) -> None:
         self.seq += 1
@@ -337,7 +344,8 @@ class Simulator:
     def _on_arrival(self, t: float, rid: int) -> None:
         ri = self.route_of[rid] = self.picker.pick(self.inflight)
         route = self.routes[ri]
-        self._hold(route.prefill, 1)
+        w = self.held[rid] = self.weights.weight(self.prompt[rid])  # the router sizes the prompt as it picks
+        self._hold(route.prefill, w)
         eng = self.engines.get(route.prefill)
         if eng is not None and eng.colocated:
             eng.pf_queue.append(rid)
@@ -376,8 +384,9 @@ class Simulator:
         for rid in batch:
             ri = self.route_of[rid]
             route = self.routes[ri]  # the router has the prefill's answer: it sends the decode request
-            self._hold(route.prefill, -1)
-            self._hold(route.decode, 1)
+            self._hold(route.prefill, -self.held[rid])
+            self.held[rid] = 1.0
+            self._hold(route.decode, 1.0)
             key = self.route_link[ri]
             if key is None:
                 self._on_kv_ready(t, rid)
@@ -554,6 +563,7 @@ class Simulator:
             eng.prefilling.remove(item)
             rid = item[0]
             self.first[rid] = eng.t_state
+            self._streams(rid, self.routes[self.route_of[rid]].decode)
             if self.output[rid] <= 1:
                 self._done(rid, eng.t_state)
                 eng.kv_used -= int(self.prompt[rid] + self.output[rid])

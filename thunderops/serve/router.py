@@ -32,7 +32,7 @@ from aiohttp import web
 
 from thunderops.errors import UserError
 from thunderops.plan import Plan, Route
-from thunderops.serve.pick import Picker
+from thunderops.serve.pick import Picker, PromptWeights
 from thunderops.serve.upstream import UpstreamError, UpstreamPool
 
 log = logging.getLogger(__name__)
@@ -179,6 +179,29 @@ class _Compiled:
         self.picker = Picker([(r.prefill, r.decode, r.fraction) for r in table.routes])
 
 
+CHARS_PER_TOKEN = 4  # sizes token-id prompts like text (a rough English average; only ratios matter)
+
+
+def prompt_size(body: dict[str, Any]) -> int:
+    """How much prefill work a request brings, in characters (token ids count CHARS_PER_TOKEN each): the
+    completions API's `prompt` (text, token ids, or lists of either) or the chat API's message texts. Cheap
+    and tokenizer-free: the picker only compares prompts with each other (`serve.pick.PromptWeights`)."""
+    def size(x: Any) -> int:
+        if isinstance(x, str):
+            return len(x)
+        if isinstance(x, int):
+            return CHARS_PER_TOKEN
+        if isinstance(x, list):
+            if x and isinstance(x[0], int):  # token ids: no walk over a long prompt on the hot path
+                return CHARS_PER_TOKEN * len(x)
+            return sum(size(v) for v in x)
+        if isinstance(x, dict):  # a chat message or one of its content parts
+            return size(x.get("content")) + size(x.get("text"))
+        return 0
+
+    return size(body.get("messages")) + size(body.get("prompt"))
+
+
 def _error(status: int, message: str, type_: str, param: str | None = None,
            headers: dict[str, str] | None = None) -> web.Response:
     body = {"error": {"message": message, "type": type_, "param": param, "code": status}}
@@ -199,7 +222,9 @@ class Router:
         if config.engine_api_key:
             self._engine_headers["Authorization"] = f"Bearer {config.engine_api_key}"
         self.models = list(dict.fromkeys(config.served_models))
-        self.inflight: dict[str, int] = {}
+        self.inflight: dict[str, int] = {}  # requests in flight per replica (the metric)
+        self.load: dict[str, float] = {}  # the same in request-equivalents (what the picker steers by)
+        self.weights = PromptWeights()
         self.healthy: dict[str, bool] = {}
         self._sync_replicas(table)
         self.session: aiohttp.ClientSession | None = None  # health probes only
@@ -230,13 +255,14 @@ class Router:
     def _sync_replicas(self, table: RoutingTable) -> None:
         for rid in table.replicas:
             self.inflight.setdefault(rid, 0)
+            self.load.setdefault(rid, 0.0)
             self.healthy.setdefault(rid, True)
 
     def pick(self, exclude: set[str] | frozenset[str] = frozenset()) -> tuple[Route, Replica, Replica]:
         """The next (prefill, decode) pair among healthy, not excluded replicas (`serve.pick.Picker`: smooth
         weighted round robin over the plan's fractions, steered by each replica's in-flight load in its role)."""
         rt = self._rt
-        k = rt.picker.pick(self.inflight, healthy=self.healthy, exclude=exclude)
+        k = rt.picker.pick(self.load, healthy=self.healthy, exclude=exclude)
         if k < 0:
             raise _NoReplica()
         r = rt.table.routes[k]
@@ -388,10 +414,11 @@ class Router:
                           started_at=time.time())
         t0 = time.perf_counter()
         try:
+            weight = self.weights.weight(prompt_size(body))
             if rec.stream:
-                resp = await self._stream(request, path, body, rec)
+                resp = await self._stream(request, path, body, rec, weight)
             else:
-                resp = await self._unary(path, body, rec)
+                resp = await self._unary(path, body, rec, weight)
         except _ClientGone:  # the tokens already sent stay on the record: they were generated and delivered
             resp = request.get("thunderops_stream") or web.Response(status=499)
             rec.status = 499  # nginx's "client closed request"
@@ -403,9 +430,14 @@ class Router:
         self._record(rec, time.perf_counter() - t0)
         return resp
 
-    async def _post(self, rep: Replica, path: str, body: dict[str, Any]) -> tuple[int, bytes]:
-        """POST to an engine; connection failures and 5xx raise _Upstream (and mark it unhealthy if unreachable)."""
-        self.inflight[rep.id] = self.inflight.get(rep.id, 0) + 1
+    def _hold(self, rid: str, requests: int, load: float) -> None:
+        self.inflight[rid] = self.inflight.get(rid, 0) + requests
+        self.load[rid] = self.load.get(rid, 0.0) + load
+
+    async def _post(self, rep: Replica, path: str, body: dict[str, Any], weight: float) -> tuple[int, bytes]:
+        """POST to an engine, holding `weight` of load there meanwhile; connection failures and 5xx raise
+        _Upstream (and mark it unhealthy if unreachable)."""
+        self._hold(rep.id, 1, weight)
         try:
             async with asyncio.timeout(self.config.request_timeout_s):  # no extra task, unlike wait_for
                 status, data = await self._pool(rep).request("POST", path, orjson.dumps(body))
@@ -413,12 +445,12 @@ class Router:
             self.healthy[rep.id] = False
             raise _Upstream(f"{rep.id}: {e}") from None
         finally:
-            self.inflight[rep.id] -= 1
+            self._hold(rep.id, -1, -weight)
         if status >= 500:
             raise _Upstream(f"{rep.id}: HTTP {status}")
         return status, data
 
-    async def _prefill(self, rep: Replica, path: str, body: dict[str, Any]) -> tuple[int, bytes, Any]:
+    async def _prefill(self, rep: Replica, path: str, body: dict[str, Any], weight: float) -> tuple[int, bytes, Any]:
         pb = dict(body)
         pb["kv_transfer_params"] = _PREFILL_KV
         pb["stream"] = False
@@ -427,7 +459,7 @@ class Router:
             pb["max_completion_tokens"] = 1
         for k in ("stream_options", "min_tokens", "min_completion_tokens"):
             pb.pop(k, None)
-        status, data = await self._post(rep, path, pb)
+        status, data = await self._post(rep, path, pb, weight)
         if status != 200:
             return status, data, None
         try:
@@ -435,16 +467,18 @@ class Router:
         except (orjson.JSONDecodeError, AttributeError):
             raise _Upstream(f"{rep.id}: prefill answer is not a JSON object") from None
 
-    async def _prepare(self, path: str, body: dict[str, Any], rec: UsageRecord,
-                       exclude: set[str]) -> tuple[Replica, dict[str, Any] | web.Response]:
-        """Pick a pair and run the prefill leg (retrying other prefill replicas). Returns the decode replica and
-        the decode request body, or an engine's client-error response to pass through."""
+    async def _prepare(self, path: str, body: dict[str, Any], rec: UsageRecord, exclude: set[str],
+                       weight: float) -> tuple[Replica, dict[str, Any] | web.Response, float]:
+        """Pick a pair and run the prefill leg (retrying other prefill replicas), the prompt weighing `weight`
+        there. Returns the decode replica, the decode request body (or an engine's client-error response to
+        pass through) and what the request weighs at the decode replica until its first token: the prompt's
+        weight where that replica also prefills it (colocated), else 1."""
         while True:
             route, prep, drep = self.pick(exclude)
             if route.prefill == route.decode:  # colocated: one engine does both
-                return drep, body
+                return drep, body, weight
             try:
-                status, data, kv = await self._prefill(prep, path, body)
+                status, data, kv = await self._prefill(prep, path, body, weight)
             except _Upstream:
                 exclude.add(prep.id)
                 rec.prefill_retries += 1
@@ -452,20 +486,20 @@ class Router:
             rec.prefill_replica = prep.id
             rec.replicas.append(prep.id)
             if status != 200:
-                return drep, web.Response(status=status, body=data, content_type="application/json")
+                return drep, web.Response(status=status, body=data, content_type="application/json"), 1.0
             db = dict(body)
             if kv:
                 db["kv_transfer_params"] = kv
-            return drep, db
+            return drep, db, 1.0
 
-    async def _unary(self, path: str, body: dict[str, Any], rec: UsageRecord) -> web.Response:
+    async def _unary(self, path: str, body: dict[str, Any], rec: UsageRecord, weight: float) -> web.Response:
         exclude: set[str] = set()
         for _ in range(self.config.max_attempts):
-            drep, db = await self._prepare(path, body, rec, exclude)
+            drep, db, held = await self._prepare(path, body, rec, exclude, weight)
             if isinstance(db, web.Response):
                 return db
             try:
-                status, data = await self._post(drep, path, db)
+                status, data = await self._post(drep, path, db, held)
             except _Upstream:
                 exclude.add(drep.id)
                 continue
@@ -479,7 +513,8 @@ class Router:
             return web.Response(status=status, body=data, content_type="application/json")
         raise _NoReplica()
 
-    async def _stream(self, request: web.Request, path: str, body: dict[str, Any], rec: UsageRecord) -> web.StreamResponse:
+    async def _stream(self, request: web.Request, path: str, body: dict[str, Any], rec: UsageRecord,
+                      weight: float) -> web.StreamResponse:
         chat = path.endswith("chat/completions")
         opts = body.get("stream_options") or {}
         want_usage = bool(opts.get("include_usage"))
@@ -493,7 +528,7 @@ class Router:
         cur = body
         for _attempt in range(self.config.max_attempts + 1):
             try:
-                drep, db = await self._prepare(path, cur, rec, exclude)
+                drep, db, held = await self._prepare(path, cur, rec, exclude, weight)
             except _NoReplica:
                 if resp is None:
                     raise
@@ -507,7 +542,7 @@ class Router:
             db["stream_options"] = {"include_usage": True, "continuous_usage_stats": True}
             offset = sent_tokens
             migrated = offset > 0 or bool(sent)
-            self.inflight[drep.id] = self.inflight.get(drep.id, 0) + 1
+            self._hold(drep.id, 1, held)
             done = False
             up = None
             try:
@@ -551,6 +586,9 @@ class Router:
                         else:
                             chunk["id"], chunk["created"] = ident
                         if choices:
+                            if held != 1.0:  # a colocated replica's prefill is over: the request streams now
+                                self._hold(drep.id, 0, 1.0 - held)
+                                held = 1.0
                             c0 = choices[0]
                             delta = c0.get("delta") or {}
                             piece_text = delta.get("content") if chat else c0.get("text")
@@ -581,7 +619,7 @@ class Router:
                 if not isinstance(e, _Upstream):
                     self.healthy[drep.id] = False
             finally:
-                self.inflight[drep.id] -= 1
+                self._hold(drep.id, -1, -held)
                 if up is not None:
                     up.close()
             if done:
@@ -669,11 +707,16 @@ class _Collector:
                            ("prefill_retries", "Prefill legs retried on another replica")):
             yield CounterMetricFamily(f"thunderops_router_{key}", help_, value=r.totals[key])
         inflight = GaugeMetricFamily("thunderops_replica_inflight", "Requests in flight per replica", labels=["replica"])
+        load = GaugeMetricFamily("thunderops_replica_load", "Load in flight per replica in request-equivalents "
+                                 "(a prompt in prefill weighs its size over the mean prompt's): what routing steers by",
+                                 labels=["replica"])
         healthy = GaugeMetricFamily("thunderops_replica_healthy", "1 if the replica answers /health", labels=["replica"])
         for rid in r.table.replicas:
             inflight.add_metric([rid], r.inflight.get(rid, 0))
+            load.add_metric([rid], r.load.get(rid, 0.0))
             healthy.add_metric([rid], 1 if r.healthy.get(rid) else 0)
         yield inflight
+        yield load
         yield healthy
         yield GaugeMetricFamily("thunderops_routing_version", "Version of the routing table in use", value=r.table.version)
         cum, buckets = 0, []
