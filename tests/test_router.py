@@ -98,6 +98,7 @@ def test_prompt_weights_are_relative_and_add_back_to_zero():
                                                 {"type": "image_url", "image_url": {"url": "x"}}]}]}, 13),
     ({"model": "m"}, 0),
     ({"prompt": None, "messages": "not a list"}, 10),
+    ({"prompt": [[[[[[["deep"]]]]]]]}, 0),  # nesting no API has is not walked (no recursion limit to hit)
 ])
 def test_prompt_size_reads_both_apis(body, size):
     from thunderops.serve.router import prompt_size

@@ -29,8 +29,8 @@ MEAN_WINDOW = 1000  # the mean prompt follows the last ~this many prompts (an ex
 
 class PromptWeights:
     """A prompt's weight in request-equivalents: its size over the running mean of the prompts seen so far
-    (each counted at most MAX_WEIGHT means), rounded to WEIGHT_STEP (at least one step, at most MAX_WEIGHT). The unit does not matter (tokens,
-    characters) as long as every prompt is sized alike."""
+    (each counted at most MAX_WEIGHT means), rounded to WEIGHT_STEP (at least one step, at most MAX_WEIGHT).
+    The unit does not matter (tokens, characters) as long as every prompt is sized alike."""
 
     def __init__(self) -> None:
         self.mean = 0.0

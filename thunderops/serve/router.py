@@ -186,20 +186,22 @@ def prompt_size(body: dict[str, Any]) -> int:
     """How much prefill work a request brings, in characters (token ids count CHARS_PER_TOKEN each): the
     completions API's `prompt` (text, token ids, or lists of either) or the chat API's message texts. Cheap
     and tokenizer-free: the picker only compares prompts with each other (`serve.pick.PromptWeights`)."""
-    def size(x: Any) -> int:
+    def size(x: Any, depth: int) -> int:
         if isinstance(x, str):
             return len(x)
         if isinstance(x, int):
             return CHARS_PER_TOKEN
+        if depth >= 4:  # messages -> message -> content parts -> part: nothing real nests deeper
+            return 0
         if isinstance(x, list):
             if x and isinstance(x[0], int):  # token ids: no walk over a long prompt on the hot path
                 return CHARS_PER_TOKEN * len(x)
-            return sum(size(v) for v in x)
+            return sum(size(v, depth + 1) for v in x)
         if isinstance(x, dict):  # a chat message or one of its content parts
-            return size(x.get("content")) + size(x.get("text"))
+            return size(x.get("content"), depth + 1) + size(x.get("text"), depth + 1)
         return 0
 
-    return size(body.get("messages")) + size(body.get("prompt"))
+    return size(body.get("messages"), 0) + size(body.get("prompt"), 0)
 
 
 def _error(status: int, message: str, type_: str, param: str | None = None,
