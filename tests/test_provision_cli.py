@@ -64,6 +64,11 @@ def test_dry_run_prints_plan_tasks_and_cost_and_writes_nothing(plan_file, thunde
     tasks = {name: yaml.safe_load(text) for name, text in data["skypilot_tasks"].items()}
     assert set(tasks) == {"to-dryrun-a100-1", "to-dryrun-l4-1", "to-dryrun-router-1"}
     assert tasks["to-dryrun-l4-1"]["resources"]["use_spot"] is True
+    # the router reaches each engine on its node: named, not a loopback address the router's own node would answer
+    run = tasks["to-dryrun-router-1"]["run"]
+    for inst in data["plan"]["instances"]:
+        assert f"http://<{inst['id']} address>:" in run
+    assert "127.0.0.1" not in run
     assert not thunderops_home.exists()  # no state store, no token: a dry run is read-only
 
 

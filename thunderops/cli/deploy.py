@@ -232,8 +232,11 @@ def dry_run_step(plan: Plan, provider: str, dep: str, pip_spec: str | None, json
                               pip_spec=pip_spec, agent_token="<made at launch>", engine_key="<made at launch>",
                               wheel=wheel)
             tasks[name] = render(cfg)
-        router = router_task(plan, deployment=dep, plan_path="<the deployment's plan.json>", api_key="<made at launch>",
-                             pip_spec=pip_spec, wheel=wheel)
+        addressed = Plan.from_dict(plan.to_dict())  # engine URLs name the node each is on, known only once up
+        for inst in addressed.instances:
+            inst.host = inst.host or f"<{inst.id} address>"
+        router = router_task(addressed, deployment=dep, plan_path="<the deployment's plan.json>",
+                             api_key="<made at launch>", pip_spec=pip_spec, wheel=wheel)
         tasks[router["name"]] = render(router)
     if json_out:
         print_json({"dry_run": True, "provider": provider, "plan": plan.to_dict(), "skypilot_tasks": tasks,
