@@ -237,6 +237,13 @@ def test_nic_speed_from_catalog_or_fastest_measured_link():
     assert topo.nic_gbps(a) == 100.0 and topo.nic_gbps(b) == topo.defaults.unknown_network_gbps
     measured = Topology({("a", "b"): 180.0, ("a", "a"): 3600.0})  # a measured link beats the catalog's figure
     assert measured.nic_gbps(a) == 180.0 and measured.nic_gbps(b) == 180.0 and measured.nic_gbps(c) == 100.0
+    # the simulator reads the same figures off a plan that carries the scheduler's matrix
+    from thunderops.perf import nic_gbps
+
+    for t in (topo, measured):
+        plan = Plan(model="Llama-3.1-8B", budget_per_hour=0.0, cost_per_hour=3.0, instances=[a, b, c], groups=[],
+                    routing=[], bandwidth_gbps=t.matrix([a, b, c]))
+        assert [nic_gbps(plan, i.id) for i in (a, b, c)] == [t.nic_gbps(i) for i in (a, b, c)]
 
 
 def test_bandwidth_file_changes_the_plan(tmp_path):

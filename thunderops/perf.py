@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass, field, fields
 from functools import cache
 from pathlib import Path
@@ -903,11 +904,19 @@ def pair_gbps(plan: Plan, a: str, b: str) -> float:
     return float(min(nics)) if nics else DEFAULT_NETWORK_GBPS
 
 
+def shared_nic_gbps(own: float | None, links: Iterable[float], unknown: float) -> float:
+    """The rule for a node's network (Gbit/s each way), which all its links to other nodes share: its NIC figure
+    (`unknown` where none is given), raised to its fastest link to another node (a measured link cannot beat
+    the NIC it crosses). The scheduler (`Topology.nic_gbps`) and the simulator (`nic_gbps`) both apply it."""
+    return max(own or unknown, *links)
+
+
 def nic_gbps(plan: Plan, inst: str) -> float:
-    """An instance's network (Gbit/s each way), shared by all its links: its NIC figure, raised to its fastest
-    link to another instance of the plan (a measured link cannot beat the NIC it crosses)."""
-    own = next((i.network_gbps for i in plan.instances if i.id == inst), None) or 0.0
-    return max([own] + [pair_gbps(plan, inst, other.id) for other in plan.instances if other.id != inst])
+    """An instance's shared network (`shared_nic_gbps`) from the plan. No default for a NIC the plan does not
+    give: its links' figures (the scheduler's matrix, defaults included) already stand for it."""
+    own = next((i.network_gbps for i in plan.instances if i.id == inst), None)
+    return shared_nic_gbps(own, (pair_gbps(plan, inst, other.id) for other in plan.instances if other.id != inst),
+                           unknown=0.0)
 
 
 def layout_of(plan: Plan, group: Group, model: PerfModel | None = None) -> Layout:

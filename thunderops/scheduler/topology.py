@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from thunderops.errors import PlanError
+from thunderops.perf import shared_nic_gbps
 from thunderops.plan import Instance
 from thunderops.specs import GpuSpec, get_gpu
 
@@ -82,8 +83,8 @@ class Topology:
     def nic_gbps(self, inst: Instance) -> float:
         """The node's network (Gbps each way), shared by all its links to other nodes: the catalog's figure,
         raised to the fastest link given or measured from it (a measured link cannot beat the NIC it crosses)."""
-        own = inst.network_gbps or self.defaults.unknown_network_gbps
-        return max(own, *(self._fastest.get(k, 0.0) for k in (inst.id, inst.host) if k))
+        return shared_nic_gbps(inst.network_gbps, (self._fastest.get(k, 0.0) for k in (inst.id, inst.host) if k),
+                               self.defaults.unknown_network_gbps)
 
     def matrix(self, instances: Iterable[Instance]) -> dict[str, dict[str, float]]:
         insts = list(instances)
