@@ -298,6 +298,22 @@ def test_colocated_capacity_within_25_percent_of_simulation(model, tp, wl, slo):
     assert goodput(plan, get_workload(wl), slo, n=1000, perf=perf) == pytest.approx(cap, rel=0.25)
 
 
+@pytest.mark.parametrize("gpu", ["H100", "A100-80GB"])
+def test_colocated_replicas_behind_the_router_count_its_spacing_in_their_tpot_tail(gpu):
+    """Eight colocated replicas share the router's stream, each seeing its prompts spaced (SCV 1/8): fewer
+    prompts bunch up inside one request's decode window than Poisson counts say, so its TPOT tail is lighter.
+    The model's rating rises with the spacing toward what the simulator serves, and stays below it."""
+    wl, slo = get_workload("coding"), SLO(2.0, 0.1, 0.9)
+    plan = homogeneous_plan("Llama-3.1-8B", gpu, colocated=(8, 1))
+    perf = PerfModel(plan.model)
+    layout = layout_of(plan, plan.groups[0])
+    poisson = 8 * perf.capacity(layout, "colocated", wl, slo)
+    spaced = 8 * perf.capacity(layout, "colocated", wl, slo, arrival_scv=1 / 8)
+    simulated = goodput(plan, wl, slo, n=1000, perf=perf)
+    assert 1.05 * poisson < spaced < 1.05 * simulated
+    assert abs(simulated - spaced) < 0.75 * abs(simulated - poisson)
+
+
 def test_colocated_pipeline_capacity_counts_its_stages_working_at_once():
     """A pipeline works on pp microbatches at once: its colocated capacity is not capped at one mean prompt's
     whole pass through every stage (the cap before 2026-11-26: 7.5 req/s here, 19 % under the simulator)."""
