@@ -813,7 +813,7 @@ def tpot_miss_probability(steps: np.ndarray, lam: float, t_pure: float, extra: n
                        * arrival_scv_factor(arrival_scv, m1, m2), 0.0)
     slack = steps[:, None] * (target - t_pure) - backlog[None, :]  # (k, samples): what new arrivals may add
     mu = np.maximum(lam * (steps[:, None] * t_pure + backlog[None, :]) / (1 - rho), 1e-300)
-    # Poisson counts by inverse CDF, term by term (stops once every draw is placed); spaced arrivals shrink them below
+    # Poisson counts by inverse CDF, term by term (stops once every draw is placed; spacing shrinks them below)
     big = mu > _KMAX / 2  # many prompts: a normal approximation instead
     u = np.broadcast_to(_U_COUNT[None, :], mu.shape)
     term = np.exp(-np.where(big, 0.0, mu))
