@@ -280,7 +280,7 @@ class Simulator:
         self.first = np.full(n, math.inf)
         self.finish = np.full(n, math.inf)
         self.route_of = route_of
-        self.held = np.ones(n)  # what each request weighs at the replica holding it (serve.pick)
+        self.held = [1.0] * n  # what each request weighs at the replica holding it (serve.pick)
         self.rejected = 0
         self.events: list = []
         self.seq = 0

@@ -38,15 +38,17 @@ class PromptWeights:
 
     def weight(self, size: float) -> float:
         """Weigh a new prompt of `size` (and count it into the mean)."""
-        size = max(float(size), 0.0)
+        # per request on the router's hot path and the simulator's: plain comparisons, no min/max calls
+        size = float(size) if size > 0 else 0.0
         self.seen += 1
+        top = MAX_WEIGHT * self.mean
         # an outlier enters the mean at its capped weight: one huge prompt must not make all others look tiny
-        capped = min(size, MAX_WEIGHT * self.mean) if self.mean > 0 else size
-        self.mean += (capped - self.mean) / min(self.seen, MEAN_WINDOW)
+        capped = top if 0 < top < size else size
+        self.mean += (capped - self.mean) / (self.seen if self.seen < MEAN_WINDOW else MEAN_WINDOW)
         if self.mean <= 0:
             return 1.0
         w = round(size / self.mean / WEIGHT_STEP) * WEIGHT_STEP
-        return min(max(w, WEIGHT_STEP), MAX_WEIGHT)
+        return WEIGHT_STEP if w < WEIGHT_STEP else MAX_WEIGHT if w > MAX_WEIGHT else w
 
 
 class Picker:
