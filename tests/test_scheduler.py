@@ -473,6 +473,32 @@ def test_routes_over_one_slow_link_share_it_and_leave_queueing_room():
     assert simulated == pytest.approx(ev.goodput, rel=0.15), (simulated, ev.goodput)
 
 
+def test_a_prompts_kv_transfer_is_charged_by_its_length():
+    """Under a tight TTFT a prefill replica's per-pair capacity charges each prompt its own KV transfer (up to
+    the attainment quantile's): charging every prompt the quantile's transfer, as before, left four H200 TP2
+    prefill replicas no capacity at all for `coding` at 0.7 s, where the simulator serves the plan."""
+    from thunderops.scheduler.harness import Harness, canon
+    from thunderops.scheduler.topology import Topology
+    from thunderops.sim import goodput
+    from thunderops.workload import get_workload
+
+    inv = parse_inventory({"nodes": [{"name": f"n{i}", "gpu": "H200", "gpus": 8, "network_gbps": 400}
+                                     for i in range(2)]}, "test")
+    wl, slo = get_workload("coding"), SLO(0.7, 0.082, 0.9)
+    h = Harness(list(inv.instances), PerfModel("llama-3.1-70b"), wl, slo, Topology())
+    n0, n1 = h.units_of
+    state = canon([(tuple(n0[2 * i:2 * i + 2]), "prefill") for i in range(4)] +
+                  [(tuple(n1[4 * i:4 * i + 4]), "decode") for i in range(2)])
+    ev = h.evaluate(state)
+    simulated = goodput(h.to_plan(ev, strategy="test"), wl, slo, perf=h.perf)
+    assert 0.4 * simulated < ev.goodput <= 1.1 * simulated, (ev.goodput, simulated)
+    # a transfer of t per token never costs more than charging the quantile prompt's transfer to everyone
+    units, t = state[0][0], 2e-5
+    flat = h.perf.capacity(h.config(units, "prefill").layout, "prefill", wl,
+                           SLO(slo.ttft_s - t * h.q_prompt, slo.tpot_s, slo.attainment))
+    assert h.prefill_capacity(units, t) >= flat * 0.95
+
+
 @pytest.mark.parametrize("nic", [10, 20])
 def test_links_from_one_node_share_its_nic(nic):
     """A prefill node sends KV to decode nodes n1 and n2 over two 10 Gbps links. With a 10 Gbps NIC both links

@@ -607,19 +607,24 @@ class PerfModel:
             self._stats_cache[key] = st
         return st
 
-    def capacity(self, layout: Layout, phase: str, workload: Workload, slo: SLO, arrival_scv: float = 1.0) -> float:
+    def capacity(self, layout: Layout, phase: str, workload: Workload, slo: SLO, arrival_scv: float = 1.0,
+                 kv_s_per_token: float = 0.0) -> float:
         """Requests/s one replica sustains in `phase` while meeting the SLO (0.0 when it cannot at any rate).
         `arrival_scv`: squared coefficient of variation of the gaps between the replica's arrivals (1: Poisson,
         one replica taking the whole stream; the router's round robin over k replicas spaces them: about 1/k).
+        `kv_s_per_token`: seconds per prompt token that a prefill replica's KV takes to reach its decode replica
+        (link and its load), added to each prompt's TTFT in proportion to its length.
 
-        prefill: M/G/1 queue of prompts, TTFT = wait + prefill latency at the attainment quantile;
+        prefill: M/G/1 queue of prompts, TTFT = wait + prefill latency (+ its KV transfer) at the attainment quantile;
         decode: continuous batching, Little's law N = rate x output x TPOT, bounded by TPOT, KV and max_num_seqs;
         colocated: chunked-prefill steps carrying both, decode slowed by the prefill tokens in each step."""
         if phase not in PHASES:
             raise PlanError(f"phase must be one of {', '.join(PHASES)}, got {phase!r}")
         if phase == "decode":
             arrival_scv = 1.0  # decode capacity is Little's law on the batch: no queue of arrivals in it
-        key = (layout, phase, workload.prompt_quantiles, workload.output_quantiles, slo, arrival_scv)
+        if phase != "prefill":
+            kv_s_per_token = 0.0  # only a prefill replica's answer waits for its KV to reach another replica
+        key = (layout, phase, workload.prompt_quantiles, workload.output_quantiles, slo, arrival_scv, kv_s_per_token)
         hit = self._cap_cache.get(key)
         if hit is not None:
             return hit
@@ -627,7 +632,7 @@ class PerfModel:
         if not self.fits(layout):
             value = 0.0
         elif phase == "prefill":
-            value = self._prefill_capacity(layout, workload, slo, arrival_scv)
+            value = self._prefill_capacity(layout, workload, slo, arrival_scv, kv_s_per_token)
         elif phase == "decode":
             value = self._decode_capacity(layout, workload, slo)
         else:
@@ -642,8 +647,14 @@ class PerfModel:
         latency = np.array([self.pass_time(layout, prefill_work([p])) for p in st.prompt_grid])
         return float(interval.mean()), float((interval**2).mean()), float(latency.max()), latency
 
-    def _prefill_capacity(self, layout: Layout, workload: Workload, slo: SLO, arrival_scv: float = 1.0) -> float:
+    def _prefill_capacity(self, layout: Layout, workload: Workload, slo: SLO, arrival_scv: float = 1.0,
+                          kv_s_per_token: float = 0.0) -> float:
         es, es2, _, latency = self._prefill_service(layout, workload)
+        # a prompt's first token comes once its KV has reached the decode replica: a shorter prompt's transfer is
+        # shorter; prompts above the attainment quantile (the share the target lets miss) are charged its transfer
+        if kv_s_per_token > 0:
+            q = workload.percentile("prompt", slo.attainment * 100)
+            latency = latency + kv_s_per_token * np.minimum(self._stats(workload).prompt_grid, q)
         miss = 1.0 - slo.attainment
         if float(np.mean(latency > slo.ttft_s)) > miss:
             return 0.0

@@ -31,7 +31,7 @@ GroupT = tuple[tuple[Unit, ...], str]
 State = tuple[GroupT, ...]
 
 KV_COMPRESSION = 0.25  # 4-bit KV for transfer only (ThunderServe): a quarter of the bf16 bytes
-TTFT_STEPS = 10  # the TTFT left after a KV transfer is rounded down to 1/TTFT_STEPS of the target (memo key)
+KV_STEPS = 16  # a prompt token's KV transfer time is rounded up to a power of 2^(1/KV_STEPS) seconds (memo key)
 # Concurrent KV transfers share a link (processor sharing): at utilisation u a transfer takes 1 / (1 - u) times
 # as long. A route loads its link to the u of these that serves it best (more u: more requests/s over the link,
 # less TTFT left to prefill in).
@@ -263,27 +263,26 @@ class Harness:
         key = (units, link_rate, transfer_s, scv)
         hit = self._route.get(key)
         if hit is None:
-            options = [(u * link_rate, self.prefill_capacity(units, transfer_s / (1 - u), scv))
+            per_token = transfer_s / max(self.q_prompt, 1.0)  # pair_links times the attainment quantile's prompt
+            options = [(u * link_rate, self.prefill_capacity(units, per_token / (1 - u), scv))
                        for u in LINK_UTILISATIONS]
             hit = self._route[key] = max(options, key=lambda o: (min(o), o))
         return hit
 
-    def prefill_capacity(self, units: tuple[Unit, ...], transfer_s: float, scv: float = 1.0) -> float:
-        """Prefill capacity (requests/s) when each request's KV transfer takes `transfer_s` of the TTFT target
-        (arrival gaps of SCV `scv`)."""
-        ttft = self.slo.ttft_s
-        step = ttft / TTFT_STEPS
-        left = int((ttft - transfer_s) / step) * step if transfer_s < ttft else 0.0
-        if left <= 0:
-            return 0.0
+    def prefill_capacity(self, units: tuple[Unit, ...], kv_s_per_token: float, scv: float = 1.0) -> float:
+        """Prefill capacity (requests/s) when each request's KV transfer takes `kv_s_per_token` seconds per
+        prompt token out of its TTFT (arrival gaps of SCV `scv`): a short prompt's transfer is short, so the
+        attainment quantile's transfer is not charged to every prompt."""
         cfg = self.config(units, "prefill")
-        if cfg.layout is None or cfg.capacity <= 0:
+        if cfg.layout is None or cfg.capacity <= 0 or not math.isfinite(kv_s_per_token):
             return 0.0
-        key = (cfg.layout, round(left, 9), scv)
+        if kv_s_per_token > 0:  # up to the next step of a geometric grid: few distinct memo keys, never optimistic
+            kv_s_per_token = 2.0 ** (math.ceil(math.log2(kv_s_per_token) * KV_STEPS) / KV_STEPS)
+        key = (cfg.layout, kv_s_per_token, scv)
         hit = self._pre.get(key)
         if hit is None:
-            slo = SLO(left, self.slo.tpot_s, self.slo.attainment)
-            hit = self._pre[key] = self.perf.capacity(cfg.layout, "prefill", self.workload, slo, arrival_scv=scv)
+            hit = self._pre[key] = self.perf.capacity(cfg.layout, "prefill", self.workload, self.slo, arrival_scv=scv,
+                                                      kv_s_per_token=kv_s_per_token)
         return hit
 
     # ------------------------------------------------------------------ scoring
