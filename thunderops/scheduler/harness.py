@@ -264,9 +264,13 @@ class Harness:
         hit = self._route.get(key)
         if hit is None:
             per_token = transfer_s / max(self.q_prompt, 1.0)  # pair_links times the attainment quantile's prompt
-            options = [(u * link_rate, self.prefill_capacity(units, per_token / (1 - u), scv))
-                       for u in LINK_UTILISATIONS]
-            hit = self._route[key] = max(options, key=lambda o: (min(o), o))
+            for u in LINK_UTILISATIONS:
+                o = (u * link_rate, self.prefill_capacity(units, per_token / (1 - u), scv))
+                if hit is None or (min(o), o) > (min(hit), hit):
+                    hit = o
+                if o[1] < min(hit):  # capacity only falls with u: no later option can reach the best
+                    break
+            self._route[key] = hit
         return hit
 
     def prefill_capacity(self, units: tuple[Unit, ...], kv_s_per_token: float, scv: float = 1.0) -> float:
