@@ -127,6 +127,48 @@ def test_target_rate_finds_cheaper_plan(lambda_offers):
     assert cheap.inputs["rate_met"] is True
 
 
+def test_target_rate_simulator_accepts_a_cheaper_plan_the_model_underrates(lambda_offers):
+    """With --rate, plans the model rates a little short of the rate but cheaper are simulated too: for
+    Llama-3.1-8B `coding` the model underrates pools of replicas, and the cheapest plan it accepts overpays."""
+    from thunderops import sim
+    from thunderops.scheduler.harness import NEAR_MISS
+    from thunderops.workload import get_workload
+
+    rate = 18.0
+    by_model = solve(6.0, "llama-3.1-8b", "coding", rate=rate, offers=lambda_offers, search=FAST, sim_check=0)
+    checked = solve(6.0, "llama-3.1-8b", "coding", rate=rate, offers=lambda_offers, search=FAST)
+    plan = checked.plan
+    check_plan(plan, 6.0)
+    assert by_model.plan.predicted.goodput_rps >= rate
+    assert plan.cost_per_hour < by_model.plan.cost_per_hour
+    assert plan.inputs["model_goodput_rps"] < rate <= plan.predicted.goodput_rps  # the model alone said no
+    assert plan.inputs["rate_met"] is True
+    # served at the rate in fresh simulations too (other seeds, pooled: one run is a noisy judge of a tail)
+    runs = [sim.simulate(plan, get_workload("coding"), SLO(), rate=rate, n=int(rate * 60), seed=s) for s in (7, 8, 9)]
+    assert sim.SimResult.pooled(runs).attainment >= 0.9
+    # never dearer than a baseline serving the rate (theirs get their own near misses simulated too)
+    from thunderops.scheduler.check import serves_rate
+
+    served = [b for b in checked.baselines.values() if serves_rate(b, rate)]
+    assert served and all(plan.cost_per_hour <= b.cost_per_hour + 1e-9 for b in served)
+    # the near misses: just short of the rate, one per price, cheaper than the bound, most goodput first
+    h = checked.harness
+    assert h.near and all(NEAR_MISS * rate <= e.goodput < rate for e in h.near.values())
+    picks = h.near_misses(by_model.plan.cost_per_hour, 3)
+    assert 1 <= len(picks) <= 3 and all(e.cost < by_model.plan.cost_per_hour for e in picks)
+    assert len({round(e.cost, 6) for e in picks}) == len(picks)
+    assert [e.goodput for e in picks] == sorted((e.goodput for e in picks), reverse=True)
+
+
+def test_cli_compares_baselines_by_cost_under_a_target_rate():
+    r = runner.invoke(app, ["plan", "--budget", "6", "--model", "llama-3.1-8b", "--workload", "conversation",
+                            "--rate", "2", "--clouds", "lambda", "--time-limit", "8", "--compare"],
+                      env={"COLUMNS": "160"})
+    assert r.exit_code == 0, r.output
+    assert "serving 2 req/s" in r.output and "ours costs" in r.output
+    assert "1.00x" in r.output  # ours against itself; each baseline's $/h ratio or "misses rate"
+
+
 def test_budget_too_small_names_the_cheapest_feasible_budget(lambda_offers):
     with pytest.raises(PlanError, match="cheapest feasible budget is") as e:
         solve(0.05, "llama-3.1-70b", "conversation", offers=lambda_offers, search=FAST)

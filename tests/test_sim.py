@@ -143,6 +143,18 @@ def test_deterministic_under_a_seed():
     assert goodput(plan, wl, SLO_, n=400, seed=5) == goodput(plan, wl, SLO_, n=400, seed=5)
 
 
+def test_pooled_runs_count_every_request_once():
+    from thunderops.sim import SimResult
+
+    plan, wl = pd_plan(p=2, d=2), get_workload("conversation")
+    runs = [simulate(plan, wl, SLO_, rate=r, n=n, seed=s) for r, n, s in ((15, 900, 1), (30, 300, 2))]
+    pooled = SimResult.pooled(runs)
+    assert pooled.requests == 1200 and len(pooled.ttft) == 1200
+    assert pooled.attainment == pytest.approx((900 * runs[0].attainment + 300 * runs[1].attainment) / 1200)
+    assert pooled.duration_s == pytest.approx(runs[0].duration_s + runs[1].duration_s)
+    assert pooled.rate == pytest.approx(1200 / pooled.duration_s, rel=0.25)
+
+
 # -- monotonicity and regimes
 
 

@@ -79,6 +79,17 @@ class SimResult:
         x = x[np.isfinite(x)]
         return float(np.percentile(x, q)) if len(x) else math.inf
 
+    @classmethod
+    def pooled(cls, runs: list[SimResult]) -> SimResult:
+        """Independent runs of one plan at one rate (other seeds) as one sample: their requests together."""
+        cat = lambda name: np.concatenate([getattr(r, name) for r in runs])  # noqa: E731
+        dur = sum(r.duration_s for r in runs)
+        return cls(rate=sum(r.rate * r.duration_s for r in runs) / dur if dur > 0 else runs[0].rate,
+                   requests=sum(r.requests for r in runs), duration_s=dur, ttft=cat("ttft"), tpot=cat("tpot"),
+                   e2e=cat("e2e"), output_tokens=cat("output_tokens"), prompt_tokens=cat("prompt_tokens"),
+                   rejected=sum(r.rejected for r in runs), slo=runs[0].slo,
+                   mean_decode_batch=sum(r.mean_decode_batch * r.duration_s for r in runs) / dur if dur > 0 else 0.0)
+
     def summary(self) -> dict:
         out = {"rate_rps": round(self.rate, 4), "requests": self.requests, "rejected": self.rejected,
                "duration_s": round(self.duration_s, 3), "slo_attainment": round(self.attainment, 4),

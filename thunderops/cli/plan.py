@@ -132,16 +132,28 @@ def render(plan) -> None:
 
 
 def render_comparison(plan, baselines: dict, detailed: bool = False) -> None:
-    table = Table(title="baselines: same budget, same perf model and simulator")
-    for col in ("strategy", "goodput req/s", "$/h", "GPUs", "req/s per $/h", "vs ours"):
+    """Baselines next to ours: with a budget, goodput over theirs; with a target rate, the $/h each needs for
+    it (a baseline missing the rate is marked so, not compared by cost)."""
+    from thunderops.scheduler.check import serves_rate
+
+    rate = plan.inputs.get("rate")
+    title = (f"baselines: serving {rate:g} req/s, same perf model and simulator" if rate else
+             "baselines: same budget, same perf model and simulator")
+    table = Table(title=title)
+    last = "ours costs" if rate else "vs ours"
+    for col in ("strategy", "goodput req/s", "$/h", "GPUs", "req/s per $/h", last):
         table.add_column(col, justify="left" if col == "strategy" else "right")
     rows = [("thunderops (ours)", plan)] + [(k, p) for k, p in baselines.items()]
     ours = plan.predicted.goodput_rps
     for name, p in rows:
         g = p.predicted.goodput_rps
+        if rate:  # the cheapest plan serving the rate wins
+            serves = serves_rate(p, rate)
+            vs = f"{plan.cost_per_hour / p.cost_per_hour:.2f}x" if serves and p.cost_per_hour else "misses rate"
+        else:
+            vs = f"{ours / g:.2f}x" if g > 0 else "-"
         table.add_row(name, f"{g:.2f}", f"{p.cost_per_hour:.2f}", str(p.total_gpus),
-                      f"{g / p.cost_per_hour:.3f}" if p.cost_per_hour else "-",
-                      f"{ours / g:.2f}x" if g > 0 else "-")
+                      f"{g / p.cost_per_hour:.3f}" if p.cost_per_hour else "-", vs)
     console.print(table)
     if detailed:
         for name, p in baselines.items():

@@ -8,6 +8,7 @@ route (the routing LP), harness (shared evaluation), search (tabu), baselines, r
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
@@ -19,7 +20,7 @@ from thunderops.errors import PlanError
 from thunderops.perf import PerfModel
 from thunderops.plan import SLO, Plan
 from thunderops.scheduler.baselines import BASELINES, HEXGEN_ELITES, all_baselines
-from thunderops.scheduler.check import FinalCheck, sim_key
+from thunderops.scheduler.check import FinalCheck, serves_rate, sim_key
 from thunderops.scheduler.harness import Harness
 from thunderops.scheduler.inventory import Inventory, load_inventory
 from thunderops.scheduler.procure import MAX_REPLICA_NODES, NO_NODE_LIMIT, build_pool, check_budget
@@ -147,7 +148,8 @@ def solve(
                 progress(0.0, f"simulating the {len(plans)} baselines' plans")
             plans, cands = check.baselines(plans, base, hexgen_runners[:sim_check - 1], tabu,
                                            deadline=t0 + cfg.time_limit / 2)
-            reserve = check.seconds_for(sim_check + 1)  # what simulating our finalists will take
+            # what simulating our finalists will take (with a rate, also as many near misses)
+            reserve = check.seconds_for((2 * sim_check if rate is not None else sim_check) + 1)
         # the main search gets what the baselines, their check and the finalists' check leave of the time limit
         left = max(0.05, cfg.time_limit - (time.perf_counter() - t0) - reserve - 0.1)
         tabu.cfg = replace(cfg, time_limit=min(cfg.time_limit, left))
@@ -166,13 +168,17 @@ def solve(
             split = tabu.best_split
             if split is not None and all(split.state != e.state for e in finalists):
                 finalists.append(split)
+            if rate is not None:  # cheaper plans the model rates just short of the rate: the simulator decides
+                cheapest = min((e.cost for e in finalists if e.goodput >= rate * (1 - 1e-6)), default=math.inf)
+                finalists += [e for e in h.near_misses(cheapest, sim_check)
+                              if all(e.state != f.state for f in finalists)]
             cands += check.ours([h.prune(e) for e in finalists])
             ours = max(cands, key=lambda p: sim_key(p, rate))
     ours.inputs["baselines"] = {
         name: {"goodput_rps": p.predicted.goodput_rps, "cost_per_hour": p.cost_per_hour, "gpus": p.total_gpus}
         for name, p in plans.items()}
     if rate is not None:
-        ours.inputs["rate_met"] = bool(ours.predicted.goodput_rps >= rate * (1 - 1e-3))
+        ours.inputs["rate_met"] = serves_rate(ours, rate)
     if progress:
         progress(1.0, f"done: {ours.predicted.goodput_rps:.2f} req/s at {ours.cost_per_hour:.2f} $/h")
     return PlanResult(ours, plans, time.perf_counter() - t0, h.evaluations, h)

@@ -209,5 +209,21 @@ def all_baselines(h: Harness, seed: int = 0, cfg: SearchConfig | None = None) ->
     return out
 
 
+def shaped_like(h: Harness, name: str, state: State) -> bool:
+    """Whether `state` is a plan baseline `name` could make: one GPU type for vLLM (uniform replicas, colocated)
+    and DistServe (phase-split, or one replica); colocated replicas for HexGen, of one unit each for Melange."""
+    colocated = all(ph == "colocated" for _, ph in state)
+    one_type = len({h.pool[u[0]].gpu for units, _ in state for u in units}) == 1
+    if name == "vllm":
+        return one_type and colocated and len({len(units) for units, _ in state}) == 1
+    if name == "distserve":
+        return one_type and (not colocated or len(state) == 1)
+    if name == "hexgen":
+        return colocated
+    if name == "melange":
+        return colocated and all(len(units) == 1 for units, _ in state)
+    return False
+
+
 def colocated_state(groups: list[tuple]) -> State:
     return canon((g, "colocated") for g in groups)

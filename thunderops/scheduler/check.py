@@ -27,6 +27,10 @@ if TYPE_CHECKING:
 # Simulated seconds of traffic per tested rate. Goodput is a threshold on a tail statistic, so short runs are
 # noisy: one 24-GPU plan measured 30.0-36.2 req/s over 5 seeds at 20 s (std 6.5 %), 31.8-33.5 at 60 s (2 %).
 SIM_DURATION_S = 60.0
+# With a target rate, whether a plan serves it is its attainment at the rate over this many seeds' runs pooled:
+# one 60 s run is a noisy judge of a tail target (a 2-GPU Llama-3.1-8B `coding` replica at 18 req/s met 90 % in 5
+# seeds of 6 and 86 % in the sixth).
+RATE_SEEDS = 3
 
 
 def simulate_plan(plan: Plan, workload: Workload, slo: SLO, perf, rate: float | None = None, n: int = 600,
@@ -45,7 +49,14 @@ def simulate_plan(plan: Plan, workload: Workload, slo: SLO, perf, rate: float | 
     at = rate if rate else g
     if at <= 0:
         return Prediction(method="sim")
-    res = sim.simulate(plan, workload, slo, rate=at, n=n, seed=seed, perf=perf)
+    if rate:  # whether the plan serves the rate: attainment over RATE_SEEDS runs as long as goodput's
+        count = max(n, min(20_000, math.ceil(rate * SIM_DURATION_S)))
+        res = sim.SimResult.pooled([sim.simulate(plan, workload, slo, rate=rate, n=count, seed=seed + k, perf=perf)
+                                    for k in range(RATE_SEEDS)])
+        if g < rate and res.attainment >= slo.attainment:
+            g = rate  # the grid of rates skipped the target, which the plan serves
+    else:
+        res = sim.simulate(plan, workload, slo, rate=at, n=n, seed=seed, perf=perf)
     return Prediction(
         goodput_rps=round(g, 4), tokens_per_s=round(res.output_tokens_per_s, 1),
         ttft_p50=round(res.pct("ttft", 50), 4), ttft_p90=round(res.pct("ttft", 90), 4),
@@ -60,11 +71,21 @@ def with_sim(plan: Plan, workload: Workload, slo: SLO, perf, rate: float | None 
     return out
 
 
+def serves_rate(plan: Plan, rate: float) -> bool:
+    """Whether the plan serves `rate` req/s: simulated, its attainment at the rate (several seeds pooled) meets
+    the SLO's target; by the model alone, its goodput reaches the rate."""
+    p = plan.predicted
+    if p.method == "sim":
+        target = (plan.inputs.get("slo") or {}).get("attainment", 0.9)
+        return p.slo_attainment >= target and p.goodput_rps > 0
+    return p.goodput_rps >= rate * 0.999
+
+
 def sim_key(plan: Plan, rate: float | None) -> tuple:
     """Higher is better: with a target rate, meeting it (simulated) and then cheaper; else more goodput."""
     p = plan.predicted
     if rate:
-        meets = p.goodput_rps >= rate * 0.999
+        meets = serves_rate(plan, rate)
         return (meets, -plan.cost_per_hour if meets else p.goodput_rps, p.goodput_rps)
     return (True, p.goodput_rps, -plan.cost_per_hour)
 
@@ -157,6 +178,15 @@ class FinalCheck:
         items = [(plans[k], h.prune(base[k]).state) for k in names]
         runners = [h.prune(e) for e in hexgen_runners] if "hexgen" in plans else []
         items += [(h.to_plan(e, strategy="hexgen", inputs=self.inputs), e.state) for e in runners]
+        near = []  # with a rate: each baseline's cheaper near miss of its own shape, simulated as ours are
+        if rate is not None:
+            from thunderops.scheduler.baselines import shaped_like
+
+            for name in names:
+                cheaper = [e for e in h.near_misses(plans[name].cost_per_hour, len(h.near))
+                           if shaped_like(h, name, e.state)]
+                near += [(name, h.prune(e)) for e in cheaper[:1]]
+            items += [(h.to_plan(e, strategy=name, inputs=self.inputs), e.state) for name, e in near]
         fills = []
         for name, ev in base.items():
             start = h.prune(ev)
@@ -167,9 +197,9 @@ class FinalCheck:
                   for ev, f in fills]
         done = self.sim_all(items)
         out = dict(zip(names, done[:len(names)], strict=True))
-        if runners:
-            out["hexgen"] = max([out["hexgen"], *done[len(names):len(names) + len(runners)]],
-                                key=lambda p: sim_key(p, rate))
+        extra = done[len(names):len(names) + len(runners) + len(near)]  # HexGen's runners-up, the near misses
+        for p in extra:
+            out[p.strategy] = max([out[p.strategy], p], key=lambda p: sim_key(p, rate))
         cands = [replace(p, strategy="thunderops", inputs={**p.inputs, "found_by": p.strategy})
                  for p in out.values()]
-        return out, cands + done[len(names) + len(runners):]
+        return out, cands + done[len(names) + len(runners) + len(near):]

@@ -42,6 +42,12 @@ LINK_UTILISATIONS = (0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95)
 # computation (tens of ms for a colocated one), and the queueing gain flattens out.
 MAX_SPREAD = 8
 
+# With a target rate, plans the model rates at this share of the rate or more but cheaper than what meets it are
+# kept for the simulator to judge: the model errs by 10-30 % for pools of replicas (low for `coding`), and a
+# cheaper plan it rejects may serve the rate. NEAR_MISSES bounds how many are kept (the most goodput per $).
+NEAR_MISS = 0.8
+NEAR_MISSES = 64
+
 
 class PairLink(NamedTuple):
     """How one prefill group's KV reaches one decode group: over the slowest instance pair between them."""
@@ -109,6 +115,7 @@ class Harness:
         self.mean_prompt = workload.mean_prompt
         self.q_prompt = workload.percentile("prompt", slo.attainment * 100)
         self.evaluations = 0
+        self.near: dict[State, Evaluation] = {}  # with a rate: near misses (see NEAR_MISS)
 
     # ------------------------------------------------------------------ units and groups
 
@@ -359,7 +366,27 @@ class Harness:
             return Evaluation(state, -math.inf, 0.0, cost)
         prob, configs, roles = self.problem(state)
         sol = lp.solve(prob)
-        return Evaluation(state, self.objective(sol.total, cost), sol.total, cost, configs, sol, roles)
+        ev = Evaluation(state, self.objective(sol.total, cost), sol.total, cost, configs, sol, roles)
+        if self.rate is not None and NEAR_MISS * self.rate <= ev.goodput < self.rate * (1 - 1e-6):
+            self._near_miss(ev)
+        return ev
+
+    def _near_miss(self, ev: Evaluation) -> None:
+        self.near[ev.state] = ev
+        if len(self.near) > NEAR_MISSES:
+            worst = min(self.near.values(), key=lambda e: e.goodput / max(e.cost, 1e-9))
+            del self.near[worst.state]
+
+    def near_misses(self, cheaper_than: float, count: int) -> list[Evaluation]:
+        """With a target rate: up to `count` plans the model rates just below it that cost less than
+        `cheaper_than` $/h, the most goodput first, one per price (the simulator decides whether they serve it)."""
+        by_cost: dict[float, Evaluation] = {}
+        for ev in self.near.values():
+            if ev.cost < cheaper_than - 1e-6:
+                key = round(ev.cost, 6)
+                if key not in by_cost or ev.goodput > by_cost[key].goodput:
+                    by_cost[key] = ev
+        return sorted(by_cost.values(), key=lambda e: (-e.goodput, e.cost))[:count]
 
     def prune(self, ev: Evaluation) -> Evaluation:
         """Drop groups the routing leaves idle (and so instances serving nothing): same goodput, less $/h."""
