@@ -17,6 +17,7 @@ from thunderops.perf import PerfModel, layout_of
 from thunderops.plan import SLO, Instance, Plan
 from thunderops.scheduler import SearchConfig, solve
 from thunderops.scheduler.inventory import load_inventory, parse_inventory
+from thunderops.scheduler.procure import budget_for_rate
 from thunderops.scheduler.reschedule import finalize, reschedule
 from thunderops.scheduler.topology import load_bandwidth
 from thunderops.serve.vllm import engine_commands
@@ -160,11 +161,28 @@ def test_target_rate_simulator_accepts_a_cheaper_plan_the_model_underrates(lambd
     assert [e.goodput for e in picks] == sorted((e.goodput for e in picks), reverse=True)
 
 
+def test_target_rate_without_a_budget_searches_under_a_ceiling(lambda_offers):
+    from thunderops.perf import PerfModel as PM
+    from thunderops.scheduler.procure import cheapest_replica_cost
+    from thunderops.workload import get_workload
+
+    perf, wl = PM("llama-3.1-8b"), get_workload("coding")
+    ceilings = [budget_for_rate(lambda_offers, perf, wl, SLO(), r) for r in (5.0, 18.0, 60.0)]
+    assert cheapest_replica_cost(lambda_offers, perf) <= ceilings[0] <= ceilings[1] <= ceilings[2]
+    res = solve(None, "llama-3.1-8b", "coding", rate=18.0, offers=lambda_offers, search=FAST)
+    plan = res.plan
+    check_plan(plan, ceilings[1])
+    assert plan.budget_per_hour == pytest.approx(ceilings[1], abs=0.01)
+    assert plan.inputs["budget_per_hour"] is None and plan.inputs["rate_met"] is True
+    assert plan.cost_per_hour < ceilings[1]
+
+
 def test_cli_compares_baselines_by_cost_under_a_target_rate():
-    r = runner.invoke(app, ["plan", "--budget", "6", "--model", "llama-3.1-8b", "--workload", "conversation",
+    r = runner.invoke(app, ["plan", "--model", "llama-3.1-8b", "--workload", "conversation",
                             "--rate", "2", "--clouds", "lambda", "--time-limit", "8", "--compare"],
                       env={"COLUMNS": "160"})
     assert r.exit_code == 0, r.output
+    assert "ceiling set from --rate" in r.output
     assert "serving 2 req/s" in r.output and "ours costs" in r.output
     assert "1.00x" in r.output  # ours against itself; each baseline's $/h ratio or "misses rate"
 
@@ -312,7 +330,8 @@ def test_cli_plan_json_and_out(tmp_path):
 @pytest.mark.parametrize("args,needle", [
     (["--budget", "0.01", "--model", "llama-3.1-70b", "--clouds", "lambda"], "cheapest feasible budget"),
     (["--budget", "10", "--clouds", "lambda", "--regions", "atlantis"], "region"),
-    (["--model", "llama-30b"], "budget"),
+    (["--model", "llama-30b"], "a target --rate"),
+    (["--rate", "0", "--model", "llama-30b"], "rate must be a positive"),
     (["--inventory", "examples/paper_inventory.yaml", "--max-replica-nodes", "0"], "--max-replica-nodes"),
 ])
 def test_cli_bad_input_one_line_exit_2(args, needle):

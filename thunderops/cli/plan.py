@@ -41,7 +41,7 @@ def split_list(value: str | None) -> list[str] | None:
 
 @app.command("plan")
 def plan_cmd(
-    budget: Annotated[float | None, typer.Option(help="$/h for all instances (optional with --inventory)")] = None,
+    budget: Annotated[float | None, typer.Option(help="$/h for all instances (optional with --inventory or --rate)")] = None,
     model: ModelOpt = "llama-30b",
     workload: WorkloadOpt = "conversation",
     rate: RateOpt = None,
@@ -92,7 +92,9 @@ def plan_cmd(
 
 def render(plan) -> None:
     """Instances, groups, routing and the prediction, as Rich tables."""
-    inst = Table(title=f"instances: {plan.cost_per_hour:.2f} $/h of a {plan.budget_per_hour:.2f} $/h budget")
+    given = plan.inputs.get("budget_per_hour") is not None or plan.inputs.get("inventory")
+    limit = "budget" if given else "ceiling set from --rate"
+    inst = Table(title=f"instances: {plan.cost_per_hour:.2f} $/h of a {plan.budget_per_hour:.2f} $/h {limit}")
     for col in ("id", "where", "type", "GPUs", "pricing", "$/h"):
         inst.add_column(col, justify="right" if col in ("GPUs", "$/h") else "left")
     for i in plan.instances:

@@ -23,7 +23,13 @@ from thunderops.scheduler.baselines import BASELINES, HEXGEN_ELITES, all_baselin
 from thunderops.scheduler.check import FinalCheck, serves_rate, sim_key
 from thunderops.scheduler.harness import Harness
 from thunderops.scheduler.inventory import Inventory, load_inventory
-from thunderops.scheduler.procure import MAX_REPLICA_NODES, NO_NODE_LIMIT, build_pool, check_budget
+from thunderops.scheduler.procure import (
+    MAX_REPLICA_NODES,
+    NO_NODE_LIMIT,
+    budget_for_rate,
+    build_pool,
+    check_budget,
+)
 from thunderops.scheduler.search import SearchConfig, Tabu, designate, greedy_groups
 from thunderops.scheduler.topology import Topology, load_bandwidth
 from thunderops.specs import get_gpu, get_model
@@ -75,6 +81,7 @@ def solve(
 ) -> PlanResult:
     """Plan a deployment and the baselines in the same harness. See `plan` for the arguments."""
     t0 = time.perf_counter()
+    given_budget = budget
     spec = get_model(model)
     perf = perf or PerfModel(spec)
     wl = get_workload(workload) if isinstance(workload, str) else workload
@@ -86,8 +93,9 @@ def solve(
         inv = inventory if isinstance(inventory, Inventory) else load_inventory(inventory)
         pool, overrides = list(inv.instances), dict(inv.links)
     else:
-        if budget is None:
-            raise PlanError("give a budget in $/h (--budget 13.54), or an --inventory of GPUs you already have")
+        if budget is None and rate is None:
+            raise PlanError("give a budget in $/h (--budget 13.54), a target --rate in req/s, or an --inventory "
+                            "of GPUs you already have")
         if isinstance(offers, pd.DataFrame):
             table = offers
         else:
@@ -95,7 +103,11 @@ def solve(
 
             table = load_offers(offers, clouds=clouds, regions=regions, spot=True if spot else None)
         nodes = max_replica_nodes or NO_NODE_LIMIT
-        check_budget(table, perf, budget, spot, nodes)
+        if budget is None:  # a rate alone: the search's ceiling is RATE_HEADROOM x one offer kind's cost for it
+            check_budget(table, perf, math.inf, spot, nodes)  # the model fits some offer
+            budget = round(budget_for_rate(table, perf, wl, slo, rate, spot, nodes), 2)
+        else:
+            check_budget(table, perf, budget, spot, nodes)
         pool = build_pool(table, perf, budget, spot, max_nodes_per_replica=nodes)
     if bandwidth is not None:
         overrides.update(bandwidth if isinstance(bandwidth, dict) else load_bandwidth(bandwidth))
@@ -130,7 +142,7 @@ def solve(
         raise PlanError(f"no instance can hold {spec.name} within the inputs; add GPUs or pick a smaller model")
     inputs = {
         "model": spec.name, "workload": wl.name, "workload_source": wl.source if wl.trace is not None else None,
-        "rate": rate, "budget_per_hour": budget,
+        "rate": rate, "budget_per_hour": given_budget,
         "slo": {"ttft_s": slo.ttft_s, "tpot_s": slo.tpot_s, "attainment": slo.attainment},
         "clouds": clouds, "regions": regions, "spot": spot,
         "inventory": str(inventory) if isinstance(inventory, str | Path) else (inventory.source if inventory else None),
@@ -188,7 +200,8 @@ def plan(budget: float | None = None, model: str = "llama-30b", workload: str | 
          **kwargs) -> Plan:
     """Find a deployment plan.
 
-    budget: $/h for all instances (required with offers; optional with an inventory). model: a name from
+    budget: $/h for all instances (with offers, required unless a rate is given: then the search's ceiling is
+    `procure.RATE_HEADROOM` x what the cheapest single kind of offer needs for the rate; optional with an inventory). model: a name from
     `thunderops catalog models` or a HF config.json. workload: `coding`, `conversation` or a trace CSV.
     Keywords: rate (req/s: the cheapest plan serving it), slo / slo_ttft / slo_tpot / attainment, clouds,
     regions, spot (True: spot prices only, False: on-demand only, None: either), inventory (YAML of your GPUs),

@@ -13,9 +13,10 @@ import pandas as pd
 
 from thunderops.errors import PlanError
 from thunderops.perf import PerfModel
-from thunderops.plan import Instance
+from thunderops.plan import SLO, Instance
 from thunderops.scheduler.parallel import valid_tps
 from thunderops.specs import get_gpu
+from thunderops.workload import Workload
 
 
 def _slug(name: str) -> str:
@@ -88,6 +89,47 @@ def build_pool(offers: pd.DataFrame, perf: PerfModel, budget: float, spot: bool 
                 source=row.source, as_of=row.as_of,
             ))
     return pool
+
+
+# With a target rate and no budget, the search may spend up to this multiple of what the cheapest single kind of
+# offer needs to serve the rate alone: room for the mixes and phase splits that do it cheaper, and for the perf
+# model's error (the rate's near misses are judged by the simulator).
+RATE_HEADROOM = 1.5
+
+
+def budget_for_rate(offers: pd.DataFrame, perf: PerfModel, workload: Workload, slo: SLO, rate: float,
+                    spot: bool | None = None, max_nodes: int = MAX_REPLICA_NODES, max_copies: int = 64) -> float:
+    """A $/h ceiling for the search when the user gives a rate and no budget: RATE_HEADROOM x the cheapest
+    $/h at which one kind of offer serves `rate` alone, as colocated replicas (the smallest TP that holds the
+    model inside a node, or a pipeline over the fewest nodes), by the perf model. A kind that would need more
+    than `max_copies` nodes is priced at `max_copies` of them (the rate is then out of its reach)."""
+    best = None
+    for row in prune_offers(offers, spot, keep=1).itertuples(index=False):
+        g = int(row.gpus_per_node)
+        n = min_nodes_for_replica(perf, row.gpu, g, max_nodes)
+        if n is None:
+            continue
+        spec = get_gpu(row.gpu)
+        tps = sorted(t for t in valid_tps(perf.model.heads, g) if g % t == 0)
+        link = float(row.network_gbps) if not pd.isna(row.network_gbps) else 10.0
+        layout, per_unit = None, 1.0  # a unit: one node, or the n nodes of a pipeline
+        if n == 1:  # the smallest TP that holds a replica: gpus/tp replicas per node
+            for t in tps:
+                layout = perf.split_layers([(spec, t)], "colocated")
+                if layout is not None:
+                    per_unit = g / t
+                    break
+        if layout is None:
+            layout = perf.split_layers([(spec, tps[-1])] * (n * g // tps[-1]), "colocated", pp_link_gbps=link)
+        cap = perf.capacity(layout, "colocated", workload, slo) * per_unit if layout is not None else 0.0
+        if cap <= 0:
+            continue
+        cost = min(max_copies, n * math.ceil(rate / cap)) * float(row.price)
+        best = cost if best is None else min(best, cost)
+    if best is None:  # the model fits nowhere (check_budget says so), or no kind meets the SLO colocated alone
+        cheapest = cheapest_replica_cost(offers, perf, spot, max_nodes)
+        return math.inf if cheapest is None else 8 * cheapest
+    return RATE_HEADROOM * best
 
 
 def cheapest_replica_cost(offers: pd.DataFrame, perf: PerfModel, spot: bool | None = None,
