@@ -167,8 +167,11 @@ def test_target_rate_without_a_budget_searches_under_a_ceiling(lambda_offers):
     from thunderops.workload import get_workload
 
     perf, wl = PM("llama-3.1-8b"), get_workload("coding")
-    ceilings = [budget_for_rate(lambda_offers, perf, wl, SLO(), r) for r in (5.0, 18.0, 60.0)]
+    ceilings = [budget_for_rate(lambda_offers, perf, wl, SLO(), r) for r in (5.0, 18.0, 60.0, 6000.0)]
     assert cheapest_replica_cost(lambda_offers, perf) <= ceilings[0] <= ceilings[1] <= ceilings[2]
+    # a hundred times the rate, about a hundred times the $/h: a cheap kind that cannot reach the rate on 64
+    # nodes does not set the ceiling at the price of those 64 nodes
+    assert ceilings[3] >= 50 * ceilings[2]
     res = solve(None, "llama-3.1-8b", "coding", rate=18.0, offers=lambda_offers, search=FAST)
     plan = res.plan
     check_plan(plan, ceilings[1])

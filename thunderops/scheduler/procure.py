@@ -102,8 +102,9 @@ def budget_for_rate(offers: pd.DataFrame, perf: PerfModel, workload: Workload, s
     """A $/h ceiling for the search when the user gives a rate and no budget: RATE_HEADROOM x the cheapest
     $/h at which one kind of offer serves `rate` alone, as colocated replicas (the smallest TP that holds the
     model inside a node, or a pipeline over the fewest nodes), by the perf model. A kind that would need more
-    than `max_copies` nodes is priced at `max_copies` of them (the rate is then out of its reach)."""
-    best = None
+    than `max_copies` nodes is out of reach; when every kind is, the ceiling is what `max_copies` nodes of the
+    kind serving the most with them cost."""
+    best, widest = None, None
     for row in prune_offers(offers, spot, keep=1).itertuples(index=False):
         g = int(row.gpus_per_node)
         n = min_nodes_for_replica(perf, row.gpu, g, max_nodes)
@@ -124,8 +125,16 @@ def budget_for_rate(offers: pd.DataFrame, perf: PerfModel, workload: Workload, s
         cap = perf.capacity(layout, "colocated", workload, slo) * per_unit if layout is not None else 0.0
         if cap <= 0:
             continue
-        cost = min(max_copies, n * math.ceil(rate / cap)) * float(row.price)
-        best = cost if best is None else min(best, cost)
+        nodes = n * math.ceil(rate / cap)
+        if nodes <= max_copies:
+            cost = nodes * float(row.price)
+            best = cost if best is None else min(best, cost)
+        elif best is None:  # out of this kind's reach: remember what its most nodes would cost and serve
+            most = max_copies // n * n
+            if most and (widest is None or most // n * cap > widest[1]):
+                widest = (most * float(row.price), most // n * cap)
+    if best is None and widest is not None:  # no kind serves the rate alone: the one that comes closest
+        best = widest[0]
     if best is None:  # the model fits nowhere (check_budget says so), or no kind meets the SLO colocated alone
         cheapest = cheapest_replica_cost(offers, perf, spot, max_nodes)
         return math.inf if cheapest is None else 8 * cheapest
