@@ -72,6 +72,17 @@ def test_dry_run_prints_plan_tasks_and_cost_and_writes_nothing(plan_file, thunde
     assert not thunderops_home.exists()  # no state store, no token: a dry run is read-only
 
 
+def test_dry_run_with_a_rate_and_no_budget_plans_under_the_rate_ceiling(thunderops_home):
+    data = json.loads(cli("up", "--model", "llama-3.1-8b", "--workload", "coding", "--rate", "6", "--clouds",
+                          "lambda", "--time-limit", "6", "--dry-run", "--json").stdout)
+    plan = data["plan"]
+    assert plan["inputs"]["rate"] == 6 and plan["inputs"]["budget_per_hour"] is None
+    # not the 13.54 $/h default budget: a ceiling from the rate, which the plan stays under
+    assert plan["budget_per_hour"] != 13.54 and data["cost_per_hour"] <= plan["budget_per_hour"]
+    assert plan["inputs"]["rate_met"] is True
+    assert not thunderops_home.exists()
+
+
 @pytest.mark.slow
 def test_dry_run_plans_offline_from_the_shipped_catalogs(thunderops_home):
     proc = cli("up", "--dry-run", "--budget", "6", "--model", "llama-2-7b", "--time-limit", "3")

@@ -46,7 +46,8 @@ PROVIDERS = ("skypilot", "local")
 
 @app.command("up")
 def up(
-    budget: Annotated[float | None, typer.Option(help=f"$/h hard limit for all instances (default {DEFAULT_BUDGET})")] = None,
+    budget: Annotated[float | None, typer.Option(help=f"$/h hard limit for all instances (default {DEFAULT_BUDGET}; "
+                                                     "with --rate, a ceiling set from the rate)")] = None,
     model: ModelOpt = "llama-30b",
     workload: WorkloadOpt = "conversation",
     rate: RateOpt = None,
@@ -178,7 +179,7 @@ def plan_step(*, budget, model, workload, rate, slo_ttft, slo_tpot, attainment, 
 
     from thunderops.scheduler import solve
 
-    if budget is None and inventory is None:
+    if budget is None and inventory is None and rate is None:  # with a rate, solve sets a ceiling from it
         budget = DEFAULT_BUDGET
         if not quiet:
             err_console.print(f"no --budget given: planning for {DEFAULT_BUDGET} $/h", highlight=False)
