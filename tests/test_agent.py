@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import pytest
 from aiohttp import web
 
-from thunderops.agent import deployment_token, gpu_inventory, token_path
+from thunderops.agent import client_tls, deployment_token, gpu_inventory, token_path
 from thunderops.netbench import AgentEndpoint
 
 TOKEN = "test-token-" + "x" * 20
@@ -34,10 +34,10 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
-def get(url: str, token: str | None = TOKEN, timeout: float = 5.0) -> tuple[int, dict]:
+def get(url: str, token: str | None = TOKEN, timeout: float = 5.0, cert: str | None = None) -> tuple[int, dict]:
     req = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"} if token else {})
     try:
-        with urllib.request.urlopen(req, timeout=timeout) as r:
+        with urllib.request.urlopen(req, timeout=timeout, context=client_tls(cert) if cert else None) as r:
             return r.status, json.loads(r.read())
     except urllib.error.HTTPError as e:
         return e.code, json.loads(e.read() or b"{}")
@@ -50,13 +50,15 @@ class AgentProc:
     port: int
     proc: subprocess.Popen
     token: str = TOKEN
+    cert: str | None = None  # the certificate it serves HTTPS with (None: plain HTTP)
 
     @property
     def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
+        return f"{'https' if self.cert else 'http'}://{self.host}:{self.port}"
 
     def endpoint(self, token: str | None = None) -> AgentEndpoint:
-        return AgentEndpoint(self.name, self.host, self.port, token or self.token)
+        return AgentEndpoint(self.name, self.host, self.port, token or self.token,
+                             client_tls(self.cert) if self.cert else None)
 
 
 @dataclass
@@ -66,21 +68,25 @@ class AgentProcs:
     procs: list[AgentProc] = field(default_factory=list)
 
     def start(self, name: str, *args: str, token: str = TOKEN, host: str = "127.0.0.1",
-              cli: list[str] | None = None, env: dict[str, str] | None = None) -> AgentProc:
+              cli: list[str] | None = None, env: dict[str, str] | None = None,
+              tls: tuple[str, str] | None = None) -> AgentProc:
+        """`tls`: (certificate, key) PEM handed over as on a provisioned node (THUNDEROPS_AGENT_TLS_*)."""
         port = free_port(host)
         cmd = (cli or [sys.executable, "-m", "thunderops.agent"]) + [
             "--host", host, "--port", str(port), "--data-port", "0", "--iperf-port", str(free_port(host)),
             "--node", name, "--cloud", "none", *args]
         full_env = {**os.environ, "THUNDEROPS_AGENT_TOKEN": token, **(env or {})}
+        if tls:
+            full_env.update(THUNDEROPS_AGENT_TLS_CERT=tls[0], THUNDEROPS_AGENT_TLS_KEY=tls[1])
         proc = subprocess.Popen(cmd, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        agent = AgentProc(name, host, port, proc, token)
+        agent = AgentProc(name, host, port, proc, token, tls[0] if tls else None)
         self.procs.append(agent)
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             if proc.poll() is not None:
                 raise RuntimeError(f"agent {name} exited: {proc.stdout.read() if proc.stdout else ''}")
             try:
-                if get(agent.url + "/v1/health", token, timeout=1)[0] == 200:
+                if get(agent.url + "/v1/health", token, timeout=1, cert=agent.cert)[0] == 200:
                     return agent
             except OSError:
                 pass
@@ -182,6 +188,66 @@ def test_deployment_token_is_private_and_stable(thunderops_home):
     t = deployment_token("dep1")
     assert len(t) >= 32 and deployment_token("dep1") == t and deployment_token("dep2") != t
     assert stat.S_IMODE(token_path("dep1").stat().st_mode) == 0o600
+
+
+# ---------------------------------------------------------------- TLS
+
+
+def test_deployment_tls_pair_is_private_stable_and_absent_until_made(thunderops_home):
+    from thunderops.agent import deployment_tls, tls_paths
+
+    assert deployment_tls("old-dep", create=False) is None  # deployments from before TLS: plain HTTP
+    cert, key = deployment_tls("dep1")
+    assert cert.startswith("-----BEGIN CERTIFICATE-----") and "PRIVATE KEY" in key
+    assert deployment_tls("dep1") == (cert, key) and deployment_tls("dep2")[0] != cert
+    for path in tls_paths("dep1"):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600
+
+
+def test_agent_over_tls_trusts_only_the_deployment_certificate(agents, thunderops_home):
+    from thunderops.agent import deployment_tls
+    from thunderops.netbench import AgentCallError, call_agent
+
+    pair, other = deployment_tls("tls-dep"), deployment_tls("another-dep")
+    a = agents.start("tls-node", tls=pair)
+    status, health = get(a.url + "/v1/health", cert=pair[0])
+    assert status == 200 and health["tls"] is True
+    assert get(a.url + "/v1/health", token="wrong", cert=pair[0])[0] == 401  # the token still guards it
+
+    async def call(ep):
+        import aiohttp
+
+        async with aiohttp.ClientSession() as http:
+            return await call_agent(http, ep, "GET", "/v1/health", timeout_s=5)
+
+    assert asyncio.run(call(a.endpoint()))["tls"] is True
+    impostor = AgentEndpoint(a.name, a.host, a.port, a.token, client_tls(other[0]))
+    with pytest.raises(AgentCallError, match="TLS failed"):
+        asyncio.run(call(impostor))
+    with pytest.raises(AgentCallError):  # plain HTTP to a TLS agent gets nothing back
+        asyncio.run(call(AgentEndpoint(a.name, a.host, a.port, a.token)))
+
+
+def test_netbench_measures_between_tls_agents(agents, thunderops_home):
+    from thunderops.agent import deployment_tls
+    from thunderops.netbench import measure
+
+    pair = deployment_tls("tls-bench")
+    a, b = agents.start("a", tls=pair), agents.start("b", tls=pair)
+    res = measure([a.endpoint(), b.endpoint()], duration_s=0.5, streams=2, tool="builtin", nccl=False)
+    assert not res.unknown and res.pairs[0].gbps > 0
+
+
+@pytest.mark.parametrize("env,needle", [
+    ({"THUNDEROPS_AGENT_TLS_CERT": "not a pem"}, "THUNDEROPS_AGENT_TLS_KEY"),
+    ({"THUNDEROPS_AGENT_TLS_CERT": "not a pem", "THUNDEROPS_AGENT_TLS_KEY": "nor this"}, "do not load"),
+])
+def test_agent_with_a_bad_tls_pair_is_one_line_exit_2(env, needle):
+    r = subprocess.run([sys.executable, "-m", "thunderops.agent", "--port", str(free_port()), "--cloud", "none"],
+                       env={**os.environ, "THUNDEROPS_AGENT_TOKEN": TOKEN, **env}, capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 2, r.stderr
+    assert needle in r.stderr and len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
 
 
 # ---------------------------------------------------------------- preemption notices

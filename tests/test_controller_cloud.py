@@ -102,11 +102,12 @@ class _Metadata(http.server.BaseHTTPRequestHandler):
 def test_preemption_notice_moves_traffic_off_the_node_before_it_dies(tmp_path):
     from test_controller import small_plan
 
-    from thunderops.agent import deployment_token, token_path
+    from thunderops.agent import client_tls, deployment_tls, deployment_token, token_path
 
     plan = small_plan(3, spot=True)
     s = serve(tmp_path, plan, deployment="ntc")
     deployment_token("ntc")
+    cert, key = deployment_tls("ntc")  # the agent speaks HTTPS, as on a provisioned node
     meta = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Metadata)
     threading.Thread(target=meta.serve_forever, daemon=True).start()
     victim = plan.groups[0]
@@ -115,11 +116,12 @@ def test_preemption_notice_moves_traffic_off_the_node_before_it_dies(tmp_path):
     agent = subprocess.Popen([sys.executable, "-m", "thunderops.agent", "--host", "127.0.0.1", "--port", str(port),
                               "--data-port", "0", "--iperf-port", "0", "--token-file", str(token_path("ntc")),
                               "--cloud", "gcp", "--metadata-url", f"http://127.0.0.1:{meta.server_port}"],
+                             env={**os.environ, "THUNDEROPS_AGENT_TLS_CERT": cert, "THUNDEROPS_AGENT_TLS_KEY": key},
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     rec = [r for r in s.store.nodes("ntc") if r.instance_id == inst][0]
     s.store.update_node(rec.id, agent_port=port)
     try:
-        wait_for(lambda: _up(f"http://127.0.0.1:{port}/v1/health"), 30, "the agent")
+        wait_for(lambda: _up(f"https://127.0.0.1:{port}/v1/health", verify=client_tls(cert)), 30, "the agent")
         ctl = Controller("ntc", store=s.store, config=ControllerConfig(interval_s=0.2, notice_interval_s=0.2,
                                                                         usage_interval_s=3600))
         for _ in range(3):
@@ -142,9 +144,9 @@ def test_preemption_notice_moves_traffic_off_the_node_before_it_dies(tmp_path):
         s.stop()
 
 
-def _up(url: str) -> bool:
+def _up(url: str, verify=True) -> bool:
     try:
-        httpx.get(url, timeout=0.5)
+        httpx.get(url, timeout=0.5, verify=verify)
         return True
     except httpx.HTTPError:
         return False

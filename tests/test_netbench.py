@@ -205,6 +205,22 @@ def test_cli_ad_hoc_hosts(agents, thunderops_cli, tmp_path):
     assert r.returncode == 2 and "DEPLOYMENT or --hosts" in r.stderr
 
 
+def test_cli_ad_hoc_hosts_over_tls_with_the_pinned_certificate(agents, thunderops_cli, thunderops_home, tmp_path):
+    from thunderops.agent import deployment_tls
+
+    pair = deployment_tls("adhoc")
+    a, b = agents.start("a", tls=pair), agents.start("b", tls=pair)
+    cert = tmp_path / "agents.pem"
+    cert.write_text(pair[0])
+    hosts = f"a=127.0.0.1:{a.port},b=127.0.0.1:{b.port}"
+    r = _cli(thunderops_cli, "netbench", "--hosts", hosts, "--tls-cert", str(cert), "--duration", "0.3",
+             "--no-nccl", "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["bandwidth_gbps"]["a"]["b"] > 0
+    r = _cli(thunderops_cli, "netbench", "--hosts", hosts, "--duration", "0.3", "--no-nccl")  # no cert: plain HTTP
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+
+
 def _deployment(store: Store, dep: str, ports: dict[str, int]) -> Plan:
     insts = [Instance(id=i, cloud="aws", region="us-east-1", zone="us-east-1a", instance_type="g5.xlarge",
                       gpu="A10G", gpus=1, spot=False, price_per_hour=1.0, network_gbps=10.0) for i in ports]

@@ -71,6 +71,11 @@ def test_rendering_escapes_every_value_for_yaml_and_shell(tmp_path):
     text = render(cfg)
     assert yaml.safe_load(text) == cfg  # YAML round trip: nothing broke out of its value
     assert cfg["secrets"] == {"THUNDEROPS_AGENT_TOKEN": "s3cr'et"} and "s3cr'et" not in json.dumps(cfg["envs"])
+    with_tls = engine_task(plan, inst, deployment="d1", node_id="n1", cluster=cluster_name("d1", inst.id),
+                           launches=[evil_engine], agent_token="t", agent_tls=("CERT PEM", "KEY PEM"))
+    assert with_tls["secrets"] == {"THUNDEROPS_AGENT_TOKEN": "t", "THUNDEROPS_AGENT_TLS_CERT": "CERT PEM",
+                                   "THUNDEROPS_AGENT_TLS_KEY": "KEY PEM"}
+    assert "KEY PEM" not in json.dumps(with_tls["envs"])
     assert cfg["name"] == cluster_name("d1", inst.id) and deployment_of(cfg["name"]) == "d1"
     rec = _run_script(cfg["run"], cfg["envs"], tmp_path, expect=("vllm", "thunderops"))
     assert rec["vllm"] == [{"argv": ["serve", *EVIL], "K": "v; touch PWNED $(touch PWNED)"}]

@@ -3,7 +3,9 @@
 It reports health and GPU inventory, takes part in network measurements (a TCP sink, a sender with
 several parallel streams like `iperf3 -P`, iperf3 itself where the node has it, a TCP round-trip
 probe, NCCL between the node's own GPUs) and relays preemption notices from the cloud's instance
-metadata service. Every HTTP request carries `Authorization: Bearer <deployment token>`.
+metadata service. Every HTTP request carries `Authorization: Bearer <deployment token>`. With the deployment's
+TLS pair (`deployment_tls`, handed to nodes in THUNDEROPS_AGENT_TLS_CERT/KEY) the API is HTTPS, and clients
+trust that one self-signed certificate and nothing else (the token never crosses the network in clear).
 
 Ports: the HTTP API on `port`; a raw TCP data port (default port+1) for bandwidth streams and echo;
 iperf3's server (default port+2) when iperf3 is used. `/v1/health` reports the ports actually bound.
@@ -23,6 +25,7 @@ import secrets
 import shutil
 import signal
 import socket
+import ssl
 import statistics
 import subprocess
 import sys
@@ -40,6 +43,8 @@ from thunderops.state import default_home
 
 DEFAULT_PORT = AGENT_PORT  # data port = +1, iperf3 = +2: the node template opens all three
 TOKEN_ENV = "THUNDEROPS_AGENT_TOKEN"
+TLS_CERT_ENV = "THUNDEROPS_AGENT_TLS_CERT"  # PEM text of the deployment's certificate
+TLS_KEY_ENV = "THUNDEROPS_AGENT_TLS_KEY"  # ... and of its private key
 AWS_METADATA_URL = "http://169.254.169.254"
 GCP_METADATA_URL = "http://metadata.google.internal"
 AWS_NOTICE_PATH = "/latest/meta-data/spot/instance-action"
@@ -71,6 +76,7 @@ class AgentConfig:
     cloud: str = "auto"  # aws | gcp | auto | none
     metadata_url: str | None = None  # base URL of the metadata service (tests point it at a double)
     metadata_timeout_s: float = 1.0
+    tls: tuple[str, str] | None = field(default=None, repr=False)  # (certificate PEM, key PEM): serve HTTPS
 
     def __post_init__(self) -> None:
         if not self.token:
@@ -100,6 +106,120 @@ def load_token(token_file: str | Path | None = None) -> str:
     if not token:
         raise NetbenchError(f"no agent token: pass --token-file FILE or set {TOKEN_ENV}")
     return token
+
+
+# ---------------------------------------------------------------- TLS: one self-signed pair per deployment
+
+
+def make_tls_pair(name: str, days: int = 3650) -> tuple[str, str]:
+    """A self-signed certificate and its key (PEM), EC P-256. Agents are reached by addresses not known when it
+    is made, so clients pin this certificate (their only trust anchor) instead of checking host names."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name[:64])])
+    now = datetime.datetime.now(datetime.UTC)
+    ski = x509.SubjectKeyIdentifier.from_public_key(key.public_key())
+    usage = x509.KeyUsage(digital_signature=True, key_cert_sign=True, content_commitment=False,
+                          key_encipherment=False, data_encipherment=False, key_agreement=False, crl_sign=False,
+                          encipher_only=False, decipher_only=False)
+    cert = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject).public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=days))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+            .add_extension(usage, critical=True)
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName("thunderops-agent")]), critical=False)
+            .add_extension(ski, critical=False)
+            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski), critical=False)
+            .sign(key, hashes.SHA256()))
+    return (cert.public_bytes(serialization.Encoding.PEM).decode(),
+            key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                              serialization.NoEncryption()).decode())
+
+
+def tls_paths(deployment: str) -> tuple[Path, Path]:
+    home = default_home() / "tokens"
+    return home / f"{deployment}.agent-cert.pem", home / f"{deployment}.agent-key.pem"
+
+
+def deployment_tls(deployment: str, create: bool = True) -> tuple[str, str] | None:
+    """The deployment's agent TLS pair (certificate PEM, key PEM), kept beside its token (mode 0600); made on
+    first use with `create`, else None when the deployment has none (made before agents spoke TLS)."""
+    cert_path, key_path = tls_paths(deployment)
+    if not cert_path.exists() and create:
+        cert_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        cert, key = make_tls_pair(f"thunderops-agent {deployment}")
+        for path, text in ((key_path, key), (cert_path, cert)):  # the certificate last: it marks the pair done
+            tmp = path.with_name(path.name + ".tmp")
+            fd = os.open(tmp, os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(text)
+            if path is cert_path:
+                try:
+                    os.link(tmp, path)  # never replace a pair another process made meanwhile
+                except FileExistsError:
+                    pass
+                finally:
+                    tmp.unlink(missing_ok=True)
+            else:
+                os.replace(tmp, path)
+    if not cert_path.exists():
+        return None
+    try:
+        return cert_path.read_text(), key_path.read_text()
+    except OSError as e:
+        raise NetbenchError(f"{key_path}: cannot read the agents' TLS key ({e.strerror})") from None
+
+
+def client_tls(cert_pem: str) -> ssl.SSLContext:
+    """A client context that trusts exactly this certificate (host names are not checked: it is pinned)."""
+    try:
+        ctx = ssl.create_default_context(cadata=cert_pem)
+    except ssl.SSLError as e:
+        raise NetbenchError(f"the agents' TLS certificate is not valid PEM ({e.reason}); use the deployment's "
+                            "certificate") from None
+    ctx.check_hostname = False
+    return ctx
+
+
+def server_tls(cert_pem: str, key_pem: str) -> ssl.SSLContext:
+    """The agent's server context (OpenSSL loads key pairs from files: a private temporary directory)."""
+    import tempfile
+
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    with tempfile.TemporaryDirectory(prefix="thunderops-tls-") as d:
+        cert_file, key_file = Path(d) / "cert.pem", Path(d) / "key.pem"
+        cert_file.write_text(cert_pem)
+        fd = os.open(key_file, os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(key_pem)
+        try:
+            ctx.load_cert_chain(cert_file, key_file)
+        except ssl.SSLError as e:
+            raise NetbenchError(f"agent TLS certificate and key do not load ({e.reason}); pass the deployment's "
+                                f"pair in {TLS_CERT_ENV}/{TLS_KEY_ENV} or --tls-cert/--tls-key") from None
+    return ctx
+
+
+def load_tls(cert_file: str | Path | None = None, key_file: str | Path | None = None) -> tuple[str, str] | None:
+    """The agent's TLS pair from files, else from THUNDEROPS_AGENT_TLS_CERT/KEY (PEM text), else None (HTTP)."""
+    if (cert_file is None) != (key_file is None):
+        raise NetbenchError("give both --tls-cert and --tls-key (the deployment's certificate and its key)")
+    if cert_file is not None:
+        try:
+            return Path(cert_file).read_text(), Path(key_file).read_text()  # type: ignore[arg-type]
+        except OSError as e:
+            raise NetbenchError(f"{e.filename}: cannot read agent TLS file ({e.strerror})") from None
+    cert, key = os.environ.get(TLS_CERT_ENV, "").strip(), os.environ.get(TLS_KEY_ENV, "").strip()
+    if bool(cert) != bool(key):
+        raise NetbenchError(f"set both {TLS_CERT_ENV} and {TLS_KEY_ENV}, or neither")
+    return (cert + "\n", key + "\n") if cert else None
 
 
 def parse_peer_mbps(items: list[str]) -> dict[str, float]:
@@ -476,7 +596,7 @@ class Agent:
             "uptime_s": round(time.monotonic() - self.started, 3), "pid": os.getpid(),
             "gpus": self.inventory, "data_port": self.data_port, "iperf_port": self.iperf_port,
             "advertise_host": self.config.advertise_host, "iperf3": shutil.which("iperf3") is not None,
-            "link_mbps": self.config.link_mbps, "peer_mbps": self.config.peer_mbps,
+            "link_mbps": self.config.link_mbps, "peer_mbps": self.config.peer_mbps, "tls": self.config.tls is not None,
         }
 
     def rx_bucket_for(self, peer: str) -> TokenBucket | None:
@@ -641,7 +761,8 @@ class Agent:
         self.data_port = self._data_server.sockets[0].getsockname()[1]
         runner = web.AppRunner(self.build_app(), access_log=None)
         await runner.setup()
-        await web.TCPSite(runner, self.config.host, self.config.port, reuse_address=True).start()
+        tls = server_tls(*self.config.tls) if self.config.tls else None
+        await web.TCPSite(runner, self.config.host, self.config.port, reuse_address=True, ssl_context=tls).start()
         return runner
 
     async def stop(self, runner: web.AppRunner) -> None:
@@ -687,6 +808,7 @@ def run_agent(config: AgentConfig, announce: bool = True) -> None:
                                 f"({e.strerror}); pick free ports with --port/--data-port") from None
         if announce:
             print(f"thunderops agent {config.node_id or ''} listening on {config.host}:{config.port} "
+                  f"({'HTTPS' if config.tls else 'HTTP'}) "
                   f"(data port {agent.data_port}, gpus {agent.inventory['count']} {agent.inventory['source']})",
                   flush=True)
         stop = asyncio.Event()
@@ -718,11 +840,14 @@ def _main(argv: list[str] | None = None) -> None:
     p.add_argument("--peer-mbps", action="append", default=[])
     p.add_argument("--cloud", default="auto")
     p.add_argument("--metadata-url")
+    p.add_argument("--tls-cert")
+    p.add_argument("--tls-key")
     a = p.parse_args(argv)
     try:
         cfg = AgentConfig(token=load_token(a.token_file), host=a.host, port=a.port, data_port=a.data_port,
                           iperf_port=a.iperf_port, node_id=a.node_id, deployment=a.deployment, advertise_host=a.advertise_host,
-                          gpu=a.gpu, gpus=a.gpus, link_mbps=a.link_mbps, peer_mbps=parse_peer_mbps(a.peer_mbps), cloud=a.cloud, metadata_url=a.metadata_url)
+                          gpu=a.gpu, gpus=a.gpus, link_mbps=a.link_mbps, peer_mbps=parse_peer_mbps(a.peer_mbps), cloud=a.cloud, metadata_url=a.metadata_url,
+                          tls=load_tls(a.tls_cert, a.tls_key))
         run_agent(cfg)
     except NetbenchError as e:
         print(f"error: {e}", file=sys.stderr)

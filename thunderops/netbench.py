@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import ssl
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -39,11 +40,12 @@ class AgentEndpoint:
     host: str
     port: int
     token: str
+    tls: ssl.SSLContext | None = field(default=None, repr=False)  # HTTPS pinned to the deployment's certificate
 
     @property
     def url(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self.port}"
+        return f"{'https' if self.tls is not None else 'http'}://{host}:{self.port}"
 
 
 @dataclass
@@ -168,6 +170,8 @@ async def call_agent(http: aiohttp.ClientSession, ep: AgentEndpoint, method: str
                      timeout_s: float = CALL_TIMEOUT_S, **kwargs: Any) -> dict[str, Any]:
     """One authenticated call to an agent; its JSON answer, or AgentCallError worded for people."""
     try:
+        if ep.tls is not None:
+            kwargs["ssl"] = ep.tls
         async with http.request(method, ep.url + path, headers={"Authorization": f"Bearer {ep.token}"},
                                 timeout=aiohttp.ClientTimeout(total=timeout_s, connect=min(3.0, timeout_s)),
                                 **kwargs) as r:
@@ -184,12 +188,20 @@ async def call_agent(http: aiohttp.ClientSession, ep: AgentEndpoint, method: str
             return body if isinstance(body, dict) else {}
     except TimeoutError:
         raise AgentCallError(f"agent {ep.name} ({ep.host}:{ep.port}) did not answer {path} within {timeout_s:.0f}s") from None
+    except aiohttp.ClientSSLError as e:  # before ClientConnectorError, which the certificate error also is
+        raise AgentCallError(f"agent {ep.name} ({ep.host}:{ep.port}): TLS failed ({_ssl_reason(e)}); it must "
+                             "serve the deployment's certificate, and agents without TLS need plain HTTP") from None
     except aiohttp.ClientConnectorError as e:
         why = "connection refused" if isinstance(e.os_error, ConnectionRefusedError) else (e.os_error.strerror or str(e))
         raise AgentCallError(f"agent {ep.name} unreachable at {ep.host}:{ep.port} ({why})") from None
     except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError, aiohttp.ClientPayloadError) as e:
         raise AgentCallError(f"agent {ep.name} ({ep.host}:{ep.port}) went away during {path} "
                              f"({type(e).__name__})") from None
+
+
+def _ssl_reason(e: aiohttp.ClientSSLError) -> str:
+    err = getattr(e, "certificate_error", None) or getattr(e, "os_error", None)
+    return getattr(err, "verify_message", None) or getattr(err, "reason", None) or type(err).__name__
 
 
 async def _measure_pair(http: aiohttp.ClientSession, a: AgentEndpoint, b: AgentEndpoint, b_health: dict[str, Any],
@@ -322,8 +334,10 @@ def agent_get(ep: AgentEndpoint, path: str, timeout_s: float = 3.0) -> dict[str,
 # ---------------------------------------------------------------- endpoints
 
 
-def parse_hosts(spec: str, token: str, default_port: int | None = None) -> list[AgentEndpoint]:
-    """`host:port,host:port` or `name=host:port,...` (names default to host:port)."""
+def parse_hosts(spec: str, token: str, default_port: int | None = None,
+                tls: ssl.SSLContext | None = None) -> list[AgentEndpoint]:
+    """`host:port,host:port` or `name=host:port,...` (names default to host:port); `tls`: agents speak HTTPS
+    with the certificate this client context pins."""
     from thunderops.provision import AGENT_PORT
 
     out = []
@@ -341,15 +355,16 @@ def parse_hosts(spec: str, token: str, default_port: int | None = None) -> list[
                 raise ValueError
         except ValueError:
             raise NetbenchError(f"--hosts: {item!r} is not host:port (e.g. 10.0.0.5:{AGENT_PORT})") from None
-        out.append(AgentEndpoint(name or f"{host}:{port_n}", host, port_n, token))
+        out.append(AgentEndpoint(name or f"{host}:{port_n}", host, port_n, token, tls))
     if len(out) < 2:
         raise NetbenchError("--hosts needs at least two agents, e.g. --hosts 10.0.0.5:8790,10.0.0.6:8790")
     return out
 
 
 def endpoints_for_deployment(deployment: str, store: Any = None) -> list[AgentEndpoint]:
-    """The agents of a deployment's ready nodes (named by plan instance id), with the deployment's token."""
-    from thunderops.agent import deployment_token
+    """The agents of a deployment's ready nodes (named by plan instance id), with the deployment's token, over
+    HTTPS pinned to its certificate where it has one."""
+    from thunderops.agent import client_tls, deployment_tls, deployment_token
     from thunderops.provision import AGENT_PORT
     from thunderops.state import Store
 
@@ -359,7 +374,9 @@ def endpoints_for_deployment(deployment: str, store: Any = None) -> list[AgentEn
         raise NetbenchError(f"deployment {deployment!r} has {len(nodes)} ready node(s) with an address; "
                             "netbench needs two or more (see `thunderops status`)")
     token = deployment_token(deployment, create=False)
-    return [AgentEndpoint(n.instance_id, n.host, n.agent_port or AGENT_PORT, token) for n in nodes]
+    pair = deployment_tls(deployment, create=False)
+    tls = client_tls(pair[0]) if pair else None
+    return [AgentEndpoint(n.instance_id, n.host, n.agent_port or AGENT_PORT, token, tls) for n in nodes]
 
 
 # ---------------------------------------------------------------- storing and showing

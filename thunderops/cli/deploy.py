@@ -231,7 +231,7 @@ def dry_run_step(plan: Plan, provider: str, dep: str, pip_spec: str | None, json
             shown.zone = sky_zone(inst)
             cfg = engine_task(plan, shown, deployment=dep, node_id=name, cluster=name, accelerator=accel[inst.id],
                               pip_spec=pip_spec, agent_token="<made at launch>", engine_key="<made at launch>",
-                              wheel=wheel)
+                              agent_tls=("<made at launch>", "<made at launch>"), wheel=wheel)
             tasks[name] = render(cfg)
         addressed = Plan.from_dict(plan.to_dict())  # engine URLs name the node each is on, known only once up
         for inst in addressed.instances:

@@ -27,13 +27,17 @@ def agent(
     peer_mbps: Annotated[list[str] | None, typer.Option(help="Emulate a slow link to one peer: ADDRESS=MBPS (repeatable)")] = None,
     cloud: Annotated[str, typer.Option(help="Metadata service for preemption notices: aws, gcp, auto or none")] = "auto",
     metadata_url: Annotated[str | None, typer.Option(help="Base URL of the instance metadata service")] = None,
+    tls_cert: Annotated[Path | None, typer.Option(help="Serve HTTPS with this certificate (PEM; else "
+                                                       "$THUNDEROPS_AGENT_TLS_CERT, else plain HTTP)")] = None,
+    tls_key: Annotated[Path | None, typer.Option(help="... and its key (else $THUNDEROPS_AGENT_TLS_KEY)")] = None,
 ) -> None:
     """Run the node agent: health, GPU inventory, bandwidth/latency measurements, preemption notices."""
-    from thunderops.agent import AgentConfig, load_token, parse_peer_mbps, run_agent
+    from thunderops.agent import AgentConfig, load_tls, load_token, parse_peer_mbps, run_agent
 
     cfg = AgentConfig(token=load_token(token_file), host=host, port=port, data_port=data_port, iperf_port=iperf_port,
                       node_id=node, deployment=deployment, advertise_host=advertise_host, gpu=gpu, gpus=gpus,
-                      link_mbps=link_mbps, peer_mbps=parse_peer_mbps(peer_mbps or []), cloud=cloud, metadata_url=metadata_url)
+                      link_mbps=link_mbps, peer_mbps=parse_peer_mbps(peer_mbps or []), cloud=cloud, metadata_url=metadata_url,
+                      tls=load_tls(tls_cert, tls_key))
     run_agent(cfg)
 
 
@@ -42,6 +46,8 @@ def netbench(
     deployment: Annotated[str | None, typer.Argument(help="Deployment whose nodes to measure")] = None,
     hosts: Annotated[str | None, typer.Option(help="Ad hoc agents instead: host:port,host:port (or name=host:port)")] = None,
     token_file: Annotated[Path | None, typer.Option(help="Token for --hosts (else $THUNDEROPS_AGENT_TOKEN)")] = None,
+    tls_cert: Annotated[Path | None, typer.Option(help="For --hosts agents serving HTTPS: their certificate (PEM), "
+                                                       "the only one trusted")] = None,
     duration: Annotated[float, typer.Option(help="Seconds of sending per pair")] = 2.0,
     streams: Annotated[int, typer.Option(help="Parallel TCP streams per pair")] = 4,
     tool: Annotated[str, typer.Option(help="auto (iperf3 where both nodes have it), builtin or iperf3")] = "auto",
@@ -55,7 +61,7 @@ def netbench(
 ) -> None:
     """Measure bandwidth and round trips between all node pairs (rounds of disjoint pairs)."""
     from thunderops import netbench as nb
-    from thunderops.agent import load_token
+    from thunderops.agent import client_tls, load_token
     from thunderops.errors import NetbenchError
 
     if (deployment is None) == (hosts is None):
@@ -75,7 +81,13 @@ def netbench(
         version = nb.store_result(deployment, result)
         png = png or nb.default_png(deployment)
     else:
-        result = nb.measure(nb.parse_hosts(hosts or "", load_token(token_file)), **opts)
+        tls = None
+        if tls_cert is not None:
+            try:
+                tls = client_tls(tls_cert.read_text())
+            except OSError as e:
+                raise NetbenchError(f"{tls_cert}: cannot read the agents' certificate ({e.strerror})") from None
+        result = nb.measure(nb.parse_hosts(hosts or "", load_token(token_file), tls=tls), **opts)
         version = None
     if png is not None:
         nb.save_heatmap(result, png)

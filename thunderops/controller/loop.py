@@ -15,6 +15,7 @@ from typing import Any
 
 import httpx
 
+from thunderops.agent import client_tls, deployment_tls, deployment_token
 from thunderops.controller.config import GONE_STATUSES, ControllerConfig, ControllerError
 from thunderops.controller.engines import EngineLauncher
 from thunderops.controller.reprovision import Pending, Reprovisioning
@@ -28,6 +29,7 @@ from thunderops.controller.surgery import (
 )
 from thunderops.errors import PlanError, UserError
 from thunderops.plan import Group, Instance, Plan, Route, Stage
+from thunderops.provision import AGENT_PORT
 from thunderops.state import Store, default_home, now_utc, parse_ts
 
 log = logging.getLogger(__name__)
@@ -85,6 +87,7 @@ class Controller(Reprovisioning):
         self._probe_pool = ThreadPoolExecutor(max_workers=16, thread_name_prefix="probe")
         self._worker: threading.Thread | None = None
         self._http = httpx.Client(timeout=self.config.probe_timeout_s)
+        self._agents_http: tuple[httpx.Client, str] | None = None
         self._stopped_for_spend = False
         self._recover()
 
@@ -217,12 +220,19 @@ class Controller(Reprovisioning):
         self.provider_alive = {iid for iid, n in latest.items() if n.status == "ready"}
         return {iid: n.status for iid, n in latest.items() if n.status in GONE_STATUSES}
 
+    def _agent_client(self) -> tuple[httpx.Client, str]:
+        """The client for the deployment's agents: HTTPS pinned to its certificate where it has one."""
+        if self._agents_http is None:
+            pair = deployment_tls(self.deployment, create=False)
+            self._agents_http = (httpx.Client(timeout=self.config.probe_timeout_s, verify=client_tls(pair[0])), "https") \
+                if pair else (self._http, "http")
+        return self._agents_http
+
     def notices(self, plan: Plan) -> dict[str, dict[str, Any]]:
         """Preemption notices from the agents of the plan's ready nodes."""
         try:
-            from thunderops.agent import deployment_token
-
             token = deployment_token(self.deployment, create=False)
+            http, scheme = self._agent_client()
         except UserError:
             return {}
         ids = {i.id for i in plan.instances}
@@ -230,8 +240,8 @@ class Controller(Reprovisioning):
 
         def ask(rec) -> tuple[str, dict[str, Any] | None]:
             try:
-                r = self._http.get(f"http://{rec.host}:{rec.agent_port or 8790}/v1/preemption",
-                                   headers={"Authorization": f"Bearer {token}"})
+                r = http.get(f"{scheme}://{rec.host}:{rec.agent_port or AGENT_PORT}/v1/preemption",
+                             headers={"Authorization": f"Bearer {token}"})
                 return rec.instance_id, (r.json() if r.status_code == 200 else None)
             except (httpx.HTTPError, ValueError):
                 return rec.instance_id, None
@@ -545,6 +555,8 @@ class Controller(Reprovisioning):
         self.stop()
         self._probe_pool.shutdown(wait=False)
         self._http.close()
+        if self._agents_http is not None:
+            self._agents_http[0].close()
         self.router.close()
 
 

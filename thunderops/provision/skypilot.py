@@ -31,7 +31,7 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-from thunderops.agent import deployment_token
+from thunderops.agent import deployment_tls, deployment_token
 from thunderops.errors import ProvisionError, UserError
 from thunderops.plan import Instance, Plan
 from thunderops.provision import (
@@ -95,6 +95,7 @@ class _Run:
     wheel: Path | None
     token: str
     engine_key: str
+    tls: tuple[str, str] | None  # the agents' certificate and key (PEM)
     clouds: set[str]
     regions: set[str] | None
     accel: dict[str, str]
@@ -288,7 +289,8 @@ class SkyPilotProvider(Provider):
         if plan.inputs.get("clouds"):
             clouds &= {str(c).lower() for c in plan.inputs["clouds"]}
         run = _Run(deployment=deployment, plan=plan, wheel=wheel, token=deployment_token(deployment),
-                   engine_key=deployment_token(engine_key_name(deployment)), clouds=clouds,
+                   engine_key=deployment_token(engine_key_name(deployment)), tls=deployment_tls(deployment),
+                   clouds=clouds,
                    regions=set(plan.inputs["regions"]) if plan.inputs.get("regions") else None,
                    accel=accelerator_names(plan), slots={i.id: _Slot(i, i) for i in plan.instances})
         for r in store.nodes(deployment):  # launches recorded before: cluster names stay unique
@@ -394,7 +396,8 @@ class SkyPilotProvider(Provider):
                 config = engine_task(plan, replace(inst, zone=sky_zone(inst)), deployment=deployment, node_id=name,
                                      cluster=name, accelerator=run.accel.get(inst.id) if inst.gpu == slot.original.gpu
                                      else None, ports=ports, pip_spec=self.pip_spec, launches=launches,
-                                     agent_token=run.token, engine_key=run.engine_key, wheel=run.wheel)
+                                     agent_token=run.token, engine_key=run.engine_key, agent_tls=run.tls,
+                                     wheel=run.wheel)
                 store.record_node_intent(
                     deployment, name, inst.id, name, cloud=inst.cloud, region=inst.region, zone=inst.zone,
                     instance_type=inst.instance_type, gpu=inst.gpu, gpus=inst.gpus, spot=inst.spot,

@@ -116,10 +116,12 @@ def engine_script_lines(launches: list[EngineLaunch]) -> list[str]:
 def engine_task(plan: Plan, instance: Instance, *, deployment: str, node_id: str, cluster: str,
                 accelerator: str | None = None, ports: Ports | None = None, pip_spec: str | None = None,
                 launches: list[EngineLaunch] | None = None, agent_token: str | None = None,
-                engine_key: str | None = None, wheel: str | Path | None = None) -> dict[str, Any]:
+                engine_key: str | None = None, agent_tls: tuple[str, str] | None = None,
+                wheel: str | Path | None = None) -> dict[str, Any]:
     """The SkyPilot task config (a dict, ready for `sky.Task.from_yaml_config`) for one plan instance.
-    `agent_token` and `engine_key` (vLLM's VLLM_API_KEY: engine ports are open, so they need a key) go into
-    SkyPilot's `secrets:` (redacted in its displays), never into `envs:`. `wheel` (a local thunderops wheel,
+    `agent_token`, `engine_key` (vLLM's VLLM_API_KEY: engine ports are open, so they need a key) and
+    `agent_tls` (the agents' certificate and key, PEM: their API is then HTTPS) go into SkyPilot's `secrets:`
+    (redacted in its displays), never into `envs:`. `wheel` (a local thunderops wheel,
     `thunderops.provision.package.build_wheel`) is shipped as a file mount and installed with `[serve]`;
     `pip_spec` overrides it."""
     ports = ports or Ports()
@@ -138,7 +140,9 @@ def engine_task(plan: Plan, instance: Instance, *, deployment: str, node_id: str
                 THUNDEROPS_MODEL=plan.model, THUNDEROPS_AGENT_PORT=str(ports.agent),
                 THUNDEROPS_AGENT_GPU=instance.gpu, THUNDEROPS_AGENT_GPUS=str(int(instance.gpus)))
     _install(cfg, pip_spec, wheel, "serve")
-    secrets = {"THUNDEROPS_AGENT_TOKEN": agent_token, "VLLM_API_KEY": engine_key}
+    cert, key = agent_tls or (None, None)
+    secrets = {"THUNDEROPS_AGENT_TOKEN": agent_token, "VLLM_API_KEY": engine_key,
+               "THUNDEROPS_AGENT_TLS_CERT": cert, "THUNDEROPS_AGENT_TLS_KEY": key}
     if any(v is not None for v in secrets.values()):
         cfg["secrets"] = {k: v for k, v in secrets.items() if v is not None}
     cfg["run"] = _fill_lines(cfg["run"], engine_script_lines(launches))
