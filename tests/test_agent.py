@@ -23,6 +23,7 @@ import pytest
 from aiohttp import web
 
 from thunderops.agent import client_tls, deployment_token, gpu_inventory, token_path
+from thunderops.errors import NetbenchError
 from thunderops.netbench import AgentEndpoint
 
 TOKEN = "test-token-" + "x" * 20
@@ -194,14 +195,16 @@ def test_deployment_token_is_private_and_stable(thunderops_home):
 
 
 def test_deployment_tls_pair_is_private_stable_and_absent_until_made(thunderops_home):
-    from thunderops.agent import deployment_tls, tls_paths
+    from thunderops.agent import deployment_tls, server_tls, tls_path
 
     assert deployment_tls("old-dep", create=False) is None  # deployments from before TLS: plain HTTP
     cert, key = deployment_tls("dep1")
-    assert cert.startswith("-----BEGIN CERTIFICATE-----") and "PRIVATE KEY" in key
+    assert cert.startswith("-----BEGIN CERTIFICATE-----") and "PRIVATE KEY" in key and "CERTIFICATE" not in key
     assert deployment_tls("dep1") == (cert, key) and deployment_tls("dep2")[0] != cert
-    for path in tls_paths("dep1"):
-        assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert stat.S_IMODE(tls_path("dep1").stat().st_mode) == 0o600
+    server_tls(cert, key)  # a matching pair: loads
+    with pytest.raises(NetbenchError, match="do not load"):
+        server_tls(cert, deployment_tls("dep2")[1])
 
 
 def test_agent_over_tls_trusts_only_the_deployment_certificate(agents, thunderops_home):

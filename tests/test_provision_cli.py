@@ -149,7 +149,8 @@ def test_agent_token_and_engine_key_never_appear_in_outputs_or_state(plan_file, 
     up = cli("up", "--plan", str(plan_file), "--name", "web", "--no-serve", "--json")
     assert up.returncode == 0, up.stderr
     tokens = [(thunderops_home / "tokens" / n).read_text().strip() for n in ("web.token", "web.engine.token")]
-    key = (thunderops_home / "tokens" / "web.agent-key.pem").read_text()  # the agents' TLS key, made by `up`
+    key = (thunderops_home / "tokens" / "web.agent-tls.pem").read_text()  # the agents' TLS pair, made by `up`
+    key = key[:key.index("-----BEGIN CERTIFICATE-----")]  # its private key (the certificate is public)
     tokens += [line for line in key.splitlines() if not line.startswith("-----")]
     outs = [up.stdout, up.stderr]
     for args in (("status", "web", "--json"), ("status", "web"), ("status",), ("events", "web", "--json"),

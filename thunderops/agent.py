@@ -143,38 +143,43 @@ def make_tls_pair(name: str, days: int = 3650) -> tuple[str, str]:
                               serialization.NoEncryption()).decode())
 
 
-def tls_paths(deployment: str) -> tuple[Path, Path]:
-    home = default_home() / "tokens"
-    return home / f"{deployment}.agent-cert.pem", home / f"{deployment}.agent-key.pem"
+def tls_path(deployment: str) -> Path:
+    """Where the deployment's agent TLS pair lives: one file, the key then the certificate (PEM)."""
+    return default_home() / "tokens" / f"{deployment}.agent-tls.pem"
 
 
 def deployment_tls(deployment: str, create: bool = True) -> tuple[str, str] | None:
     """The deployment's agent TLS pair (certificate PEM, key PEM), kept beside its token (mode 0600); made on
     first use with `create`, else None when the deployment has none (made before agents spoke TLS)."""
-    cert_path, key_path = tls_paths(deployment)
-    if not cert_path.exists() and create:
-        cert_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    path = tls_path(deployment)
+    if not path.exists() and create:
         cert, key = make_tls_pair(f"thunderops-agent {deployment}")
-        for path, text in ((key_path, key), (cert_path, cert)):  # the certificate last: it marks the pair done
-            tmp = path.with_name(path.name + ".tmp")
-            fd = os.open(tmp, os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o600)
-            with os.fdopen(fd, "w") as f:
-                f.write(text)
-            if path is cert_path:
-                try:
-                    os.link(tmp, path)  # never replace a pair another process made meanwhile
-                except FileExistsError:
-                    pass
-                finally:
-                    tmp.unlink(missing_ok=True)
-            else:
-                os.replace(tmp, path)
-    if not cert_path.exists():
-        return None
+        _create_private(path, key + cert)
     try:
-        return cert_path.read_text(), key_path.read_text()
+        text = path.read_text()
+    except FileNotFoundError:
+        return None
     except OSError as e:
-        raise NetbenchError(f"{key_path}: cannot read the agents' TLS key ({e.strerror})") from None
+        raise NetbenchError(f"{path}: cannot read the agents' TLS pair ({e.strerror})") from None
+    cut = text.find("-----BEGIN CERTIFICATE-----")
+    if cut <= 0:
+        raise NetbenchError(f"{path}: not a key and certificate (PEM); delete it to have a new pair made")
+    return text[cut:], text[:cut]
+
+
+def _create_private(path: Path, text: str) -> None:
+    """Write `text` to `path` (mode 0600) unless it exists: never replaces what another process made meanwhile."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        pass
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def client_tls(cert_pem: str) -> ssl.SSLContext:
@@ -255,18 +260,7 @@ def deployment_token(deployment: str, create: bool = True) -> str:
     if not create:
         raise NetbenchError(f"no agent token for deployment {deployment!r} ({path} is missing); "
                             "it is made when the deployment is provisioned")
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    token = new_token()
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(token + "\n")
-    try:
-        os.link(tmp, path)  # never replace a token another process made meanwhile
-    except FileExistsError:
-        pass
-    finally:
-        tmp.unlink(missing_ok=True)
+    _create_private(path, new_token() + "\n")
     return load_token(path)
 
 
