@@ -170,3 +170,23 @@ def test_chaos_nodes_die_mid_run_no_request_is_lost(chaos):
     assert spend_seen and max(rate for _, rate in spend_seen) <= BUDGET + 1e-9
     assert store.spend(dep) < MAX_SPEND
     assert httpx.get(url + "/health").status_code == 200
+
+
+def test_engine_start_retried_after_a_timeout_starts_afresh(chaos):
+    """A start that timed out (a busy machine) leaves nothing behind that blocks its retry: the controller's
+    reprovisioning once failed every retry with ActorAlreadyExistsError and never restored the replica."""
+    import httpx
+    import ray
+
+    dep, store, plan, provider, launcher, _router, _key = chaos
+    gid = plan.groups[0].id
+    hasty = RayEmulators(provider.ray_address(dep), engine_key=launcher.engine_key, speedup=20.0, timeout_s=0.001)
+    with pytest.raises(Exception):  # noqa: B017 - Ray's GetTimeoutError or our TimeoutError, either way a failure
+        hasty.start(dep, plan, [gid], {})
+    assert gid not in hasty.actors
+    # the retry (and a restart over the fixture's live engine of the same name) starts a fresh, healthy engine
+    patient = RayEmulators(provider.ray_address(dep), engine_key=launcher.engine_key, speedup=20.0)
+    url = patient.start(dep, plan, [gid], {})[gid]
+    assert httpx.get(url + "/health", timeout=5).status_code == 200
+    assert ray.get_actor(f"engine-{dep}-{gid}") is not None
+    patient.stop()

@@ -149,26 +149,53 @@ class RayEmulators:
         refs = {}
         for gid in groups:
             g = plan.group(gid)
+            name = f"engine-{deployment}-{gid}"
+            _free_actor_name(ray, name)
             actor = actor_cls.options(resources={node_resource(g.stages[0].instance): 0.01},
-                                      name=f"engine-{deployment}-{gid}", lifetime="detached").remote()
+                                      name=name, lifetime="detached").remote()
             self.actors[gid] = actor
             refs[gid] = actor.start.remote(plan.model, g.stages[0].gpu, g.tp, g.pp, self.speedup, mml,
                                            self.engine_key, self.host)
         urls = {}
-        for gid, ref in refs.items():
-            urls[gid], self.pids[gid] = ray.get(ref, timeout=self.timeout_s)
-        wait_engines(urls, self.timeout_s)
+        try:
+            for gid, ref in refs.items():
+                urls[gid], self.pids[gid] = ray.get(ref, timeout=self.timeout_s)
+            wait_engines(urls, self.timeout_s)
+        except Exception:  # a retry starts afresh: no half-started engine keeps its name or its node's port
+            for gid in refs:
+                _kill_quietly(ray, self.actors.pop(gid, None))
+            raise
         return urls
 
     def stop(self) -> None:
         import ray
 
         for actor in self.actors.values():
-            try:
-                ray.kill(actor)
-            except Exception:  # already dead with its node
-                pass
+            _kill_quietly(ray, actor)
         self.actors.clear()
+
+
+def _kill_quietly(ray: Any, actor: Any) -> None:
+    if actor is not None:
+        try:
+            ray.kill(actor)
+        except Exception:  # already dead with its node
+            pass
+
+
+def _free_actor_name(ray: Any, name: str, timeout_s: float = 10.0) -> None:
+    """End a detached engine actor left under `name` by an earlier start that failed (e.g. timed out on a busy
+    machine): a retry would otherwise fail with ActorAlreadyExistsError until it is gone."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            old = ray.get_actor(name)
+        except ValueError:  # no such actor: the name is free
+            return
+        _kill_quietly(ray, old)
+        if time.monotonic() > deadline:
+            return  # creating the actor then says what is wrong
+        time.sleep(0.1)
 
 
 def wait_engines(urls: Mapping[str, str], timeout_s: float) -> None:
