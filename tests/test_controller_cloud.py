@@ -82,6 +82,50 @@ def test_spot_preemption_avoids_the_zone_then_falls_back_to_on_demand(tmp_path):
         prov.down("spot")
 
 
+class _EnginesFailOnce:
+    """The engine boundary double for one bad start: the first `start` fails as engines that never became
+    healthy do (a slow or broken node), later ones go to the real launcher."""
+
+    def __init__(self, inner) -> None:
+        self.inner, self.calls = inner, 0
+
+    def start(self, *args, **kwargs):
+        self.calls += 1
+        if self.calls == 1:
+            raise TimeoutError("engine(s) not healthy after 30 s")
+        return self.inner.start(*args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+def test_replacement_whose_engines_fail_is_torn_down_before_the_retry(tmp_path):
+    cloud, store, plan, prov, s = _cloud_deployment(tmp_path, "retry")
+    launcher = _EnginesFailOnce(s.engines)
+    ctl = Controller("retry", store=store, provider=prov, launcher=launcher,
+                     config=ControllerConfig(interval_s=0.2, usage_interval_s=3600, restart_grace_s=1.0,
+                                             reprovision_backoff_s=0.3))
+    try:
+        rec = [r for r in store.nodes("retry") if r.instance_id == "a"][0]
+        cloud.down(rec.cluster_name)  # the cloud takes the spot VM back
+        os.killpg(s.engines.pids["g0"], signal.SIGKILL)
+        wait_for(lambda: (ctl.step(), store.events("retry", "reprovisioned"))[1], 60, "the replacement")
+        failed = store.events("retry", "reprovision-failed")
+        assert len(failed) == 1 and "not healthy" in failed[0].message and launcher.calls == 2
+        first = store.events("retry", "reprovision-start")[0].payload["replacements"]["a"]["id"]
+        first_recs = [r for r in store.nodes("retry") if r.instance_id == first]
+        assert first_recs and all(r.status == "terminated" for r in first_recs)  # not left billing
+        assert all(r.cluster_name not in cloud.names() for r in first_recs)
+        final = store.latest_plan("retry")
+        assert len(final.groups) == 3 and first not in {i.id for i in final.instances}
+        live = {r.cluster_name for r in store.nodes("retry", live_only=True)}
+        assert live == cloud.names()  # nothing running that thunderops does not use or know
+    finally:
+        ctl.close()
+        s.stop()
+        prov.down("retry")
+
+
 class _Metadata(http.server.BaseHTTPRequestHandler):
     """GCP's metadata service double: instance/preempted answers FALSE until the test flips it."""
 

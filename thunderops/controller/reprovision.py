@@ -53,6 +53,7 @@ class Reprovisioning:
     _offers: Any
     _lock: threading.RLock
     _worker: threading.Thread | None
+    _terminate: Any  # Controller._terminate(records, wait): the provider's per-node teardown
 
     # -- reprovisioning ----------------------------------------------------------------------------------
     def _kick_reprovision(self) -> None:
@@ -154,18 +155,12 @@ class Reprovisioning:
         sub.routing = []
         sub.budget_per_hour = headroom
         sub.cost_per_hour = extra
-        nodes = {}
-        if sub.instances:
-            res = self.provider.up(self.deployment, sub, keep_partial=True)
-            if not res.ok:
-                raise RuntimeError(f"provisioning failed: {res.message}")
-            nodes = {n.instance_id: n for n in res.nodes}
-        for inst in folded.instances:
-            if inst.id in nodes:
-                inst.host = nodes[inst.id].host
-        known = self.provider.status(self.deployment) if self.provider is not None else []
-        all_nodes = {r.instance_id: r for r in known} | nodes
-        urls = self.launcher.start(self.deployment, folded, added, all_nodes)
+        try:
+            urls = self._bring_up(sub, folded, added)
+        except Exception:  # the retry replaces them afresh: new nodes that serve nothing must not bill meanwhile
+            gone = [r for r in self.store.nodes(self.deployment) if r.instance_id in new_ids and r.live]
+            self._terminate(gone, wait=True)
+            raise
         measured = self._measure(list(repl.values()))
         if measured:
             from thunderops.netbench import merge_bandwidth
@@ -198,6 +193,22 @@ class Reprovisioning:
                            "predicted": {"goodput_before": latest.predicted.goodput_rps,
                                          "goodput_after": new.predicted.goodput_rps}})
             self._push(new, f"plan v{new.version}")
+
+    def _bring_up(self, sub: Any, folded: Any, added: list[str]) -> dict[str, str]:
+        """Provision `sub`'s new instances (setting their hosts in `folded`) and start the `added` groups'
+        engines; their URLs."""
+        nodes = {}
+        if sub.instances:
+            res = self.provider.up(self.deployment, sub, keep_partial=True)
+            if not res.ok:
+                raise RuntimeError(f"provisioning failed: {res.message}")
+            nodes = {n.instance_id: n for n in res.nodes}
+        for inst in folded.instances:
+            if inst.id in nodes:
+                inst.host = nodes[inst.id].host
+        known = self.provider.status(self.deployment) if self.provider is not None else []
+        all_nodes = {r.instance_id: r for r in known} | nodes
+        return self.launcher.start(self.deployment, folded, added, all_nodes)
 
     def _measure(self, new: list[Instance]) -> dict[str, dict[str, float]]:
         """Links between the new nodes and the others, where their agents answer (best effort)."""
