@@ -307,6 +307,12 @@ def test_nic_speed_from_catalog_or_fastest_measured_link():
         plan = Plan(model="Llama-3.1-8B", budget_per_hour=0.0, cost_per_hour=3.0, instances=[a, b, c], groups=[],
                     routing=[], bandwidth_gbps=t.matrix([a, b, c]))
         assert [nic_gbps(plan, i.id) for i in (a, b, c)] == [t.nic_gbps(i) for i in (a, b, c)]
+    # and a hand-made plan with neither a matrix nor NICs is read with the scheduler's figure for such nodes
+    from thunderops.perf import pair_gbps
+
+    d, e = (Instance(n, "aws", "us-east-1", "us-east-1a", "x", "H100", 8, False, 1.0, None) for n in "de")
+    bare = Plan(model="Llama-3.1-8B", budget_per_hour=0.0, cost_per_hour=2.0, instances=[d, e], groups=[], routing=[])
+    assert pair_gbps(bare, "d", "e") == topo.gbps(d, e) == topo.defaults.unknown_network_gbps
 
 
 def test_bandwidth_file_changes_the_plan(tmp_path):

@@ -30,7 +30,9 @@ if TYPE_CHECKING:
     from collections.abc import Sequence
 
 PHASES = ("prefill", "decode", "colocated")
-DEFAULT_NETWORK_GBPS = 25.0  # Gbit/s between instances when a plan gives no figure (a common cloud NIC)
+# Gbit/s of a node whose network speed nothing gives (no measured or planned figure, no NIC in the catalog): the
+# scheduler's topology plans with it and a hand-made plan without a matrix is read with it, so both agree.
+DEFAULT_NETWORK_GBPS = 10.0
 SAME_NODE_PP_GBPS = float("inf")
 
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from thunderops.errors import PlanError
-from thunderops.perf import shared_nic_gbps
+from thunderops.perf import DEFAULT_NETWORK_GBPS, shared_nic_gbps
 from thunderops.plan import Instance
 from thunderops.specs import GpuSpec, get_gpu
 
@@ -27,7 +27,7 @@ class LinkDefaults:
     same_region_factor: float = 0.5  # different zones of one region, relative to the node network
     cross_region_gbps: float = 5.0
     cross_cloud_gbps: float = 2.0
-    unknown_network_gbps: float = 10.0  # a node whose network speed the catalog does not give
+    unknown_network_gbps: float = DEFAULT_NETWORK_GBPS  # a node whose network speed the catalog does not give
 
 
 def intra_node_gbps(gpu: GpuSpec) -> float:
