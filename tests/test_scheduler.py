@@ -186,6 +186,15 @@ def test_cli_compares_baselines_by_cost_under_a_target_rate():
                       env={"COLUMNS": "160"})
     assert r.exit_code == 0, r.output
     assert "ceiling set from --rate" in r.output
+    # a plan without those inputs (hand-made, or from an older thunderops) shows its budget as a budget
+    from thunderops.cli.app import console
+    from thunderops.cli.plan import render
+
+    plan = solve(6.0, "llama-3.1-8b", "conversation", clouds="lambda", search=FAST, sim_check=0).plan
+    plan.inputs = {}
+    with console.capture() as cap:
+        render(plan)
+    assert "$/h budget" in cap.get() and "ceiling" not in cap.get()
     assert "serving 2 req/s" in r.output and "ours costs" in r.output
     assert "1.00x" in r.output  # ours against itself; each baseline's $/h ratio or "misses rate"
 

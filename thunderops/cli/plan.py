@@ -92,8 +92,9 @@ def plan_cmd(
 
 def render(plan) -> None:
     """Instances, groups, routing and the prediction, as Rich tables."""
-    given = plan.inputs.get("budget_per_hour") is not None or plan.inputs.get("inventory")
-    limit = "budget" if given else "ceiling set from --rate"
+    inputs = plan.inputs
+    from_rate = inputs.get("rate") and inputs.get("budget_per_hour") is None and not inputs.get("inventory")
+    limit = "ceiling set from --rate" if from_rate else "budget"
     inst = Table(title=f"instances: {plan.cost_per_hour:.2f} $/h of a {plan.budget_per_hour:.2f} $/h {limit}")
     for col in ("id", "where", "type", "GPUs", "pricing", "$/h"):
         inst.add_column(col, justify="right" if col in ("GPUs", "$/h") else "left")

@@ -555,7 +555,7 @@ class Controller(Reprovisioning):
         self.stop()
         self._probe_pool.shutdown(wait=False)
         self._http.close()
-        if self._agents_http is not None:
+        if self._agents_http is not None and self._agents_http[0] is not self._http:
             self._agents_http[0].close()
         self.router.close()
 
