@@ -615,21 +615,56 @@ def test_links_from_one_node_share_its_nic(nic):
 
 
 def test_replicas_sharing_the_stream_count_the_routers_spacing():
-    """The routing LP rates a prefill or colocated replica at the arrival spacing of the router's round robin
-    over the state's k arrival-taking replicas (SCV 1/k): more of them, more each; decode is not queued."""
+    """The routing LP rates a prefill or colocated replica at the arrival spacing of the router's weighted round
+    robin: a replica taking a share f of the stream sees gaps of SCV about f (rounded up to a power of two, no
+    less than 1/MAX_SPREAD). More equal replicas, more each; decode is not queued."""
     from thunderops.scheduler.harness import MAX_SPREAD, Harness, canon
     from thunderops.workload import get_workload
 
     inv = parse_inventory({"nodes": [{"name": "n0", "gpu": "H100", "gpus": 8}]}, "test")
     h = Harness(list(inv.instances), PerfModel("llama-3.1-8b"), get_workload("conversation"), SLO(0.5, 0.05, 0.9))
     u = h.units_of[0]
+    scvs = Harness.arrival_scvs
+    assert scvs(["prefill", "decode"], [5.0, 5.0]) == [1.0, 1.0]
+    assert scvs(["prefill"] * 4 + ["decode"] * 4, [5.0] * 8) == [0.25] * 4 + [1.0] * 4
+    assert scvs(["colocated"] * 3, [5.0] * 3) == [0.5] * 3  # a third rounded up: 1/2
+    assert scvs(["colocated"] * 16, [5.0] * 16) == [1 / MAX_SPREAD] * 16
+    # a small replica beside a big one: the big one's gaps stay nearly Poisson, the small one's are regular
+    assert scvs(["colocated", "colocated"], [9.0, 1.0]) == [1.0, 0.125]
+    # a replica with no capacity takes no traffic: it spaces nobody's arrivals
+    assert scvs(["colocated", "colocated", "prefill"], [5.0, 0.0, 5.0]) == [0.5, 1.0, 0.5]
     alone = canon([((u[0],), "prefill"), ((u[1],), "decode")])
     four = canon([((u[k],), "prefill") for k in range(4)] + [((u[k],), "decode") for k in range(4, 8)])
-    assert Harness.arrival_scv(alone) == 1.0 and Harness.arrival_scv(four) == 0.25
-    assert Harness.arrival_scv(canon([((x,), "colocated") for x in u[:3]])) == 0.5  # k rounded down: 2
-    assert Harness.arrival_scv(canon([((x,), "colocated") for x in u])) == 1 / min(8, MAX_SPREAD)
     p_alone, _, _ = h.problem(alone)
     p_four, _, _ = h.problem(four)
     assert p_alone.prefill[0] == pytest.approx(h.config((u[0],), "prefill").capacity)
     assert p_four.prefill[0] > 1.02 * p_alone.prefill[0]
     assert p_four.decode[0] == pytest.approx(p_alone.decode[0])
+
+
+def test_a_group_that_holds_no_replica_is_neither_counted_nor_rented():
+    """A rented GPU too small for the model (an L40S for Llama-3.1-70B) is a group of no capacity: it must not
+    raise the other replicas' rating (it takes no traffic, so it spaces nobody's arrivals), and pruning drops it
+    and its instance, so no plan carries a replica of zero layers (seen: 0.78 $/h of such groups in a 25 $/h
+    plan, kept because the model rated the real replicas higher beside them)."""
+    from thunderops.scheduler.harness import Harness, canon
+    from thunderops.workload import get_workload
+
+    inv = parse_inventory({"nodes": [{"name": "big", "gpu": "H200", "gpus": 8, "price_per_hour": 8.0},
+                                     {"name": "small", "gpu": "L40S", "gpus": 1, "price_per_hour": 0.5},
+                                     {"name": "mid", "gpu": "A100-80GB", "gpus": 1, "price_per_hour": 0.5}]}, "t")
+    h = Harness(list(inv.instances), PerfModel("llama-3.1-70b"), get_workload("coding"), SLO(2.0, 0.1, 0.9),
+                granularity="replica")
+    big = h.units_of[0]
+    real = [((big[0],), "colocated"), ((big[1],), "colocated"), ((big[2],), "colocated")]
+    junk = [(tuple(h.units_of[1]), "colocated"), (tuple(h.units_of[2]), "decode")]
+    ev_real, ev_junk = h.evaluate(canon(real)), h.evaluate(canon(real + junk))
+    assert h.config(junk[0][0], "colocated").capacity == 0
+    assert ev_junk.goodput == pytest.approx(ev_real.goodput)
+    pruned = h.prune(ev_junk)
+    assert pruned.state == canon(real) and pruned.cost == pytest.approx(8.0)
+    plan = h.to_plan(pruned, strategy="test")
+    assert {i.id for i in plan.instances} == {"big"}
+    assert all(sum(s.layers for s in g.stages) == 80 for g in plan.groups)
+
+

@@ -36,10 +36,12 @@ KV_STEPS = 16  # a prompt token's KV transfer time is rounded up to a power of 2
 # as long. A route loads its link to the u of these that serves it best (more u: more requests/s over the link,
 # less TTFT left to prefill in).
 LINK_UTILISATIONS = (0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95)
-# The router's round robin (`serve.pick`) spaces each replica's arrivals: of k replicas taking arrivals (prefill and
-# colocated), each sees gaps with a squared coefficient of variation of about 1/k, not a Poisson stream's 1.
-# k is rounded down to a power of two and capped at MAX_SPREAD: each distinct value costs every group a capacity
-# computation (tens of ms for a colocated one), and the queueing gain flattens out.
+# The router's smooth weighted round robin (`serve.pick`) spaces each replica's arrivals: a replica taking a share f
+# of the requests (among prefill and colocated replicas) gets about every (1/f)-th of them, gaps with a squared
+# coefficient of variation of about f, not a Poisson stream's 1. Shares are estimated from the capacities (the
+# balanced routing spreads load by capacity), rounded up to a power of two (never optimistic) and floored at
+# 1 / MAX_SPREAD: each distinct value costs a group a capacity computation (tens of ms for a colocated one), and the
+# queueing gain flattens out. A replica that takes no traffic (no capacity) spaces nobody's arrivals.
 MAX_SPREAD = 8
 
 # With a target rate, plans the model rates at this share of the rate or more but cheaper than what meets it are
@@ -242,10 +244,17 @@ class Harness:
         return v
 
     @staticmethod
-    def arrival_scv(state: State) -> float:
-        """Squared coefficient of variation of one replica's arrival gaps under the router (see MAX_SPREAD)."""
-        k = min(max(sum(1 for _, ph in state if ph != "decode"), 1), MAX_SPREAD)
-        return 1.0 / (1 << (k.bit_length() - 1))
+    def arrival_scvs(phases: list[str], capacities: list[float]) -> list[float]:
+        """Each group's squared coefficient of variation of its arrival gaps under the router (1.0 for decode
+        groups, which are not queued by arrivals): its share of the prefill/colocated capacity (see MAX_SPREAD)."""
+        total = sum(c for ph, c in zip(phases, capacities, strict=True) if ph != "decode" and c > 0)
+        out = []
+        for ph, c in zip(phases, capacities, strict=True):
+            if ph == "decode" or c <= 0 or c >= total:
+                out.append(1.0)
+            else:  # the share rounded up to a power of two, no smaller than 1 / MAX_SPREAD
+                out.append(max(2.0 ** math.ceil(math.log2(c / total) - 1e-9), 1.0 / MAX_SPREAD))
+        return out
 
     def spread(self, cfg: GroupConfig, scv: float) -> float:
         """A prefill or colocated group's capacity when its arrivals come with gaps of this SCV (the group's
@@ -300,8 +309,8 @@ class Harness:
 
     def problem(self, state: State) -> tuple[lp.RouteProblem, list[GroupConfig], dict[str, list[int]]]:
         configs = [self.config(units, ph) for units, ph in state]
-        scv = self.arrival_scv(state)
-        caps = [self.spread(cfg, scv) for cfg in configs]
+        scvs = self.arrival_scvs([ph for _, ph in state], [cfg.capacity for cfg in configs])
+        caps = [self.spread(cfg, scv) for cfg, scv in zip(configs, scvs, strict=True)]
         roles: dict[str, list[int]] = defaultdict(list)
         for k, (_, ph) in enumerate(state):
             roles[ph].append(k)
@@ -324,8 +333,8 @@ class Harness:
                         for end, k in (("out", pl.src), ("in", pl.dst)):
                             w = min(1.0, pl.gbps / self.nic_gbps(k))
                             shares.append((resources.setdefault((end, k), len(resources)), a, b, w))
-                    raw[a, b], pre_raw[a, b] = self.kv_route(state[i][0], pl.rate_raw, pl.t_raw, scv)
-                    comp[a, b], pre_comp[a, b] = self.kv_route(state[i][0], pl.rate_comp, pl.t_comp, scv)
+                    raw[a, b], pre_raw[a, b] = self.kv_route(state[i][0], pl.rate_raw, pl.t_raw, scvs[i])
+                    comp[a, b], pre_comp[a, b] = self.kv_route(state[i][0], pl.rate_comp, pl.t_comp, scvs[i])
         coo = tuple(np.array(c) for c in zip(*shares, strict=True)) if shares else None
         prob = lp.RouteProblem(
             np.array([caps[i] for i in P]), np.array([caps[j] for j in D]),
@@ -400,11 +409,18 @@ class Harness:
             flow[j] = sol.raw[:, b].sum() + sol.comp[:, b].sum()
         for c, k in enumerate(roles.get("colocated", [])):
             flow[k] = sol.colocated[c]
-        kept = [g for k, g in enumerate(ev.state) if flow.get(k, 0.0) > 1e-9]
-        if len(kept) == len(ev.state) or not kept:
-            return ev
-        new = self.evaluate(canon(kept))
-        return new if new.goodput >= ev.goodput * (1 - 1e-9) and new.score >= ev.score else ev
+        busy = [g for k, g in enumerate(ev.state) if flow.get(k, 0.0) > 1e-9]
+        # a group that holds no replica or meets no SLO can never take traffic: dropping it changes nothing
+        # else, so it goes even where dropping every idle group costs goodput (in the model an idle replica
+        # with capacity still takes a share of the arrivals, spacing the others' wider)
+        able = [g for g, cfg in zip(ev.state, ev.configs, strict=True) if cfg.layout is not None and cfg.capacity > 0]
+        for kept in (busy, able):
+            if len(kept) == len(ev.state) or not kept:
+                continue
+            new = self.evaluate(canon(kept))
+            if new.goodput >= ev.goodput * (1 - 1e-9) and new.score >= ev.score:
+                return new
+        return ev
 
     # ------------------------------------------------------------------ plans
 
