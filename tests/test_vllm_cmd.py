@@ -115,6 +115,17 @@ def test_unequal_tp_within_a_pipeline_is_refused():
         engine_commands(plan)
 
 
+@pytest.mark.parametrize("layers", [[0], [20, 0], [20, 11]])
+def test_a_group_not_holding_every_layer_is_refused(layers):
+    """A group whose stages hold no layers, or do not add up to the model's, would start an engine serving the
+    wrong model (or none): refused with a one-line PlanError before anything starts."""
+    plan = mixed_plan()
+    g = plan.groups[0]
+    g.stages = [Stage(s.instance, s.gpu, s.tp, n) for s, n in zip(g.stages, layers, strict=False)]
+    with pytest.raises(PlanError, match="layers"):
+        engine_commands(plan)
+
+
 def test_shell_rendering_quotes_the_json_config():
     c = engine_commands(pd_plan())[0]
     assert "'{\"kv_connector\":\"NixlConnector\",\"kv_role\":\"kv_both\"}'" in c.shell()

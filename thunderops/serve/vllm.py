@@ -165,6 +165,9 @@ def engine_commands(plan: Plan, options: EngineOptions = EngineOptions(), *, exe
     for index, g in enumerate(plan.groups):
         if not g.stages:
             raise PlanError(f"group {g.id} has no pipeline stages; re-create the plan")
+        if sum(g.layer_split) != model.layers or min(g.layer_split) < 1:
+            raise PlanError(f"group {g.id} splits {model.name}'s {model.layers} layers as {g.layer_split}: every "
+                            f"stage needs at least one and they must add up; re-create the plan with thunderops plan")
         tps = {s.tp for s in g.stages}
         if len(tps) > 1:
             raise PlanError(f"group {g.id}: vLLM needs the same TP degree in every pipeline stage, got {sorted(tps)}")
