@@ -354,9 +354,16 @@ class Harness:
         return total
 
     def allowed(self, state: State) -> bool:
-        """Deployment limits every strategy obeys: no replica spans more than `max_replica_nodes` instances."""
+        """Deployment limits every strategy obeys: no replica spans more than `max_replica_nodes` instances, nor
+        instances of different clouds or regions (a spanning engine runs on a Ray cluster of its nodes, which
+        must reach each other on their private network: `thunderops.serve.ray_cluster`)."""
         limit = self.max_replica_nodes
-        return limit is None or all(len({u[0] for u in units}) <= limit for units, _ in state)
+        for units, _ in state:
+            insts = {u[0] for u in units}
+            if len(insts) > 1 and (limit is not None and len(insts) > limit or len(
+                    {(self.pool[i].cloud, self.pool[i].region) for i in insts}) > 1):
+                return False
+        return True
 
     def objective(self, goodput: float, cost: float) -> float:
         """Higher is better. With a target rate: meeting it first, then cheaper; else more goodput, then cheaper."""
