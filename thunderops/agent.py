@@ -21,6 +21,7 @@ import asyncio
 import hmac
 import json
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -583,15 +584,23 @@ class Agent:
         self.iperf_port = config.iperf_port if config.iperf_port is not None else config.port + 2
         self.notice: dict[str, Any] | None = None  # latched once a notice is seen
         self.cloud = config.cloud
+        self.ray_nodes: dict[str, tuple[tuple, subprocess.Popen]] = {}  # group -> (its join request, raylet)
 
     def health(self) -> dict[str, Any]:
         return {
             "status": "ok", "node_id": self.config.node_id, "deployment": self.config.deployment, "version": __version__,
             "uptime_s": round(time.monotonic() - self.started, 3), "pid": os.getpid(),
             "gpus": self.inventory, "data_port": self.data_port, "iperf_port": self.iperf_port,
-            "advertise_host": self.config.advertise_host, "iperf3": shutil.which("iperf3") is not None,
+            "advertise_host": self.config.advertise_host, "node_ip": self.node_ip(),
+            "iperf3": shutil.which("iperf3") is not None,
             "link_mbps": self.config.link_mbps, "peer_mbps": self.config.peer_mbps, "tls": self.config.tls is not None,
         }
+
+    def node_ip(self) -> str:
+        """The address other nodes of the deployment reach this one at on their private network."""
+        from thunderops.serve.ray_cluster import node_ip
+
+        return self.config.advertise_host or node_ip()
 
     def rx_bucket_for(self, peer: str) -> TokenBucket | None:
         return self.peer_rx.get(peer, self.rx_bucket)
@@ -708,6 +717,45 @@ class Agent:
             return _error(500, "NCCL measurement failed: " + err.decode(errors="replace").strip()[-300:])
         return web.json_response(json.loads(out))
 
+    async def h_ray_join(self, request: web.Request) -> web.Response:
+        """Join this node to the Ray cluster of an engine spanning nodes (thunderops.serve.ray_cluster): body
+        `{"group", "head": "IP:PORT", "gpus": [ids]}` and optionally `"ports"`, the first of this node's own
+        block (default: the head's PORT, as on every node of a group). The same request again is a no-op while
+        the worker runs; a new head (the group's head node was replaced) restarts it."""
+        from thunderops.serve.ray_cluster import RAY_BLOCK, start_argv, start_node, stop_node
+
+        body = await _json_body(request)
+        group, head, gpus = body.get("group"), body.get("head"), body.get("gpus")
+        if not isinstance(group, str) or not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", group):
+            return _error(400, "group must be a plan group id (letters, digits, _ . -)")
+        host, _, port_s = head.rpartition(":") if isinstance(head, str) else ("", "", "")
+        if not re.fullmatch(r"[A-Za-z0-9.-]{1,253}|\[[0-9A-Fa-f:]+\]", host) or not port_s.isdigit() \
+                or not 0 < int(port_s) < 65536 - RAY_BLOCK:
+            return _error(400, "head must be the Ray head's HOST:PORT, e.g. 10.0.0.5:10000")
+        count = int(self.inventory.get("count") or 0)
+        if not isinstance(gpus, list) or not gpus or not all(isinstance(i, int) and 0 <= i < count for i in gpus) \
+                or len(set(gpus)) != len(gpus):
+            return _error(400, f"gpus must be distinct GPU ids of this node's {count} GPU(s)")
+        block = body.get("ports", int(port_s))
+        if not isinstance(block, int) or not 0 < block < 65536 - RAY_BLOCK:
+            return _error(400, "ports must be the first port of this node's Ray port block")
+        key = (head, tuple(gpus), block)
+        old = self.ray_nodes.get(group)
+        if old is not None and old[0] == key and old[1].poll() is None:
+            return web.json_response({"group": group, "status": "running", "pid": old[1].pid})
+        if old is not None:
+            await asyncio.to_thread(stop_node, old[1])
+        logs = Path(os.environ.get("THUNDEROPS_LOG_DIR", "~/thunderops-logs")).expanduser()
+        logs.mkdir(parents=True, exist_ok=True)
+        argv = start_argv(block, len(gpus), self.node_ip(), head_address=head)
+        proc = start_node(argv, gpus, logs / f"ray-{group}.log")
+        self.ray_nodes[group] = (key, proc)
+        return web.json_response({"group": group, "status": "started", "pid": proc.pid})
+
+    async def h_ray_status(self, request: web.Request) -> web.Response:
+        return web.json_response({g: {"head": key[0], "gpus": list(key[1]), "ports": key[2], "running": proc.poll() is None,
+                                      "pid": proc.pid} for g, (key, proc) in self.ray_nodes.items()})
+
     async def h_preemption(self, request: web.Request) -> web.Response:
         if self.notice is not None:
             return web.json_response(self.notice)
@@ -743,6 +791,8 @@ class Agent:
             web.post("/v1/rtt", self.h_rtt),
             web.post("/v1/nccl", self.h_nccl),
             web.get("/v1/preemption", self.h_preemption),
+            web.post("/v1/ray/join", self.h_ray_join),
+            web.get("/v1/ray", self.h_ray_status),
         ])
         return app
 
@@ -760,8 +810,12 @@ class Agent:
         return runner
 
     async def stop(self, runner: web.AppRunner) -> None:
+        from thunderops.serve.ray_cluster import stop_node
+
         for sid in list(self.sessions):
             self.drop_session(sid)
+        for _, proc in self.ray_nodes.values():
+            await asyncio.to_thread(stop_node, proc)
         self._data_server.close()
         await runner.cleanup()
 

@@ -178,3 +178,35 @@ def local(
         wait_until_stopped()
     finally:
         handle.stop()
+
+
+@serve_app.command("ray-engine", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def ray_engine(
+    ctx: typer.Context,
+    port: Annotated[int, typer.Option(help="First port of the group's Ray port block (its GCS port)")],
+    gpus: Annotated[str, typer.Option(help="This node's GPU ids of the group, e.g. 0,1")],
+    expect_gpus: Annotated[int, typer.Option(help="GPUs of the whole group: wait until the cluster has them")],
+    node_ip: Annotated[str | None, typer.Option(help="This node's private address (default: its default route's)")] = None,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for the other nodes to join")] = 1800.0,
+    log_dir: Annotated[Path, typer.Option(help="Where the Ray head's log goes")] = Path("~/thunderops-logs"),
+) -> None:
+    """On the head node of an engine spanning several nodes: start the group's Ray head, wait until the other
+    nodes have joined it, then run the engine command given after `--` on the cluster (see
+    thunderops.serve.ray_cluster). Exits with the engine's code."""
+    from thunderops.serve.ray_cluster import run_head_engine
+
+    argv = list(ctx.args)
+    if not argv:
+        raise UserError("give the engine command after --, e.g. thunderops serve ray-engine ... -- vllm serve MODEL")
+    try:
+        ids = [int(x) for x in gpus.split(",") if x.strip()]
+    except ValueError:
+        raise UserError(f"--gpus must be GPU ids separated by commas, e.g. 0,1; got {gpus!r}") from None
+    if not ids or expect_gpus < len(ids) or not 0 < port < 65536 - 64:
+        raise UserError(f"--gpus {gpus!r}, --expect-gpus {expect_gpus} and --port {port} do not describe a group "
+                        "(expect at least this node's GPUs, a port below 65472)")
+    logs = log_dir.expanduser()
+    logs.mkdir(parents=True, exist_ok=True)
+    code = run_head_engine(argv, port=port, gpu_ids=ids, expect_gpus=expect_gpus, ip=node_ip, timeout_s=timeout,
+                           log_dir=logs)
+    raise typer.Exit(code)

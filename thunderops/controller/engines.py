@@ -31,6 +31,7 @@ class NodeEngines:
     timeout_s: float = 1800.0
 
     def start(self, deployment: str, plan: Plan, groups: list[str], nodes: Mapping[str, Any]) -> dict[str, str]:
+        join_ray_clusters(deployment, plan, groups, nodes, timeout_s=min(self.timeout_s, 300.0))
         urls = {}
         for gid in groups:
             g = plan.group(gid)
@@ -40,6 +41,66 @@ class NodeEngines:
             urls[gid] = f"http://{node.host}:{node.ports.engine + k}"
         wait_engines(urls, self.timeout_s)
         return urls
+
+
+def join_ray_clusters(deployment: str, plan: Plan, groups: list[str], nodes: Mapping[str, Any],
+                      timeout_s: float = 300.0) -> list[str]:
+    """For each of `groups` whose engine spans nodes: ask the agents of its other nodes to join the Ray head
+    on its first node (`thunderops.serve.ray_cluster`; node addresses are known only once all are up). An
+    agent that does not answer yet (its node still starting) is asked again until `timeout_s`. Returns one
+    line per join."""
+    import asyncio
+
+    import aiohttp
+
+    from thunderops.agent import client_tls, deployment_tls, deployment_token
+    from thunderops.errors import ProvisionError
+    from thunderops.netbench import AgentCallError, AgentEndpoint, call_agent
+    from thunderops.serve.ray_cluster import ray_clusters
+
+    if not nodes:
+        return []
+    base = next(iter(nodes.values())).ports.ray
+    todo = [rc for gid, rc in ray_clusters(plan, base).items() if gid in groups]
+    if not todo:
+        return []
+    token = deployment_token(deployment, create=False)
+    pair = deployment_tls(deployment, create=False)
+    tls = client_tls(pair[0]) if pair else None
+
+    def endpoint(inst: str) -> AgentEndpoint:
+        node = nodes.get(inst)
+        if node is None or not node.host:
+            raise ProvisionError(f"instance {inst} of a spanning engine has no ready node; see `thunderops status`")
+        return AgentEndpoint(inst, node.host, node.ports.agent, token, tls)
+
+    async def call(http: aiohttp.ClientSession, inst: str, method: str, path: str, **kw: Any) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                return await call_agent(http, endpoint(inst), method, path, **kw)
+            except AgentCallError as e:
+                if time.monotonic() > deadline or "unreachable" not in str(e):
+                    raise ProvisionError(f"joining the Ray cluster of a spanning engine: {e}") from None
+                await asyncio.sleep(2.0)
+
+    async def go() -> list[str]:
+        done = []
+        async with aiohttp.ClientSession() as http:
+            for rc in todo:
+                health = await call(http, rc.head, "GET", "/v1/health")
+                head = f"{health.get('node_ip') or nodes[rc.head].host}:{rc.port}"
+                for inst in rc.workers:
+                    await call(http, inst, "POST", "/v1/ray/join", json=_join_body(rc, inst, head))
+                    done.append(f"{rc.group}: {inst} joins the Ray head at {head}")
+        return done
+
+    return asyncio.run(go())
+
+
+def _join_body(rc: Any, inst: str, head: str) -> dict[str, Any]:
+    """The agent's join request for instance `inst` of spanning group `rc` (its ports: the head's block)."""
+    return {"group": rc.group, "head": head, "gpus": list(rc.gpus_on(inst))}
 
 
 @dataclass

@@ -20,6 +20,7 @@ from thunderops.plan import Plan
 ENGINE_PORT = 8100
 KV_PORT = 9100  # vLLM NIXL side channel (VLLM_NIXL_SIDE_CHANNEL_PORT) = engine port + 1000
 AGENT_PORT = 8790
+RAY_PORT = 10000  # engines spanning nodes: one Ray port block per such group (thunderops.serve.ray_cluster)
 
 
 @dataclass
@@ -27,6 +28,7 @@ class Ports:
     engine: int = ENGINE_PORT
     kv: int = KV_PORT
     agent: int = AGENT_PORT
+    ray: int = RAY_PORT  # never opened to the internet: a group's nodes use their private network
 
 
 @dataclass

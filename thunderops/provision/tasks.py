@@ -95,11 +95,23 @@ def node_ports(launches: list[EngineLaunch], base: Ports) -> list[int]:
 def engine_launches(plan: Plan, instance_id: str, ports: Ports) -> list[EngineLaunch]:
     """The engine processes of one node: the serving step's `vllm serve` commands of the groups whose
     engine runs here (a pipeline's engine runs where its first stage is)."""
+    from thunderops.serve.ray_cluster import ray_clusters
     from thunderops.serve.vllm import EngineOptions, engine_commands
 
     opts = EngineOptions(base_port=ports.engine, nixl_port_offset=ports.kv - ports.engine)
-    return [EngineLaunch(list(c.argv), dict(c.env), f"engine-{c.group}", c.port)
-            for c in engine_commands(plan, opts) if c.instance == instance_id]
+    clusters = ray_clusters(plan, ports.ray)
+    out = []
+    for c in engine_commands(plan, opts):
+        if c.instance != instance_id:
+            continue
+        argv = list(c.argv)
+        rc = clusters.get(c.group)
+        if rc is not None:  # the engine spans nodes: it runs on the group's own Ray cluster, headed here
+            argv = ["thunderops", "serve", "ray-engine", "--port", str(rc.port),
+                    "--gpus", ",".join(str(i) for i in rc.gpus_on(instance_id)),
+                    "--expect-gpus", str(rc.total_gpus), "--", *argv]
+        out.append(EngineLaunch(argv, dict(c.env), f"engine-{c.group}", c.port))
+    return out
 
 
 def engine_script_lines(launches: list[EngineLaunch]) -> list[str]:

@@ -1,0 +1,186 @@
+"""Engines spanning nodes run on a Ray cluster of their own (thunderops.serve.ray_cluster): which groups get
+one and on which ports, the node task's engine line, the scheduler keeping such groups on one network, and a
+real cluster formed by `thunderops serve ray-engine` on the head and the node agent's join on a worker."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+from test_agent import TOKEN, free_port
+from test_serve_plans import node
+
+from thunderops.plan import Group, Plan, Route, Stage
+from thunderops.provision import Ports
+from thunderops.provision.tasks import engine_launches, engine_task
+from thunderops.serve.ray_cluster import RAY_BLOCK, ray_clusters, start_argv
+
+
+def spanning_plan() -> Plan:
+    """g0: a 3-stage pipeline over nodes a (2 GPUs) and b (1 GPU); g1: one GPU of b; g2: a pipeline a+c."""
+    inst = [node("a", "A100", 4, "10.0.0.1"), node("b", "A100", 2, "10.0.0.2"), node("c", "A100", 1, "10.0.0.3")]
+    groups = [Group("g0", "colocated", [Stage("a", "A100", 1, 11, [0]), Stage("a", "A100", 1, 11, [1]),
+                                        Stage("b", "A100", 1, 10, [1])]),
+              Group("g1", "colocated", [Stage("b", "A100", 1, 32, [0])]),
+              Group("g2", "colocated", [Stage("a", "A100", 1, 16, [2]), Stage("c", "A100", 1, 16, [0])])]
+    routes = [Route("g0", "g0", 0.4), Route("g1", "g1", 0.3), Route("g2", "g2", 0.3)]
+    return Plan(model="llama3-8b", budget_per_hour=10, cost_per_hour=3, instances=inst, groups=groups,
+                routing=routes, inputs={"max_model_len": 4096})
+
+
+def test_each_spanning_group_gets_its_own_cluster_and_port_block():
+    rc = ray_clusters(spanning_plan(), base_port=10000)
+    assert set(rc) == {"g0", "g2"}  # g1 sits on one node: no Ray cluster
+    assert rc["g0"].head == "a" and rc["g0"].workers == ["b"] and rc["g0"].total_gpus == 3
+    assert rc["g0"].gpus_on("a") == (0, 1) and rc["g0"].gpus_on("b") == (1,)
+    assert rc["g0"].port == 10000 and rc["g2"].port == 10000 + RAY_BLOCK  # node a is in both: blocks differ
+    head = start_argv(10000, 2, "10.0.0.1")
+    worker = start_argv(10000, 1, "10.0.0.2", head_address="10.0.0.1:10000")
+    assert "--head" in head and "--port=10000" in head and not any(a.startswith("--address") for a in head)
+    assert "--address=10.0.0.1:10000" in worker and "--head" not in worker
+    used = [int(a.split("=")[1]) for a in head + worker if a.split("=")[0].endswith("port") and "=" in a]
+    assert all(10000 <= p < 10000 + RAY_BLOCK for p in used)
+
+
+def test_the_head_node_wraps_its_engine_and_opens_no_ray_port():
+    plan = spanning_plan()
+    on_a = {e.name: e for e in engine_launches(plan, "a", Ports())}
+    g0 = on_a["engine-g0"].argv
+    assert g0[:3] == ["thunderops", "serve", "ray-engine"]
+    assert g0[g0.index("--gpus") + 1] == "0,1" and g0[g0.index("--expect-gpus") + 1] == "3"
+    assert g0[g0.index("--") + 1:][:2] == ["vllm", "serve"]  # the engine line itself, unchanged
+    assert "--distributed-executor-backend" in g0
+    assert on_a["engine-g2"].argv[on_a["engine-g2"].argv.index("--port") + 1] == str(Ports().ray + RAY_BLOCK)
+    on_b = {e.name: e for e in engine_launches(plan, "b", Ports())}
+    assert set(on_b) == {"engine-g1"} and on_b["engine-g1"].argv[:2] == ["vllm", "serve"]
+    for inst in plan.instances:  # Ray has no authentication: its ports never open to the internet
+        task = engine_task(plan, inst, deployment="d1", node_id="n", cluster="c")
+        assert not [p for p in task["resources"]["ports"] if Ports().ray <= p < Ports().ray + 4 * RAY_BLOCK]
+
+
+def test_scheduler_keeps_a_spanning_replica_within_one_cloud_region():
+    from thunderops.perf import PerfModel
+    from thunderops.plan import SLO
+    from thunderops.scheduler.harness import Harness, canon
+    from thunderops.scheduler.inventory import parse_inventory
+    from thunderops.workload import get_workload
+
+    inv = parse_inventory({"nodes": [{"name": "x", "gpu": "A100-80GB", "gpus": 1, "region": "r1"},
+                                     {"name": "y", "gpu": "A100-80GB", "gpus": 1, "region": "r1"},
+                                     {"name": "z", "gpu": "A100-80GB", "gpus": 1, "region": "r2"}]}, "t")
+    h = Harness(list(inv.instances), PerfModel("llama-3.1-70b"), get_workload("coding"), SLO(2.0, 0.1, 0.9))
+    (x,), (y,), (z,) = h.units_of
+    assert h.allowed(canon([((x, y), "colocated")]))
+    assert not h.allowed(canon([((x, z), "colocated")]))
+    assert h.evaluate(canon([((x, z), "colocated")])).goodput == 0
+
+
+FAKE_ENGINE = textwrap.dedent("""
+    import json, os, sys
+    import ray
+    ray.init(address=os.environ["RAY_ADDRESS"], logging_level="ERROR", log_to_driver=False)
+    out = {"gpus": ray.cluster_resources().get("GPU", 0), "nodes": sum(n["Alive"] for n in ray.nodes()),
+           "address": os.environ["RAY_ADDRESS"], "partition": os.environ.get("VLLM_PP_LAYER_PARTITION")}
+    open(sys.argv[1], "w").write(json.dumps(out))
+""")
+
+
+def _free_block(taken: set[int] = frozenset()) -> int:
+    for _ in range(50):
+        base = free_port()
+        if base + RAY_BLOCK < 60000 and all(p not in taken for p in range(base, base + RAY_BLOCK)):
+            return base
+    raise RuntimeError("no free port block")
+
+
+@pytest.mark.slow
+def test_a_spanning_engine_runs_once_its_worker_node_joined(tmp_path, agents, monkeypatch):
+    """The head node's `thunderops serve ray-engine` starts a Ray head and holds the engine back until the
+    worker's agent has joined (asked by `join_ray_clusters`, as `up` does once the nodes are up); the engine
+    then sees the whole group's GPUs on RAY_ADDRESS, and the head ends with it. Real Ray processes, a real
+    agent; only the engine is a stand-in (a script reporting what it sees)."""
+    from thunderops.agent import token_path
+    from thunderops.controller.engines import join_ray_clusters
+    from thunderops.provision import Node
+
+    path = token_path("d1")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(TOKEN + "\n")
+    os.chmod(path, 0o600)
+    worker = agents.start("b", "--gpu", "A100", "--gpus", "2", "--advertise-host", "127.0.0.1",
+                          env={"PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin",
+                               "THUNDEROPS_LOG_DIR": str(tmp_path / "worker-logs")})
+    head_block = _free_block()
+    worker_block = _free_block(set(range(head_block, head_block + RAY_BLOCK)))
+    plan = spanning_plan()
+    engine = tmp_path / "engine.py"
+    engine.write_text(FAKE_ENGINE)
+    report = tmp_path / "seen.json"
+    env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", VLLM_PP_LAYER_PARTITION="11,11,10")
+    head = subprocess.Popen(
+        [sys.executable, "-m", "thunderops.serve", "ray-engine", "--port", str(head_block), "--gpus", "0,1",
+         "--expect-gpus", "3", "--node-ip", "127.0.0.1", "--timeout", "120", "--log-dir", str(tmp_path / "head"),
+         "--", sys.executable, str(engine), str(report)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        time.sleep(3)
+        assert head.poll() is None and not report.exists()  # waiting for the worker, engine not started
+        # `up`'s call, with the head's agent stood in by the worker's (one machine): the join it sends
+        nodes = {"a": Node("n-a", "d1", "a", "c-a", "127.0.0.1", "A100", 4, "ready",
+                           Ports(agent=worker.port, ray=head_block)),
+                 "b": Node("n-b", "d1", "b", "c-b", "127.0.0.1", "A100", 2, "ready", Ports(agent=worker.port))}
+        monkeypatch.setattr("thunderops.controller.engines._join_body",
+                            lambda rc, inst, head_addr: {"group": rc.group, "head": head_addr,
+                                                         "gpus": list(rc.gpus_on(inst)), "ports": worker_block})
+        lines = join_ray_clusters("d1", plan, ["g0", "g1"], nodes, timeout_s=30)
+        assert lines == [f"g0: b joins the Ray head at 127.0.0.1:{head_block}"]
+        again = join_ray_clusters("d1", plan, ["g0"], nodes, timeout_s=30)  # idempotent: the raylet runs on
+        assert again == lines
+        out, _ = head.communicate(timeout=180)
+        assert head.returncode == 0, out.decode(errors="replace")[-2000:]
+        seen = json.loads(report.read_text())
+        assert seen["gpus"] == 3 and seen["nodes"] == 2 and seen["address"] == f"127.0.0.1:{head_block}"
+        assert seen["partition"] == "11,11,10"  # the engine's own environment reaches it
+        req = urllib.request.Request(worker.url + "/v1/ray", headers={"Authorization": f"Bearer {TOKEN}"})
+        status = json.loads(urllib.request.urlopen(req, timeout=5).read())
+        assert status["g0"]["running"] and status["g0"]["gpus"] == [1]
+    finally:
+        if head.poll() is None:
+            head.terminate()
+            head.wait(60)
+    agents.stop_all()  # the agent ends the raylet it started: nothing of Ray is left on this block
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and _listening(worker_block + 2):
+        time.sleep(0.5)
+    assert not _listening(head_block) and not _listening(worker_block + 2)
+
+
+def _listening(port: int) -> bool:
+    import socket
+
+    with socket.socket() as s:
+        s.settimeout(0.5)
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def test_bad_join_requests_are_refused(agents):
+    a = agents.start("w", "--gpu", "A100", "--gpus", "2", env={"PATH": "/nonexistent"})
+    for body, needle in [({"group": "g 0", "head": "10.0.0.1:10000", "gpus": [0]}, "group"),
+                         ({"group": "g0", "head": "10.0.0.1;rm -rf /:10000", "gpus": [0]}, "head"),
+                         ({"group": "g0", "head": "10.0.0.1:99999", "gpus": [0]}, "head"),
+                         ({"group": "g0", "head": "10.0.0.1:10000", "gpus": [2]}, "gpus"),
+                         ({"group": "g0", "head": "10.0.0.1:10000", "gpus": [0, 0]}, "gpus"),
+                         ({"group": "g0", "head": "10.0.0.1:10000", "gpus": ["0"]}, "gpus")]:
+        req = urllib.request.Request(a.url + "/v1/ray/join", data=json.dumps(body).encode(), method="POST",
+                                     headers={"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"})
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(req, timeout=5)
+        assert e.value.code == 400 and needle in json.loads(e.value.read())["error"], body
+

@@ -1,0 +1,211 @@
+"""Ray clusters for engines that span several nodes (a pipeline whose stages sit on more than one instance).
+
+vLLM runs such an engine with its Ray executor on a Ray cluster holding every stage's GPUs (vLLM's multi-node
+recipe: a Ray head on one node waits until the others have joined, then `vllm serve` starts there). Each
+spanning group gets a cluster of its own, so engines sharing a node never share one:
+
+- its head is the group's first instance, where its engine runs (`EngineCommand.instance`);
+- its ports are one block of RAY_BLOCK starting at `Ports.ray + k * RAY_BLOCK` for the k-th spanning group of
+  the plan (GCS, node manager, object manager, agents, worker ports), the same offsets on every node;
+- its raylet on a node sees only the group's GPUs there (CUDA_VISIBLE_DEVICES when it starts).
+
+On the head node `thunderops serve ray-engine` (the engine line of the node's task) starts the head, waits for
+the group's GPUs and runs the engine with RAY_ADDRESS; on the other nodes the node agent starts a worker on
+`POST /v1/ray/join` (`thunderops.agent`), which `NodeEngines` sends once every node is up and the head's
+address is known. Ray has no authentication, so these ports are never opened to the internet: the nodes of a
+group talk over their private network, which is why the scheduler keeps a group within one cloud region.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from thunderops.errors import UserError
+from thunderops.plan import Plan
+from thunderops.provision import RAY_PORT  # first port of the first spanning group's block (`Ports.ray`)
+
+RAY_BLOCK = 64  # ports per cluster: +0 GCS (head), +1 Ray client, +2..+7 node daemons, +16..+63 workers
+WORKER_PORTS = (16, RAY_BLOCK - 1)
+
+
+class RayClusterError(UserError):
+    """A spanning engine's Ray cluster could not be formed (worded for people)."""
+
+
+@dataclass(frozen=True)
+class RayCluster:
+    """The Ray cluster of one spanning group: `gpus` maps each of its instances (head first) to the GPU ids of
+    the group on it, in stage order."""
+
+    group: str
+    port: int  # first port of its block: the head's GCS listens here
+    gpus: tuple[tuple[str, tuple[int, ...]], ...]
+
+    @property
+    def head(self) -> str:
+        return self.gpus[0][0]
+
+    @property
+    def total_gpus(self) -> int:
+        return sum(len(ids) for _, ids in self.gpus)
+
+    def gpus_on(self, instance_id: str) -> tuple[int, ...]:
+        for inst, ids in self.gpus:
+            if inst == instance_id:
+                return ids
+        raise KeyError(instance_id)
+
+    @property
+    def workers(self) -> list[str]:
+        return [inst for inst, _ in self.gpus[1:]]
+
+
+def ray_clusters(plan: Plan, base_port: int = RAY_PORT) -> dict[str, RayCluster]:
+    """group id -> its Ray cluster, for the plan's groups whose stages sit on more than one instance."""
+    out: dict[str, RayCluster] = {}
+    for g in plan.groups:
+        per: dict[str, list[int]] = {}
+        for s in g.stages:
+            have = per.setdefault(s.instance, [])
+            have.extend(s.gpu_ids or range(len(have), len(have) + s.tp))
+        if len(per) > 1:
+            out[g.id] = RayCluster(g.id, base_port + len(out) * RAY_BLOCK,
+                                   tuple((inst, tuple(ids)) for inst, ids in per.items()))
+    return out
+
+
+def ray_executable() -> str:
+    """The `ray` command of this Python's environment (beside the interpreter), else the one on PATH."""
+    beside = Path(sys.executable).parent / "ray"
+    return str(beside) if beside.exists() else (shutil.which("ray") or "ray")
+
+
+def node_ip() -> str:
+    """This machine's address on its default route (what Ray itself picks), 127.0.0.1 where there is none."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect(("10.254.254.254", 1))  # no packet is sent: this only picks the outgoing interface
+            return s.getsockname()[0]
+        except OSError:
+            return "127.0.0.1"
+
+
+def start_argv(port: int, gpus: int, ip: str, *, head_address: str | None = None) -> list[str]:
+    """`ray start --block` for one node of a cluster whose block starts at `port`: the head when
+    `head_address` is None, else a worker joining it. `gpus` GPUs are declared (the raylet's
+    CUDA_VISIBLE_DEVICES says which)."""
+    argv = [ray_executable(), "start", "--block", "--disable-usage-stats", f"--node-ip-address={ip}",
+            f"--num-gpus={gpus}", f"--node-manager-port={port + 2}", f"--object-manager-port={port + 3}",
+            f"--dashboard-agent-grpc-port={port + 4}", f"--dashboard-agent-listen-port={port + 5}",
+            f"--metrics-export-port={port + 6}", f"--runtime-env-agent-port={port + 7}",
+            f"--min-worker-port={port + WORKER_PORTS[0]}", f"--max-worker-port={port + WORKER_PORTS[1]}"]
+    if head_address is None:
+        argv += ["--head", f"--port={port}", f"--ray-client-server-port={port + 1}", "--include-dashboard=false"]
+    else:
+        argv += [f"--address={head_address}"]
+    return argv
+
+
+def start_node(argv: Sequence[str], gpu_ids: Sequence[int], log_path: str | Path) -> subprocess.Popen:
+    """Start one `ray start --block` in its own process group, seeing only `gpu_ids`."""
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES=",".join(str(i) for i in gpu_ids), RAY_USAGE_STATS_ENABLED="0")
+    log = open(log_path, "ab")  # noqa: SIM115 - handed to the child, closed below
+    try:
+        return subprocess.Popen(list(argv), env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                start_new_session=True)
+    finally:
+        log.close()
+
+
+def stop_node(proc: subprocess.Popen, timeout_s: float = 10.0) -> None:
+    """End a `ray start --block` and every daemon it started (its process group)."""
+    if proc.poll() is not None:
+        return
+    for sig, wait in ((signal.SIGTERM, timeout_s), (signal.SIGKILL, 5.0)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def cluster_gpus(address: str) -> float:
+    """GPUs the Ray cluster at `address` holds now (0 when it cannot be reached)."""
+    probe = ("import ray,sys; ray.init(address=sys.argv[1], logging_level='ERROR', log_to_driver=False); "
+             "print(ray.cluster_resources().get('GPU', 0))")
+    try:
+        out = subprocess.run([sys.executable, "-c", probe, address], capture_output=True, text=True, timeout=60,
+                             env=dict(os.environ, RAY_USAGE_STATS_ENABLED="0"))
+        return float(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 and out.stdout.strip() else 0.0
+    except (subprocess.TimeoutExpired, ValueError):
+        return 0.0
+
+
+def wait_for_gpus(address: str, gpus: int, timeout_s: float, head: subprocess.Popen | None = None,
+                  poll_s: float = 2.0) -> None:
+    """Block until the cluster holds `gpus` GPUs (every node of the group has joined)."""
+    deadline = time.monotonic() + timeout_s
+    have = 0.0
+    while True:
+        if head is not None and head.poll() is not None:
+            raise RayClusterError(f"the Ray head at {address} exited (code {head.returncode}); see its log")
+        have = cluster_gpus(address)
+        if have >= gpus:
+            return
+        if time.monotonic() > deadline:
+            raise RayClusterError(f"the Ray cluster at {address} holds {have:g} of the {gpus} GPUs its engine "
+                                  f"needs after {timeout_s:g} s: a node of the group did not join (is every node "
+                                  "up, and do they reach each other on their private addresses?)")
+        time.sleep(poll_s)
+
+
+def run_head_engine(engine_argv: Sequence[str], *, port: int, gpu_ids: Sequence[int], expect_gpus: int,
+                    ip: str | None = None, timeout_s: float = 1800.0, log_dir: str | Path = ".",
+                    extra_env: Mapping[str, str] | None = None) -> int:
+    """On the head node of a spanning group: start the Ray head, wait for the group's GPUs, run the engine on
+    the cluster (RAY_ADDRESS, VLLM_HOST_IP) and end the head when the engine ends. Returns the engine's code."""
+    ip = ip or node_ip()
+    address = f"{ip}:{port}"
+    head = start_node(start_argv(port, len(gpu_ids), ip), gpu_ids, Path(log_dir) / f"ray-head-{port}.log")
+    engine: subprocess.Popen | None = None
+
+    def stop(signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt
+
+    old = signal.signal(signal.SIGTERM, stop)
+    try:
+        wait_for_gpus(address, expect_gpus, timeout_s, head)
+        env = dict(os.environ, **(extra_env or {}), RAY_ADDRESS=address, VLLM_HOST_IP=ip)
+        env.pop("CUDA_VISIBLE_DEVICES", None)  # the Ray workers get theirs from the cluster
+        engine = subprocess.Popen(list(engine_argv), env=env)
+        while engine.poll() is None:
+            if head.poll() is not None:  # the cluster is gone: the engine cannot serve
+                engine.terminate()
+                engine.wait(30)
+                return 1
+            time.sleep(1.0)
+        return engine.returncode
+    except KeyboardInterrupt:
+        if engine is not None and engine.poll() is None:
+            engine.terminate()
+            try:
+                engine.wait(30)
+            except subprocess.TimeoutExpired:
+                engine.kill()
+        return 143
+    finally:
+        signal.signal(signal.SIGTERM, old)
+        stop_node(head)
