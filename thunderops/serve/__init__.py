@@ -1,5 +1,6 @@
 """Serving: vLLM command lines per plan group (`vllm`), the OpenAI-compatible P/D router (`router`), the engine
-emulator (`emulator`), and `start_local`, which starts a whole deployment's serving side on this machine."""
+emulator (`emulator`), the Ray cluster of an engine spanning nodes (`ray_cluster`), and `start_local`, which
+starts a whole deployment's serving side on this machine."""
 
 from __future__ import annotations
 
