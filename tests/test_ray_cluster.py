@@ -41,13 +41,35 @@ def test_each_spanning_group_gets_its_own_cluster_and_port_block():
     assert set(rc) == {"g0", "g2"}  # g1 sits on one node: no Ray cluster
     assert rc["g0"].head == "a" and rc["g0"].workers == ["b"] and rc["g0"].total_gpus == 3
     assert rc["g0"].gpus_on("a") == (0, 1) and rc["g0"].gpus_on("b") == (1,)
-    assert rc["g0"].port == 10000 and rc["g2"].port == 10000 + RAY_BLOCK  # node a is in both: blocks differ
+    # node a is in both: each group's block there starts at its lowest GPU id on a, so they never meet
+    assert rc["g0"].port == 10000 and rc["g2"].port == 10000 + 2 * RAY_BLOCK
+    assert rc["g0"].ports_on("b") == 10000 + RAY_BLOCK and rc["g2"].ports_on("c") == 10000
+    # another group's removal (a reschedule) moves no block
+    smaller = spanning_plan()
+    smaller.groups = [g for g in smaller.groups if g.id != "g0"]
+    assert ray_clusters(smaller, base_port=10000)["g2"] == rc["g2"]
     head = start_argv(10000, 2, "10.0.0.1")
     worker = start_argv(10000, 1, "10.0.0.2", head_address="10.0.0.1:10000")
     assert "--head" in head and "--port=10000" in head and not any(a.startswith("--address") for a in head)
     assert "--address=10.0.0.1:10000" in worker and "--head" not in worker
     used = [int(a.split("=")[1]) for a in head + worker if a.split("=")[0].endswith("port") and "=" in a]
     assert all(10000 <= p < 10000 + RAY_BLOCK for p in used)
+
+
+def test_the_layer_split_follows_the_order_vllm_gives_nodes_their_stages():
+    """vLLM's Ray executor ranks the driver's node first, then nodes with fewer of the engine's workers, then
+    by IP string: the planned split is handed over in that order, each node keeping its stages' layers."""
+    from thunderops.serve.ray_cluster import vllm_layer_partition
+
+    layers = {"h": [20, 20], "big": [12, 12], "small": [16]}  # planned order: h, big, small
+    gpus = {"h": 2, "big": 2, "small": 1}
+    assert vllm_layer_partition("h", layers, gpus, {"h": "10.0.0.9", "big": "10.0.0.1", "small": "10.0.0.2"}) \
+        == [20, 20, 16, 12, 12]  # small has fewer workers: its stage comes right after the head's
+    same = {"h": [20], "b": [30], "c": [30]}
+    assert vllm_layer_partition("h", same, {"h": 1, "b": 1, "c": 1}, {"h": "10.0.0.9", "b": "10.0.0.20",
+                                                                     "c": "10.0.0.3"}) == [20, 30, 30]
+    assert vllm_layer_partition("h", {"h": [8], "b": [9], "c": [7]}, {"h": 1, "b": 1, "c": 1},
+                                {"h": "10.0.0.9", "b": "10.0.0.20", "c": "10.0.0.3"}) == [8, 9, 7]  # "10.0.0.20" < "10.0.0.3"
 
 
 def test_the_head_node_wraps_its_engine_and_opens_no_ray_port():
@@ -57,13 +79,14 @@ def test_the_head_node_wraps_its_engine_and_opens_no_ray_port():
     assert g0[:3] == ["thunderops", "serve", "ray-engine"]
     assert g0[g0.index("--gpus") + 1] == "0,1" and g0[g0.index("--expect-gpus") + 1] == "3"
     assert g0[g0.index("--") + 1:][:2] == ["vllm", "serve"]  # the engine line itself, unchanged
+    assert g0[g0.index("--instance") + 1] == "a" and "--layers=a=11,11" in g0 and "--layers=b=10" in g0
     assert "--distributed-executor-backend" in g0
-    assert on_a["engine-g2"].argv[on_a["engine-g2"].argv.index("--port") + 1] == str(Ports().ray + RAY_BLOCK)
+    assert on_a["engine-g2"].argv[on_a["engine-g2"].argv.index("--port") + 1] == str(Ports().ray + 2 * RAY_BLOCK)
     on_b = {e.name: e for e in engine_launches(plan, "b", Ports())}
     assert set(on_b) == {"engine-g1"} and on_b["engine-g1"].argv[:2] == ["vllm", "serve"]
     for inst in plan.instances:  # Ray has no authentication: its ports never open to the internet
         task = engine_task(plan, inst, deployment="d1", node_id="n", cluster="c")
-        assert not [p for p in task["resources"]["ports"] if Ports().ray <= p < Ports().ray + 4 * RAY_BLOCK]
+        assert not [p for p in task["resources"]["ports"] if Ports().ray <= p < Ports().ray + 8 * RAY_BLOCK]
 
 
 def test_scheduler_keeps_a_spanning_replica_within_one_cloud_region():
@@ -88,21 +111,37 @@ FAKE_ENGINE = textwrap.dedent("""
     import ray
     ray.init(address=os.environ["RAY_ADDRESS"], logging_level="ERROR", log_to_driver=False)
     out = {"gpus": ray.cluster_resources().get("GPU", 0), "nodes": sum(n["Alive"] for n in ray.nodes()),
-           "address": os.environ["RAY_ADDRESS"], "partition": os.environ.get("VLLM_PP_LAYER_PARTITION")}
+           "address": os.environ["RAY_ADDRESS"], "partition": os.environ.get("VLLM_PP_LAYER_PARTITION"),
+           "other": os.environ.get("OTHER_ENV")}
     open(sys.argv[1], "w").write(json.dumps(out))
 """)
 
 
-def _free_block(taken: set[int] = frozenset()) -> int:
+def _free_block(blocks: int) -> int:
+    """A first port with `blocks` Ray port blocks free after it."""
+    import socket
+
     for _ in range(50):
         base = free_port()
-        if base + RAY_BLOCK < 60000 and all(p not in taken for p in range(base, base + RAY_BLOCK)):
+        if base + blocks * RAY_BLOCK >= 60000:
+            continue
+        try:
+            socks = []
+            for p in range(base, base + blocks * RAY_BLOCK):
+                s = socket.socket()
+                socks.append(s)
+                s.bind(("127.0.0.1", p))
             return base
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
     raise RuntimeError("no free port block")
 
 
 @pytest.mark.slow
-def test_a_spanning_engine_runs_once_its_worker_node_joined(tmp_path, agents, monkeypatch):
+def test_a_spanning_engine_runs_once_its_worker_node_joined(tmp_path, agents):
     """The head node's `thunderops serve ray-engine` starts a Ray head and holds the engine back until the
     worker's agent has joined (asked by `join_ray_clusters`, as `up` does once the nodes are up); the engine
     then sees the whole group's GPUs on RAY_ADDRESS, and the head ends with it. Real Ray processes, a real
@@ -118,27 +157,25 @@ def test_a_spanning_engine_runs_once_its_worker_node_joined(tmp_path, agents, mo
     worker = agents.start("b", "--gpu", "A100", "--gpus", "2", "--advertise-host", "127.0.0.1",
                           env={"PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin",
                                "THUNDEROPS_LOG_DIR": str(tmp_path / "worker-logs")})
-    head_block = _free_block()
-    worker_block = _free_block(set(range(head_block, head_block + RAY_BLOCK)))
+    base = _free_block(2)
+    head_block, worker_block = base, base + RAY_BLOCK  # g0 holds GPUs 0,1 of a and GPU 1 of b
     plan = spanning_plan()
     engine = tmp_path / "engine.py"
     engine.write_text(FAKE_ENGINE)
     report = tmp_path / "seen.json"
-    env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", VLLM_PP_LAYER_PARTITION="11,11,10")
+    env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", VLLM_PP_LAYER_PARTITION="not-this", OTHER_ENV="kept")
     head = subprocess.Popen(
         [sys.executable, "-m", "thunderops.serve", "ray-engine", "--port", str(head_block), "--gpus", "0,1",
          "--expect-gpus", "3", "--node-ip", "127.0.0.1", "--timeout", "120", "--log-dir", str(tmp_path / "head"),
+         "--instance", "a", "--layers", "a=11,11", "--layers", "b=10",
          "--", sys.executable, str(engine), str(report)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
         time.sleep(3)
         assert head.poll() is None and not report.exists()  # waiting for the worker, engine not started
         # `up`'s call, with the head's agent stood in by the worker's (one machine): the join it sends
         nodes = {"a": Node("n-a", "d1", "a", "c-a", "127.0.0.1", "A100", 4, "ready",
-                           Ports(agent=worker.port, ray=head_block)),
-                 "b": Node("n-b", "d1", "b", "c-b", "127.0.0.1", "A100", 2, "ready", Ports(agent=worker.port))}
-        monkeypatch.setattr("thunderops.controller.engines._join_body",
-                            lambda rc, inst, head_addr: {"group": rc.group, "head": head_addr,
-                                                         "gpus": list(rc.gpus_on(inst)), "ports": worker_block})
+                           Ports(agent=worker.port, ray=base)),
+                 "b": Node("n-b", "d1", "b", "c-b", "127.0.0.1", "A100", 2, "ready", Ports(agent=worker.port, ray=base))}
         lines = join_ray_clusters("d1", plan, ["g0", "g1"], nodes, timeout_s=30)
         assert lines == [f"g0: b joins the Ray head at 127.0.0.1:{head_block}"]
         again = join_ray_clusters("d1", plan, ["g0"], nodes, timeout_s=30)  # idempotent: the raylet runs on
@@ -147,7 +184,9 @@ def test_a_spanning_engine_runs_once_its_worker_node_joined(tmp_path, agents, mo
         assert head.returncode == 0, out.decode(errors="replace")[-2000:]
         seen = json.loads(report.read_text())
         assert seen["gpus"] == 3 and seen["nodes"] == 2 and seen["address"] == f"127.0.0.1:{head_block}"
-        assert seen["partition"] == "11,11,10"  # the engine's own environment reaches it
+        # the split as vLLM will rank the nodes (found by their raylets' instance tags), the rest of the
+        # engine's environment as given
+        assert seen["partition"] == "11,11,10" and seen["other"] == "kept"
         req = urllib.request.Request(worker.url + "/v1/ray", headers={"Authorization": f"Bearer {TOKEN}"})
         status = json.loads(urllib.request.urlopen(req, timeout=5).read())
         assert status["g0"]["running"] and status["g0"]["gpus"] == [1]

@@ -739,7 +739,7 @@ class Agent:
         block = body.get("ports", int(port_s))
         if not isinstance(block, int) or not 0 < block < 65536 - RAY_BLOCK:
             return _error(400, "ports must be the first port of this node's Ray port block")
-        key = (head, tuple(gpus), block)
+        key = (head, tuple(gpus), block, body.get("instance"))
         old = self.ray_nodes.get(group)
         if old is not None and old[0] == key and old[1].poll() is None:
             return web.json_response({"group": group, "status": "running", "pid": old[1].pid})
@@ -747,7 +747,10 @@ class Agent:
             await asyncio.to_thread(stop_node, old[1])
         logs = Path(os.environ.get("THUNDEROPS_LOG_DIR", "~/thunderops-logs")).expanduser()
         logs.mkdir(parents=True, exist_ok=True)
-        argv = start_argv(block, len(gpus), self.node_ip(), head_address=head)
+        instance = body.get("instance")
+        if instance is not None and (not isinstance(instance, str) or not 0 < len(instance) <= 256):
+            return _error(400, "instance must be this node's plan instance id")  # only ever hashed into a name
+        argv = start_argv(block, len(gpus), self.node_ip(), head_address=head, instance=instance)
         proc = start_node(argv, gpus, logs / f"ray-{group}.log")
         self.ray_nodes[group] = (key, proc)
         return web.json_response({"group": group, "status": "started", "pid": proc.pid})

@@ -189,6 +189,10 @@ def ray_engine(
     node_ip: Annotated[str | None, typer.Option(help="This node's private address (default: its default route's)")] = None,
     timeout: Annotated[float, typer.Option(help="Seconds to wait for the other nodes to join")] = 1800.0,
     log_dir: Annotated[Path, typer.Option(help="Where the Ray head's log goes")] = Path("~/thunderops-logs"),
+    instance: Annotated[str | None, typer.Option(help="This node's plan instance id (tags its raylet)")] = None,
+    layers: Annotated[list[str] | None, typer.Option(
+        help="INSTANCE=L,L,...: each instance's stage layers as planned, head first (repeat); the split handed "
+             "to vLLM then follows the order its Ray executor gives the nodes their stages")] = None,
 ) -> None:
     """On the head node of an engine spanning several nodes: start the group's Ray head, wait until the other
     nodes have joined it, then run the engine command given after `--` on the cluster (see
@@ -205,8 +209,19 @@ def ray_engine(
     if not ids or expect_gpus < len(ids) or not 0 < port < 65536 - 64:
         raise UserError(f"--gpus {gpus!r}, --expect-gpus {expect_gpus} and --port {port} do not describe a group "
                         "(expect at least this node's GPUs, a port below 65472)")
+    split: dict[str, list[int]] = {}
+    for item in layers or []:
+        inst, sep, counts = item.partition("=")
+        try:
+            split[inst] = [int(n) for n in counts.split(",")]
+            if not sep or not inst or min(split[inst]) < 1:
+                raise ValueError
+        except ValueError:
+            raise UserError(f"--layers must look like INSTANCE=20,12 (layers per stage), got {item!r}") from None
+    if split and instance not in split:
+        raise UserError("--layers needs --instance, this node's instance id, among its instances")
     logs = log_dir.expanduser()
     logs.mkdir(parents=True, exist_ok=True)
     code = run_head_engine(argv, port=port, gpu_ids=ids, expect_gpus=expect_gpus, ip=node_ip, timeout_s=timeout,
-                           log_dir=logs)
+                           log_dir=logs, instance=instance, layers=split or None)
     raise typer.Exit(code)

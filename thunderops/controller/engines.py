@@ -99,8 +99,9 @@ def join_ray_clusters(deployment: str, plan: Plan, groups: list[str], nodes: Map
 
 
 def _join_body(rc: Any, inst: str, head: str) -> dict[str, Any]:
-    """The agent's join request for instance `inst` of spanning group `rc` (its ports: the head's block)."""
-    return {"group": rc.group, "head": head, "gpus": list(rc.gpus_on(inst))}
+    """The agent's join request for instance `inst` of spanning group `rc`, with its own port block."""
+    return {"group": rc.group, "head": head, "gpus": list(rc.gpus_on(inst)), "ports": rc.ports_on(inst),
+            "instance": inst}
 
 
 @dataclass

@@ -107,9 +107,12 @@ def engine_launches(plan: Plan, instance_id: str, ports: Ports) -> list[EngineLa
         argv = list(c.argv)
         rc = clusters.get(c.group)
         if rc is not None:  # the engine spans nodes: it runs on the group's own Ray cluster, headed here
+            g = plan.group(c.group)
+            split = [f"--layers={inst}=" + ",".join(str(s.layers) for s in g.stages if s.instance == inst)
+                     for inst, _ in rc.gpus]
             argv = ["thunderops", "serve", "ray-engine", "--port", str(rc.port),
                     "--gpus", ",".join(str(i) for i in rc.gpus_on(instance_id)),
-                    "--expect-gpus", str(rc.total_gpus), "--", *argv]
+                    "--expect-gpus", str(rc.total_gpus), "--instance", instance_id, *split, "--", *argv]
         out.append(EngineLaunch(argv, dict(c.env), f"engine-{c.group}", c.port))
     return out
 

@@ -5,8 +5,10 @@ recipe: a Ray head on one node waits until the others have joined, then `vllm se
 spanning group gets a cluster of its own, so engines sharing a node never share one:
 
 - its head is the group's first instance, where its engine runs (`EngineCommand.instance`);
-- its ports are one block of RAY_BLOCK starting at `Ports.ray + k * RAY_BLOCK` for the k-th spanning group of
-  the plan (GCS, node manager, object manager, agents, worker ports), the same offsets on every node;
+- on each of its nodes its raylet takes one block of RAY_BLOCK ports (GCS on the head, node manager, object
+  manager, agents, worker ports) starting at `Ports.ray + i * RAY_BLOCK`, i the group's lowest GPU id on that
+  node: groups sharing a node hold different GPUs there, so their blocks never meet, and no other group's
+  reschedule or replacement moves a block (nothing to remember);
 - its raylet on a node sees only the group's GPUs there (CUDA_VISIBLE_DEVICES when it starts).
 
 On the head node `thunderops serve ray-engine` (the engine line of the node's task) starts the head, waits for
@@ -18,6 +20,8 @@ group talk over their private network, which is why the scheduler keeps a group 
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import shutil
 import signal
@@ -47,8 +51,17 @@ class RayCluster:
     the group on it, in stage order."""
 
     group: str
-    port: int  # first port of its block: the head's GCS listens here
+    base_port: int  # `Ports.ray`: blocks start here
     gpus: tuple[tuple[str, tuple[int, ...]], ...]
+
+    def ports_on(self, instance_id: str) -> int:
+        """First port of this cluster's block on one of its nodes."""
+        return self.base_port + min(self.gpus_on(instance_id)) * RAY_BLOCK
+
+    @property
+    def port(self) -> int:
+        """The head's GCS port (the cluster's address is HEAD_IP:port)."""
+        return self.ports_on(self.head)
 
     @property
     def head(self) -> str:
@@ -78,8 +91,7 @@ def ray_clusters(plan: Plan, base_port: int = RAY_PORT) -> dict[str, RayCluster]
             have = per.setdefault(s.instance, [])
             have.extend(s.gpu_ids or range(len(have), len(have) + s.tp))
         if len(per) > 1:
-            out[g.id] = RayCluster(g.id, base_port + len(out) * RAY_BLOCK,
-                                   tuple((inst, tuple(ids)) for inst, ids in per.items()))
+            out[g.id] = RayCluster(g.id, base_port, tuple((inst, tuple(ids)) for inst, ids in per.items()))
     return out
 
 
@@ -99,11 +111,18 @@ def node_ip() -> str:
             return "127.0.0.1"
 
 
-def start_argv(port: int, gpus: int, ip: str, *, head_address: str | None = None) -> list[str]:
+def instance_resource(instance_id: str) -> str:
+    """The custom Ray resource that tells which plan instance a raylet runs on (Ray's names: [A-Za-z0-9_])."""
+    return "thunderops_instance_" + hashlib.sha1(instance_id.encode()).hexdigest()[:12]
+
+
+def start_argv(port: int, gpus: int, ip: str, *, head_address: str | None = None,
+               instance: str | None = None) -> list[str]:
     """`ray start --block` for one node of a cluster whose block starts at `port`: the head when
     `head_address` is None, else a worker joining it. `gpus` GPUs are declared (the raylet's
-    CUDA_VISIBLE_DEVICES says which)."""
-    argv = [ray_executable(), "start", "--block", "--disable-usage-stats", f"--node-ip-address={ip}",
+    CUDA_VISIBLE_DEVICES says which); `instance` tags the raylet with its plan instance."""
+    res = ["--resources=" + json.dumps({instance_resource(instance): 1})] if instance else []
+    argv = [ray_executable(), "start", "--block", "--disable-usage-stats", f"--node-ip-address={ip}", *res,
             f"--num-gpus={gpus}", f"--node-manager-port={port + 2}", f"--object-manager-port={port + 3}",
             f"--dashboard-agent-grpc-port={port + 4}", f"--dashboard-agent-listen-port={port + 5}",
             f"--metrics-export-port={port + 6}", f"--runtime-env-agent-port={port + 7}",
@@ -172,14 +191,53 @@ def wait_for_gpus(address: str, gpus: int, timeout_s: float, head: subprocess.Po
         time.sleep(poll_s)
 
 
+def cluster_nodes(address: str) -> list[tuple[str, list[str]]]:
+    """(IP, custom resource names) of each live node of the Ray cluster at `address`."""
+    probe = ("import json,ray,sys; ray.init(address=sys.argv[1], logging_level='ERROR', log_to_driver=False); "
+             "print(json.dumps([[n['NodeManagerAddress'], sorted(n['Resources'])] for n in ray.nodes() if n['Alive']]))")
+    out = subprocess.run([sys.executable, "-c", probe, address], capture_output=True, text=True, timeout=60,
+                         env=dict(os.environ, RAY_USAGE_STATS_ENABLED="0"))
+    if out.returncode != 0 or not out.stdout.strip():
+        raise RayClusterError(f"cannot list the nodes of the Ray cluster at {address}: {out.stderr.strip()[-300:]}")
+    return [(ip, names) for ip, names in json.loads(out.stdout.strip().splitlines()[-1])]
+
+
+def vllm_layer_partition(head: str, layers: Mapping[str, Sequence[int]], gpus: Mapping[str, int],
+                         ips: Mapping[str, str]) -> list[int]:
+    """VLLM_PP_LAYER_PARTITION in the order vLLM's Ray executor gives the nodes their pipeline stages: the
+    driver's (head's) node first, then nodes with fewer of the engine's workers (GPUs), then by IP string
+    (vLLM's `sort_by_driver_then_worker_ip`); each node's stages keep their planned order. `layers`: each
+    instance's stage layer counts, `gpus`: its GPUs in the group, `ips`: its Ray node address."""
+    rest = sorted((i for i in layers if i != head), key=lambda i: (gpus[i], ips[i]))
+    return [n for inst in [head, *rest] for n in layers[inst]]
+
+
+def ordered_partition(address: str, head: str, layers: Mapping[str, Sequence[int]], tp: int) -> list[int]:
+    """The planned split (each instance's stage layers) re-ordered for vLLM, from the live cluster's node
+    addresses (each raylet carries its instance's `instance_resource`); `tp` GPUs per stage."""
+    ips: dict[str, str] = {}
+    for node_addr, names in cluster_nodes(address):
+        for inst in layers:
+            if instance_resource(inst) in names:
+                ips[inst] = node_addr
+    missing = [inst for inst in layers if inst not in ips]
+    if missing:
+        raise RayClusterError(f"the Ray cluster at {address} has no node of instance(s) {', '.join(missing)}")
+    return vllm_layer_partition(head, layers, {i: len(v) * tp for i, v in layers.items()}, ips)
+
+
 def run_head_engine(engine_argv: Sequence[str], *, port: int, gpu_ids: Sequence[int], expect_gpus: int,
                     ip: str | None = None, timeout_s: float = 1800.0, log_dir: str | Path = ".",
-                    extra_env: Mapping[str, str] | None = None) -> int:
+                    extra_env: Mapping[str, str] | None = None, instance: str | None = None,
+                    layers: Mapping[str, Sequence[int]] | None = None) -> int:
     """On the head node of a spanning group: start the Ray head, wait for the group's GPUs, run the engine on
-    the cluster (RAY_ADDRESS, VLLM_HOST_IP) and end the head when the engine ends. Returns the engine's code."""
+    the cluster (RAY_ADDRESS, VLLM_HOST_IP) and end the head when the engine ends. Returns the engine's code.
+    With `instance` (this node's) and `layers` (every instance's stage layers, as planned), the layer split
+    follows the order in which vLLM hands the nodes their stages (`vllm_layer_partition`)."""
     ip = ip or node_ip()
     address = f"{ip}:{port}"
-    head = start_node(start_argv(port, len(gpu_ids), ip), gpu_ids, Path(log_dir) / f"ray-head-{port}.log")
+    head = start_node(start_argv(port, len(gpu_ids), ip, instance=instance), gpu_ids,
+                      Path(log_dir) / f"ray-head-{port}.log")
     engine: subprocess.Popen | None = None
 
     def stop(signum: int, _frame: object) -> None:
@@ -189,6 +247,10 @@ def run_head_engine(engine_argv: Sequence[str], *, port: int, gpu_ids: Sequence[
     try:
         wait_for_gpus(address, expect_gpus, timeout_s, head)
         env = dict(os.environ, **(extra_env or {}), RAY_ADDRESS=address, VLLM_HOST_IP=ip)
+        if instance is not None and layers and len(layers) > 1:
+            tp = expect_gpus // max(sum(len(v) for v in layers.values()), 1)  # one TP degree per engine (vLLM)
+            split = ordered_partition(address, instance, layers, tp)
+            env["VLLM_PP_LAYER_PARTITION"] = ",".join(str(n) for n in split)
         env.pop("CUDA_VISIBLE_DEVICES", None)  # the Ray workers get theirs from the cluster
         engine = subprocess.Popen(list(engine_argv), env=env)
         while engine.poll() is None:
