@@ -223,3 +223,20 @@ def test_bad_join_requests_are_refused(agents):
             urllib.request.urlopen(req, timeout=5)
         assert e.value.code == 400 and needle in json.loads(e.value.read())["error"], body
 
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--gpus", "x", "--expect-gpus", "2", "--", "echo"], "--gpus must be GPU ids"),
+    (["--gpus", "0", "--expect-gpus", "2"], "engine command after --"),
+    (["--gpus", "0,1", "--expect-gpus", "1", "--", "echo"], "do not describe a group"),
+    (["--gpus", "0", "--expect-gpus", "2", "--layers", "a=1", "--", "echo"], "--layers needs --instance"),
+    (["--gpus", "0", "--expect-gpus", "2", "--instance", "a", "--layers", "a=x", "--", "echo"], "INSTANCE=20,12"),
+])
+def test_ray_engine_bad_input_one_line_exit_2(args, needle, tmp_path):
+    """Refused before any Ray process starts: one line, exit 2, and no head left listening."""
+    port = free_port()
+    r = subprocess.run([sys.executable, "-m", "thunderops.serve", "ray-engine", "--port", str(port),
+                        "--log-dir", str(tmp_path), *args], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2, r.stderr
+    assert needle in r.stderr and len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+    assert not _listening(port) and not list(tmp_path.iterdir())
