@@ -733,13 +733,16 @@ class Agent:
                 or not 0 < int(port_s) < 65536 - RAY_BLOCK:
             return _error(400, "head must be the Ray head's HOST:PORT, e.g. 10.0.0.5:10000")
         count = int(self.inventory.get("count") or 0)
-        if not isinstance(gpus, list) or not gpus or not all(isinstance(i, int) and 0 <= i < count for i in gpus) \
+        if not isinstance(gpus, list) or not gpus or not all(type(i) is int and 0 <= i < count for i in gpus) \
                 or len(set(gpus)) != len(gpus):
             return _error(400, f"gpus must be distinct GPU ids of this node's {count} GPU(s)")
         block = body.get("ports", int(port_s))
-        if not isinstance(block, int) or not 0 < block < 65536 - RAY_BLOCK:
+        if type(block) is not int or not 0 < block < 65536 - RAY_BLOCK:
             return _error(400, "ports must be the first port of this node's Ray port block")
-        key = (head, tuple(gpus), block, body.get("instance"))
+        instance = body.get("instance")
+        if instance is not None and (not isinstance(instance, str) or not 0 < len(instance) <= 256):
+            return _error(400, "instance must be this node's plan instance id")  # only ever hashed into a name
+        key = (head, tuple(gpus), block, instance)
         old = self.ray_nodes.get(group)
         if old is not None and old[0] == key and old[1].poll() is None:
             return web.json_response({"group": group, "status": "running", "pid": old[1].pid})
@@ -747,9 +750,6 @@ class Agent:
             await asyncio.to_thread(stop_node, old[1])
         logs = Path(os.environ.get("THUNDEROPS_LOG_DIR", "~/thunderops-logs")).expanduser()
         logs.mkdir(parents=True, exist_ok=True)
-        instance = body.get("instance")
-        if instance is not None and (not isinstance(instance, str) or not 0 < len(instance) <= 256):
-            return _error(400, "instance must be this node's plan instance id")  # only ever hashed into a name
         argv = start_argv(block, len(gpus), self.node_ip(), head_address=head, instance=instance)
         proc = start_node(argv, gpus, logs / f"ray-{group}.log")
         self.ray_nodes[group] = (key, proc)
