@@ -66,9 +66,11 @@ def test_dry_run_prints_plan_tasks_and_cost_and_writes_nothing(plan_file, thunde
     assert tasks["to-dryrun-l4-1"]["resources"]["use_spot"] is True
     # the router reaches each engine on its node: named, not a loopback address the router's own node would answer
     run = tasks["to-dryrun-router-1"]["run"]
-    for inst in data["plan"]["instances"]:
-        assert f"http://<{inst['id']} address>:" in run
-    assert "127.0.0.1" not in run
+    for inst in data["plan"]["instances"]:  # over HTTPS, trusting the deployment's certificate
+        assert f"https://<{inst['id']} address>:" in run
+    assert "127.0.0.1" not in run and "--engine-cert" in run
+    for name in ("to-dryrun-a100-1", "to-dryrun-l4-1"):
+        assert "--ssl-certfile" in tasks[name]["run"]
     assert not thunderops_home.exists()  # no state store, no token: a dry run is read-only
 
 

@@ -237,7 +237,8 @@ def dry_run_step(plan: Plan, provider: str, dep: str, pip_spec: str | None, json
         for inst in addressed.instances:
             inst.host = inst.host or f"<{inst.id} address>"
         router = router_task(addressed, deployment=dep, plan_path="<the deployment's plan.json>",
-                             api_key="<made at launch>", pip_spec=pip_spec, wheel=wheel)
+                             api_key="<made at launch>", pip_spec=pip_spec, wheel=wheel,
+                             engine_cert="<the deployment's certificate, made at launch>")
         tasks[router["name"]] = render(router)
     if json_out:
         print_json({"dry_run": True, "provider": provider, "plan": plan.to_dict(), "skypilot_tasks": tasks,
@@ -349,6 +350,13 @@ def serve_step(dep: str, prov: Any, provider: str, emulate: bool) -> dict[str, A
     log = workdir / "router.log"
     argv = serve_module_argv("router", "--routing", str(table), "--model", plan.model, "--host", "127.0.0.1",
                              "--port", str(port), "--usage-db", str(store.path), "--deployment", dep)
+    if any(u.startswith("https:") for u in urls.values()):  # engines on HTTPS: the router trusts their one cert
+        from thunderops.agent import deployment_tls
+
+        pair = deployment_tls(dep, create=False)
+        cert = workdir / "engine-cert.pem"  # the certificate only (public); its key stays in the pair's file
+        cert.write_text(pair[0] if pair else "")
+        argv += ["--engine-cert", str(cert)]
     pid = _spawn(argv, {"THUNDEROPS_API_KEY": api_key, "THUNDEROPS_ENGINE_KEY": engine_key}, log)
     wait_healthy(f"http://127.0.0.1:{port}", pid, 60, str(log))
     store.add_event(dep, "serving", f"router at http://127.0.0.1:{port}/v1", {"router_pid": pid, "engines": urls})

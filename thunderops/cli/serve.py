@@ -67,6 +67,8 @@ def emulator(
     delay_scale: Annotated[float, typer.Option(help="Multiply delays (0 = answer at once, for benchmarks)")] = 1.0,
     max_model_len: Annotated[int, typer.Option(help="Longest prompt + output, tokens")] = 8192,
     exit_with_pid: Annotated[int | None, typer.Option(help="Also exit when this process is gone (its owner)")] = None,
+    ssl_certfile: Annotated[Path | None, typer.Option(help="Serve HTTPS with this PEM certificate (as vLLM)")] = None,
+    ssl_keyfile: Annotated[Path | None, typer.Option(help="... and this PEM key")] = None,
 ) -> None:
     """Run an engine emulator: vLLM's HTTP API and P/D protocol with performance-model timing, no GPU.
     Requires THUNDEROPS_ENGINE_KEY as bearer token when that variable is set."""
@@ -98,10 +100,18 @@ def emulator(
             timing = PerfTiming(pm, layout_of(p, g, pm))
     elif gpu is not None and delay_scale > 0:
         timing = perf_timing(model, gpu, tp, pp)
+    if (ssl_certfile is None) != (ssl_keyfile is None):
+        raise UserError("--ssl-certfile and --ssl-keyfile go together")
+    ssl_files = None
+    if ssl_certfile is not None and ssl_keyfile is not None:
+        ssl_files = (str(ssl_certfile.expanduser()), str(ssl_keyfile.expanduser()))
+        for f in ssl_files:
+            if not Path(f).is_file():
+                raise UserError(f"{f}: no such certificate or key file")
     names = _served_names(model)
     cfg = EmulatorConfig(model=names[0], served_names=names, role=role, max_model_len=max_model_len, host=host,
                          port=port, api_key=os.environ.get("THUNDEROPS_ENGINE_KEY") or None, tp=tp,
-                         speedup=speedup, delay_scale=delay_scale, max_num_seqs=max_num_seqs)
+                         speedup=speedup, delay_scale=delay_scale, max_num_seqs=max_num_seqs, ssl_files=ssl_files)
     run_emulator(cfg, timing, exit_with_pid=exit_with_pid)
 
 
@@ -116,6 +126,8 @@ def router(
     max_model_len: Annotated[int | None, typer.Option(help="Reject token-id prompts this long")] = None,
     usage_db: Annotated[str | None, typer.Option(help="State store to append token usage to")] = None,
     deployment: Annotated[str | None, typer.Option(help="Deployment id for --usage-db")] = None,
+    engine_cert: Annotated[Path | None, typer.Option(
+        help="PEM certificate the engines serve HTTPS with (https:// endpoints): the only one trusted")] = None,
 ) -> None:
     """Run the OpenAI-compatible P/D router. The API key comes from THUNDEROPS_API_KEY (generated and
     printed when unset); the admin key from THUNDEROPS_ADMIN_KEY (default: the API key)."""
@@ -153,10 +165,22 @@ def router(
         err_console.print(f"API key (set THUNDEROPS_API_KEY to choose one): {key}", highlight=False)
     if bool(usage_db) != bool(deployment):
         raise UserError("--usage-db and --deployment go together")
+    engine_tls = None
+    if engine_cert is not None:
+        from thunderops.agent import client_tls
+
+        try:
+            engine_tls = client_tls(engine_cert.expanduser().read_text())
+        except OSError as e:
+            raise UserError(f"--engine-cert {engine_cert}: cannot read the engines' certificate ({e.strerror})") from None
+        except UserError:
+            raise UserError(f"--engine-cert {engine_cert} is not a PEM certificate; give the one the engines "
+                            "serve (the deployment's)") from None
     sink = StoreUsageSink(deployment, usage_db) if usage_db and deployment else None
     cfg = RouterConfig(api_key=key, served_models=_served_names(model), max_model_len=max_model_len,
                        admin_key=os.environ.get("THUNDEROPS_ADMIN_KEY") or None,
-                       engine_api_key=os.environ.get("THUNDEROPS_ENGINE_KEY") or None, usage_sink=sink)
+                       engine_api_key=os.environ.get("THUNDEROPS_ENGINE_KEY") or None, usage_sink=sink,
+                       engine_tls=engine_tls)
     run_router(table, cfg, host=host, port=port)
 
 

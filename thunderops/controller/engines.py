@@ -31,15 +31,18 @@ class NodeEngines:
     timeout_s: float = 1800.0
 
     def start(self, deployment: str, plan: Plan, groups: list[str], nodes: Mapping[str, Any]) -> dict[str, str]:
+        from thunderops.agent import client_tls, deployment_tls
+
         join_ray_clusters(deployment, plan, groups, nodes, timeout_s=min(self.timeout_s, 300.0))
+        pair = deployment_tls(deployment, create=False)  # with one, the engines serve HTTPS with it
         urls = {}
         for gid in groups:
             g = plan.group(gid)
             head = g.stages[0].instance
             node = nodes[head]
             k = [x.id for x in plan.groups if x.stages[0].instance == head].index(gid)
-            urls[gid] = f"http://{node.host}:{node.ports.engine + k}"
-        wait_engines(urls, self.timeout_s)
+            urls[gid] = f"{'https' if pair else 'http'}://{node.host}:{node.ports.engine + k}"
+        wait_engines(urls, self.timeout_s, verify=client_tls(pair[0]) if pair else None)
         return urls
 
 
@@ -260,10 +263,11 @@ def _free_actor_name(ray: Any, name: str, timeout_s: float = 10.0) -> None:
         time.sleep(0.1)
 
 
-def wait_engines(urls: Mapping[str, str], timeout_s: float) -> None:
+def wait_engines(urls: Mapping[str, str], timeout_s: float, verify: Any = None) -> None:
+    """Until every engine answers /health (`verify`: the SSL context trusting HTTPS engines)."""
     deadline = time.monotonic() + timeout_s
     pending = dict(urls)
-    with httpx.Client(timeout=1.0) as http:
+    with httpx.Client(timeout=1.0, verify=verify if verify is not None else True) as http:
         while pending:
             for gid, url in list(pending.items()):
                 try:

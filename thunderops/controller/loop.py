@@ -86,8 +86,10 @@ class Controller(Reprovisioning):
         self._last = {"provider": 0.0, "notice": 0.0, "usage": 0.0}
         self._probe_pool = ThreadPoolExecutor(max_workers=16, thread_name_prefix="probe")
         self._worker: threading.Thread | None = None
-        self._http = httpx.Client(timeout=self.config.probe_timeout_s)
-        self._agents_http: tuple[httpx.Client, str] | None = None
+        # engines and agents of a deployment with a TLS pair serve HTTPS with it: the one certificate trusted
+        pair = deployment_tls(self.deployment, create=False)
+        self._http = httpx.Client(timeout=self.config.probe_timeout_s, verify=client_tls(pair[0]) if pair else True)
+        self._agents_http = (self._http, "https" if pair else "http")
         self._stopped_for_spend = False
         self._recover()
 
@@ -222,10 +224,6 @@ class Controller(Reprovisioning):
 
     def _agent_client(self) -> tuple[httpx.Client, str]:
         """The client for the deployment's agents: HTTPS pinned to its certificate where it has one."""
-        if self._agents_http is None:
-            pair = deployment_tls(self.deployment, create=False)
-            self._agents_http = (httpx.Client(timeout=self.config.probe_timeout_s, verify=client_tls(pair[0])), "https") \
-                if pair else (self._http, "http")
         return self._agents_http
 
     def notices(self, plan: Plan) -> dict[str, dict[str, Any]]:
@@ -554,9 +552,7 @@ class Controller(Reprovisioning):
     def close(self) -> None:
         self.stop()
         self._probe_pool.shutdown(wait=False)
-        self._http.close()
-        if self._agents_http is not None and self._agents_http[0] is not self._http:
-            self._agents_http[0].close()
+        self._http.close()  # also the agents' client
         self.router.close()
 
 

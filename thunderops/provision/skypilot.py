@@ -392,7 +392,7 @@ class SkyPilotProvider(Provider):
                 name = run.next_name(inst.id)
                 slot.cluster = name
                 ports = Ports()
-                launches = engine_launches(plan, inst.id, ports)
+                launches = engine_launches(plan, inst.id, ports, https=run.tls is not None)
                 config = engine_task(plan, replace(inst, zone=sky_zone(inst)), deployment=deployment, node_id=name,
                                      cluster=name, accelerator=run.accel.get(inst.id) if inst.gpu == slot.original.gpu
                                      else None, ports=ports, pip_spec=self.pip_spec, launches=launches,
@@ -477,7 +477,7 @@ class SkyPilotProvider(Provider):
         free = dict(run.nodes)
         kept: dict[str, Node] = {}
         for inst in new.instances:
-            lines = _engine_lines(engine_launches(new, inst.id, Ports()))  # an unservable plan fails here
+            lines = _engine_lines(engine_launches(new, inst.id, Ports(), https=run.tls is not None))  # an unservable plan fails here
             match = next((old_id for old_id, node in free.items() if _key(run.slots[old_id].current) == _key(inst)
                           and run.engines.get(node.cluster_name) == lines), None)
             if match is not None:

@@ -92,13 +92,20 @@ def node_ports(launches: list[EngineLaunch], base: Ports) -> list[int]:
     return sorted(ports)
 
 
-def engine_launches(plan: Plan, instance_id: str, ports: Ports) -> list[EngineLaunch]:
+# Where a node's run script writes the deployment's TLS pair for its engines (relative to $HOME, where the script
+# runs): the engines then serve HTTPS with the certificate the agents use, which the router and the controller pin.
+ENGINE_TLS_FILES = (".thunderops-tls/cert.pem", ".thunderops-tls/key.pem")
+
+
+def engine_launches(plan: Plan, instance_id: str, ports: Ports, https: bool = False) -> list[EngineLaunch]:
     """The engine processes of one node: the serving step's `vllm serve` commands of the groups whose
-    engine runs here (a pipeline's engine runs where its first stage is)."""
+    engine runs here (a pipeline's engine runs where its first stage is). `https`: they serve HTTPS with the
+    deployment's TLS pair (ENGINE_TLS_FILES)."""
     from thunderops.serve.ray_cluster import ray_clusters
     from thunderops.serve.vllm import EngineOptions, engine_commands
 
-    opts = EngineOptions(base_port=ports.engine, nixl_port_offset=ports.kv - ports.engine)
+    opts = EngineOptions(base_port=ports.engine, nixl_port_offset=ports.kv - ports.engine,
+                         ssl_files=ENGINE_TLS_FILES if https else None)
     clusters = ray_clusters(plan, ports.ray)
     out = []
     for c in engine_commands(plan, opts):
@@ -140,7 +147,7 @@ def engine_task(plan: Plan, instance: Instance, *, deployment: str, node_id: str
     `thunderops.provision.package.build_wheel`) is shipped as a file mount and installed with `[serve]`;
     `pip_spec` overrides it."""
     ports = ports or Ports()
-    launches = engine_launches(plan, instance.id, ports) if launches is None else launches
+    launches = engine_launches(plan, instance.id, ports, https=agent_tls is not None) if launches is None else launches
     cfg = copy.deepcopy(_template("engine"))
     cfg["name"] = cluster
     res = cfg["resources"]
@@ -164,14 +171,22 @@ def engine_task(plan: Plan, instance: Instance, *, deployment: str, node_id: str
     return cfg
 
 
-def router_argv(plan: Plan, *, deployment: str, port: int = ROUTER_PORT, ports: Ports | None = None) -> list[str]:
-    """`thunderops serve router` for the plan, each group's engine URL from its (provisioned) host."""
+ROUTER_ENGINE_CERT = "~/thunderops/engine-cert.pem"  # on the router's node: the certificate HTTPS engines serve
+
+
+def router_argv(plan: Plan, *, deployment: str, port: int = ROUTER_PORT, ports: Ports | None = None,
+                https: bool = False) -> list[str]:
+    """`thunderops serve router` for the plan, each group's engine URL from its (provisioned) host; `https`:
+    the engines serve HTTPS with the deployment's certificate (ROUTER_ENGINE_CERT)."""
     from thunderops.serve.vllm import EngineOptions, engine_commands
 
     ports = ports or Ports()
-    opts = EngineOptions(base_port=ports.engine, nixl_port_offset=ports.kv - ports.engine)
+    opts = EngineOptions(base_port=ports.engine, nixl_port_offset=ports.kv - ports.engine,
+                         ssl_files=ENGINE_TLS_FILES if https else None)
     argv = ["thunderops", "serve", "router", "--plan", "~/thunderops/plan.json", "--host", "0.0.0.0",
             "--port", str(int(port))]
+    if https:
+        argv += ["--engine-cert", ROUTER_ENGINE_CERT]
     for c in engine_commands(plan, opts):
         argv += ["--endpoint", f"{c.group}={c.url}"]
     return argv
@@ -179,10 +194,10 @@ def router_argv(plan: Plan, *, deployment: str, port: int = ROUTER_PORT, ports: 
 
 def router_task(plan: Plan, *, deployment: str, plan_path: str | Path, port: int = ROUTER_PORT,
                 pip_spec: str | None = None, api_key: str | None = None,
-                wheel: str | Path | None = None) -> dict[str, Any]:
+                wheel: str | Path | None = None, engine_cert: str | Path | None = None) -> dict[str, Any]:
     """The SkyPilot task config for the router, in the cloud/region of the plan's first instance. The plan
-    (and `wheel`, as for engine_task) travel as file mounts; `api_key` goes into `secrets:` as
-    THUNDEROPS_API_KEY."""
+    (and `wheel`, as for engine_task, and `engine_cert`, the certificate of engines serving HTTPS) travel as
+    file mounts; `api_key` goes into `secrets:` as THUNDEROPS_API_KEY."""
     cfg = copy.deepcopy(_template("router"))
     cfg["name"] = f"{cluster_prefix(deployment)}router-1"
     first = plan.instances[0] if plan.instances else None
@@ -193,13 +208,15 @@ def router_task(plan: Plan, *, deployment: str, plan_path: str | Path, port: int
     cfg["resources"]["ports"] = [int(port)]
     cfg["resources"]["labels"] = {"thunderops-deployment": deployment}
     cfg["file_mounts"] = {"~/thunderops/plan.json": str(plan_path)}
+    if engine_cert is not None:
+        cfg["file_mounts"][ROUTER_ENGINE_CERT] = str(engine_cert)
     cfg["envs"].update(THUNDEROPS_DEPLOYMENT=deployment)
     _install(cfg, pip_spec, wheel, "")
     if api_key is not None:
         cfg["secrets"] = {"THUNDEROPS_API_KEY": api_key}
     # '~' must expand, so the plan path word is left unquoted (it is our constant, not a value from the plan)
-    words = [w if w == "~/thunderops/plan.json" else shlex.quote(w)
-             for w in router_argv(plan, deployment=deployment, port=port)]
+    words = [w if w in ("~/thunderops/plan.json", ROUTER_ENGINE_CERT) else shlex.quote(w)
+             for w in router_argv(plan, deployment=deployment, port=port, https=engine_cert is not None)]
     cfg["run"] = _fill_lines(cfg["run"], [" ".join(words)], ROUTER_MARKER)
     return cfg
 

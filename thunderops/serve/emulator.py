@@ -127,6 +127,7 @@ class EmulatorConfig:
     delay_scale: float = 1.0
     default_max_tokens: int = 16
     max_num_seqs: int = 256
+    ssl_files: tuple[str, str] | None = None  # (certificate, key) PEM files: serve HTTPS, as vLLM's --ssl-*file
 
 
 class _Seq:
@@ -456,7 +457,14 @@ def run_emulator(config: EmulatorConfig, timing: Timing | None = None, on_ready:
         app.on_startup.append(lambda _app: _call(on_ready))
     if exit_with_pid:
         app.on_startup.append(lambda _app: _start_owner_watch(exit_with_pid))
-    web.run_app(app, host=config.host, port=config.port, print=None, access_log=None, handle_signals=True)
+    tls = None
+    if config.ssl_files:
+        import ssl
+
+        tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        tls.load_cert_chain(*config.ssl_files)
+    web.run_app(app, host=config.host, port=config.port, print=None, access_log=None, handle_signals=True,
+                ssl_context=tls)
 
 
 async def _call(fn: Callable[[], None]) -> None:

@@ -19,6 +19,7 @@ import bisect
 import hmac
 import itertools
 import logging
+import ssl
 import time
 import uuid
 from collections import deque
@@ -150,6 +151,7 @@ class RouterConfig:
     request_timeout_s: float = 3600.0
     usage_history: int = 100_000
     usage_sink: Callable[[UsageRecord], None] | None = None
+    engine_tls: ssl.SSLContext | None = None  # trusts the engines' certificate (https:// replica URLs)
 
 
 class _NoReplica(Exception):
@@ -307,7 +309,7 @@ class Router:
         pool = self._pools.get(rep.url)
         if pool is None:
             extra = {"Authorization": self._engine_headers["Authorization"]} if "Authorization" in self._engine_headers else {}
-            pool = self._pools[rep.url] = UpstreamPool(rep.url, extra)
+            pool = self._pools[rep.url] = UpstreamPool(rep.url, extra, ssl=self.config.engine_tls)
         return pool
 
     async def _probe_loop(self) -> None:
@@ -322,7 +324,8 @@ class Router:
             async def probe(rep: Replica) -> None:
                 try:
                     assert self.session is not None
-                    async with self.session.get(rep.url + "/health", timeout=timeout) as r:
+                    tls = self.config.engine_tls if rep.url.startswith("https:") else None
+                    async with self.session.get(rep.url + "/health", timeout=timeout, ssl=tls or True) as r:
                         ok = r.status == 200
                 except (TimeoutError, aiohttp.ClientError, OSError):
                     ok = False

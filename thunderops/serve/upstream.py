@@ -10,6 +10,7 @@ responses, and streamed bodies for SSE.
 from __future__ import annotations
 
 import asyncio
+import ssl as ssl_module
 from collections import deque
 from collections.abc import AsyncIterator
 from urllib.parse import urlsplit
@@ -144,13 +145,16 @@ class StreamedResponse:
 
 
 class UpstreamPool:
-    """Keep-alive connections to one engine (`http://host:port`)."""
+    """Keep-alive connections to one engine (`http://host:port`, or `https://` with the `ssl` context that
+    trusts its certificate)."""
 
-    def __init__(self, base_url: str, headers: dict[str, str] | None = None, connect_timeout_s: float = 5.0) -> None:
+    def __init__(self, base_url: str, headers: dict[str, str] | None = None, connect_timeout_s: float = 5.0,
+                 ssl: ssl_module.SSLContext | None = None) -> None:
         u = urlsplit(base_url)
-        if u.scheme != "http" or not u.hostname:
-            raise ValueError(f"engine URL must be http://HOST:PORT, got {base_url!r}")
-        self.host, self.port = u.hostname, u.port or 80
+        if u.scheme not in ("http", "https") or not u.hostname:
+            raise ValueError(f"engine URL must be http(s)://HOST:PORT, got {base_url!r}")
+        self.ssl = (ssl or ssl_module.create_default_context()) if u.scheme == "https" else None
+        self.host, self.port = u.hostname, u.port or (443 if self.ssl else 80)
         self.netloc = f"{self.host}:{self.port}"
         self.prefix = u.path.rstrip("/")
         extra = "".join(f"{k}: {v}\r\n" for k, v in (headers or {}).items())
@@ -162,7 +166,8 @@ class UpstreamPool:
         loop = asyncio.get_running_loop()
         try:
             _, conn = await asyncio.wait_for(
-                loop.create_connection(lambda: _Conn(self), self.host, self.port), self.connect_timeout_s)
+                loop.create_connection(lambda: _Conn(self), self.host, self.port, ssl=self.ssl,
+                                       server_hostname=self.host if self.ssl else None), self.connect_timeout_s)
         except (TimeoutError, OSError) as e:
             raise UpstreamError(f"cannot connect to {self.netloc}: {e}") from None
         return conn

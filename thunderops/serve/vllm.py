@@ -46,6 +46,7 @@ class EngineOptions:
     max_num_batched_tokens: int | None = None  # None: vLLM's default for each group's GPUs (PerfModel.batch_limits)
     max_num_seqs: int | None = None  # likewise
     extra_args: tuple[str, ...] = ()
+    ssl_files: tuple[str, str] | None = None  # (certificate, key) files: the engines serve HTTPS (vLLM's --ssl-*)
 
 
 @dataclass
@@ -61,10 +62,11 @@ class EngineCommand:
     env: dict[str, str] = field(default_factory=dict)
     connector: str | None = None
     ray: bool = False
+    https: bool = False
 
     @property
     def url(self) -> str:
-        return f"http://{self.host or '127.0.0.1'}:{self.port}"
+        return f"{'https' if self.https else 'http'}://{self.host or '127.0.0.1'}:{self.port}"
 
     def shell(self) -> str:
         """A copy-pasteable rendering (display only; never executed through a shell)."""
@@ -220,8 +222,11 @@ def engine_commands(plan: Plan, options: EngineOptions = EngineOptions(), *, exe
                     "LMCACHE_REMOTE_SERDE": options.lmcache_serde,
                     "LMCACHE_CHUNK_SIZE": "256",
                 })
+        if options.ssl_files:
+            argv += ["--ssl-certfile", options.ssl_files[0], "--ssl-keyfile", options.ssl_files[1]]
         argv += list(options.extra_args)
-        out.append(EngineCommand(g.id, g.phase, head, host, port, argv, env, conn, multi_node))
+        out.append(EngineCommand(g.id, g.phase, head, host, port, argv, env, conn, multi_node,
+                                 https=options.ssl_files is not None))
     return out
 
 
