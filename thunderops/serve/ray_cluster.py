@@ -32,6 +32,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from thunderops.errors import UserError
 from thunderops.plan import Plan
@@ -161,16 +162,29 @@ def stop_node(proc: subprocess.Popen, timeout_s: float = 10.0) -> None:
             continue
 
 
+def _probe(address: str, expression: str) -> tuple[Any, str]:
+    """Evaluate `expression` (Python, with `ray` connected to the cluster at `address`) in a child process, so
+    this one never holds a Ray connection: (its value through JSON, or None when it could not be had; stderr)."""
+    code = ("import json,ray,sys; ray.init(address=sys.argv[1], logging_level='ERROR', log_to_driver=False); "
+            f"print(json.dumps({expression}))")
+    try:
+        out = subprocess.run([sys.executable, "-c", code, address], capture_output=True, text=True, timeout=60,
+                             env=dict(os.environ, RAY_USAGE_STATS_ENABLED="0"))
+    except subprocess.TimeoutExpired:
+        return None, "timed out after 60 s"
+    lines = out.stdout.strip().splitlines()
+    if out.returncode != 0 or not lines:
+        return None, out.stderr.strip()[-300:]
+    try:
+        return json.loads(lines[-1]), ""
+    except json.JSONDecodeError:
+        return None, f"unexpected output {lines[-1][:200]!r}"
+
+
 def cluster_gpus(address: str) -> float:
     """GPUs the Ray cluster at `address` holds now (0 when it cannot be reached)."""
-    probe = ("import ray,sys; ray.init(address=sys.argv[1], logging_level='ERROR', log_to_driver=False); "
-             "print(ray.cluster_resources().get('GPU', 0))")
-    try:
-        out = subprocess.run([sys.executable, "-c", probe, address], capture_output=True, text=True, timeout=60,
-                             env=dict(os.environ, RAY_USAGE_STATS_ENABLED="0"))
-        return float(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 and out.stdout.strip() else 0.0
-    except (subprocess.TimeoutExpired, ValueError):
-        return 0.0
+    value, _ = _probe(address, "ray.cluster_resources().get('GPU', 0)")
+    return float(value) if isinstance(value, int | float) else 0.0
 
 
 def wait_for_gpus(address: str, gpus: int, timeout_s: float, head: subprocess.Popen | None = None,
@@ -193,13 +207,10 @@ def wait_for_gpus(address: str, gpus: int, timeout_s: float, head: subprocess.Po
 
 def cluster_nodes(address: str) -> list[tuple[str, list[str]]]:
     """(IP, custom resource names) of each live node of the Ray cluster at `address`."""
-    probe = ("import json,ray,sys; ray.init(address=sys.argv[1], logging_level='ERROR', log_to_driver=False); "
-             "print(json.dumps([[n['NodeManagerAddress'], sorted(n['Resources'])] for n in ray.nodes() if n['Alive']]))")
-    out = subprocess.run([sys.executable, "-c", probe, address], capture_output=True, text=True, timeout=60,
-                         env=dict(os.environ, RAY_USAGE_STATS_ENABLED="0"))
-    if out.returncode != 0 or not out.stdout.strip():
-        raise RayClusterError(f"cannot list the nodes of the Ray cluster at {address}: {out.stderr.strip()[-300:]}")
-    return [(ip, names) for ip, names in json.loads(out.stdout.strip().splitlines()[-1])]
+    value, err = _probe(address, "[[n['NodeManagerAddress'], sorted(n['Resources'])] for n in ray.nodes() if n['Alive']]")
+    if value is None:
+        raise RayClusterError(f"cannot list the nodes of the Ray cluster at {address}: {err}")
+    return [(ip, names) for ip, names in value]
 
 
 def vllm_layer_partition(head: str, layers: Mapping[str, Sequence[int]], gpus: Mapping[str, int],
