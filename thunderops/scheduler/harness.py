@@ -360,8 +360,11 @@ class Harness:
         limit = self.max_replica_nodes
         for units, _ in state:
             insts = {u[0] for u in units}
-            if len(insts) > 1 and (limit is not None and len(insts) > limit or len(
-                    {(self.pool[i].cloud, self.pool[i].region) for i in insts}) > 1):
+            if len(insts) == 1:
+                continue
+            if limit is not None and len(insts) > limit:
+                return False
+            if len({(self.pool[i].cloud, self.pool[i].region) for i in insts}) > 1:
                 return False
         return True
 
