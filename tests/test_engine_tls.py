@@ -203,3 +203,17 @@ def test_router_refuses_an_unusable_engine_cert(tmp_path, content):
                        capture_output=True, text=True, timeout=60, env={**os.environ, "THUNDEROPS_API_KEY": "k"})
     assert r.returncode == 2, r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr and "certificate" in r.stderr
+
+
+@pytest.mark.parametrize("flags,needle", [
+    (["--ssl-certfile", "CERT"], "go together"),
+    (["--ssl-certfile", "CERT", "--ssl-keyfile", "MISSING"], "no such certificate or key file"),
+])
+def test_emulator_bad_tls_flags_one_line_exit_2(tmp_path, flags, needle):
+    cert, cert_file, _ = write_pair(tmp_path)
+    args = [cert_file if f == "CERT" else str(tmp_path / "missing.pem") if f == "MISSING" else f for f in flags]
+    port = free_port()
+    r = subprocess.run(serve_module_argv("emulator", "--port", str(port), *args), capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 2, r.stderr
+    assert needle in r.stderr and len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
