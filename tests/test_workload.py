@@ -79,6 +79,8 @@ def test_trace_rescaling_compresses_time_and_keeps_lengths(tmp_path):
     ("TIMESTAMP,ContextTokens,GeneratedTokens\n0,1,1\n", "at least 2 requests"),
     ("TIMESTAMP,ContextTokens,GeneratedTokens\n5,1,1\n5,2,2\n", "one timestamp"),
     ("TIMESTAMP,ContextTokens,GeneratedTokens\n1e308,1,1\n-1e308,2,2\n", "span"),
+    # found by test_catalog_properties: a subnormal span made the rate infinite
+    ("TIMESTAMP,ContextTokens,GeneratedTokens\n0.0,1,1\n2.225073858507203e-309,1,1\n", "too short for a request rate"),
 ])
 def test_bad_traces_name_file_and_row(tmp_path, content, fragment):
     path = tmp_path / "bad.csv"

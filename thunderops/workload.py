@@ -191,6 +191,9 @@ def load_trace(path: Path) -> Workload:
     prompt = np.asarray(prompts, dtype=np.int64)[order]
     output = np.asarray(outputs, dtype=np.int64)[order]
     rate = (len(arrival) - 1) / span
+    if not np.isfinite(rate):  # a span of a subnormal number of seconds: no request rate a float can hold
+        raise WorkloadError(f"{path}: the requests span {span:g} s, too short for a request rate; "
+                            "use timestamps in seconds or ISO times")
     pct = np.arange(101)
     return Workload(
         name=Path(path).stem,
