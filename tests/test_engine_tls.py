@@ -217,3 +217,48 @@ def test_emulator_bad_tls_flags_one_line_exit_2(tmp_path, flags, needle):
                        timeout=60)
     assert r.returncode == 2, r.stderr
     assert needle in r.stderr and len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+
+
+def test_router_serves_its_own_api_over_https(tmp_path, procs):
+    """`serve router --ssl-certfile/--ssl-keyfile`: an OpenAI client that trusts the router's certificate gets
+    completions over HTTPS; plain HTTP to that port gets no answer, and a client trusting another certificate
+    is refused before any API key is sent."""
+    import openai
+
+    cert, cert_file, key_file = write_pair(tmp_path, "router")
+    other, _, _ = write_pair(tmp_path, "other")
+    engine_port, rport = free_port(), free_port()
+    _start(procs, ["emulator", "--port", str(engine_port), "--model", "llama3-8b"])
+    _start(procs, ["router", "--port", str(rport), "--plan", str(_one_group_plan(tmp_path)),
+                   "--endpoint", f"g0=http://127.0.0.1:{engine_port}", "--ssl-certfile", cert_file,
+                   "--ssl-keyfile", key_file], {"THUNDEROPS_API_KEY": "k"})
+    base = f"https://127.0.0.1:{rport}"
+    _wait(base + "/health", client_tls(cert))
+    with httpx.Client(verify=client_tls(cert), timeout=30) as http:
+        out = openai.OpenAI(base_url=base + "/v1", api_key="k", http_client=http).chat.completions.create(
+            model="llama3-8b", messages=[{"role": "user", "content": "hi"}], max_tokens=4)
+    assert out.usage.completion_tokens == 4
+    with httpx.Client(timeout=2.0) as plain, pytest.raises(httpx.HTTPError):
+        plain.get(f"http://127.0.0.1:{rport}/health")
+    with httpx.Client(verify=client_tls(other), timeout=5) as impostor, pytest.raises(httpx.ConnectError):
+        impostor.get(base + "/v1/models", headers={"Authorization": "Bearer k"})
+
+
+@pytest.mark.parametrize("flags,needle", [
+    (["--ssl-keyfile", "KEY"], "go together"),
+    (["--ssl-certfile", "CERT", "--ssl-keyfile", "MISSING"], "no such certificate or key file"),
+    (["--ssl-certfile", "CERT", "--ssl-keyfile", "OTHERKEY"], "not a PEM certificate and its key"),
+])
+def test_router_bad_tls_flags_one_line_exit_2_before_any_key_is_made(tmp_path, flags, needle):
+    _, cert_file, key_file = write_pair(tmp_path)
+    _, _, other_key = write_pair(tmp_path, "other")
+    files = {"CERT": cert_file, "KEY": key_file, "OTHERKEY": other_key, "MISSING": str(tmp_path / "missing.pem")}
+    env = {k: v for k, v in os.environ.items() if k != "THUNDEROPS_API_KEY"}
+    r = subprocess.run(serve_module_argv("router", "--plan", str(_one_group_plan(tmp_path)), "--endpoint",
+                                         "g0=http://127.0.0.1:1", "--port", str(free_port()),
+                                         *[files.get(f, f) for f in flags]),
+                       capture_output=True, text=True, timeout=60, env=env)
+    assert r.returncode == 2, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and needle in lines[0] and "Traceback" not in r.stderr
+    assert "API key" not in r.stderr  # refused before a key was generated and printed

@@ -38,7 +38,7 @@ from typing import Any
 from aiohttp import ClientSession, ClientTimeout, web
 
 from thunderops import __version__
-from thunderops.errors import NetbenchError
+from thunderops.errors import NetbenchError, UserError
 from thunderops.provision import AGENT_PORT
 from thunderops.state import default_home
 
@@ -194,11 +194,26 @@ def client_tls(cert_pem: str) -> ssl.SSLContext:
     return ctx
 
 
+def server_tls_files(cert_file: str | Path, key_file: str | Path, flags: str = "--ssl-certfile/--ssl-keyfile"
+                     ) -> ssl.SSLContext:
+    """A server context from a PEM certificate and key on disk; a pair that does not load is one line naming
+    `flags`, the options that gave it."""
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    for f in (cert_file, key_file):
+        if not Path(f).is_file():
+            raise UserError(f"{f}: no such certificate or key file (check {flags})")
+    try:
+        ctx.load_cert_chain(cert_file, key_file)
+    except ssl.SSLError as e:
+        raise UserError(f"{cert_file} and {key_file} are not a PEM certificate and its key ({e.reason}); "
+                        f"check {flags}") from None
+    return ctx
+
+
 def server_tls(cert_pem: str, key_pem: str) -> ssl.SSLContext:
     """The agent's server context (OpenSSL loads key pairs from files: a private temporary directory)."""
     import tempfile
 
-    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     with tempfile.TemporaryDirectory(prefix="thunderops-tls-") as d:
         cert_file, key_file = Path(d) / "cert.pem", Path(d) / "key.pem"
         cert_file.write_text(cert_pem)
@@ -206,11 +221,10 @@ def server_tls(cert_pem: str, key_pem: str) -> ssl.SSLContext:
         with os.fdopen(fd, "w") as f:
             f.write(key_pem)
         try:
-            ctx.load_cert_chain(cert_file, key_file)
-        except ssl.SSLError as e:
-            raise NetbenchError(f"agent TLS certificate and key do not load ({e.reason}); pass the deployment's "
-                                f"pair in {TLS_CERT_ENV}/{TLS_KEY_ENV} or --tls-cert/--tls-key") from None
-    return ctx
+            return server_tls_files(cert_file, key_file)
+        except UserError:
+            raise NetbenchError("agent TLS certificate and key do not load; pass the deployment's pair in "
+                                f"{TLS_CERT_ENV}/{TLS_KEY_ENV} or --tls-cert/--tls-key") from None
 
 
 def load_tls(cert_file: str | Path | None = None, key_file: str | Path | None = None) -> tuple[str, str] | None:

@@ -15,6 +15,8 @@ from thunderops.errors import UserError
 serve_app = sub_app("serve", "Serve a plan: vLLM command lines, the P/D router, the engine emulator.")
 
 PlanArg = Annotated[Path, typer.Argument(help="Plan JSON (from `thunderops plan --out`)")]
+SslCertOpt = Annotated[Path | None, typer.Option(help="Serve HTTPS with this PEM certificate (as vLLM)")]
+SslKeyOpt = Annotated[Path | None, typer.Option(help="... and this PEM key")]
 
 
 def _served_names(model: str) -> list[str]:
@@ -67,8 +69,8 @@ def emulator(
     delay_scale: Annotated[float, typer.Option(help="Multiply delays (0 = answer at once, for benchmarks)")] = 1.0,
     max_model_len: Annotated[int, typer.Option(help="Longest prompt + output, tokens")] = 8192,
     exit_with_pid: Annotated[int | None, typer.Option(help="Also exit when this process is gone (its owner)")] = None,
-    ssl_certfile: Annotated[Path | None, typer.Option(help="Serve HTTPS with this PEM certificate (as vLLM)")] = None,
-    ssl_keyfile: Annotated[Path | None, typer.Option(help="... and this PEM key")] = None,
+    ssl_certfile: SslCertOpt = None,
+    ssl_keyfile: SslKeyOpt = None,
 ) -> None:
     """Run an engine emulator: vLLM's HTTP API and P/D protocol with performance-model timing, no GPU.
     Requires THUNDEROPS_ENGINE_KEY as bearer token when that variable is set."""
@@ -100,19 +102,25 @@ def emulator(
             timing = PerfTiming(pm, layout_of(p, g, pm))
     elif gpu is not None and delay_scale > 0:
         timing = perf_timing(model, gpu, tp, pp)
-    if (ssl_certfile is None) != (ssl_keyfile is None):
-        raise UserError("--ssl-certfile and --ssl-keyfile go together")
-    ssl_files = None
-    if ssl_certfile is not None and ssl_keyfile is not None:
-        ssl_files = (str(ssl_certfile.expanduser()), str(ssl_keyfile.expanduser()))
-        for f in ssl_files:
-            if not Path(f).is_file():
-                raise UserError(f"{f}: no such certificate or key file")
+    ssl_files = _ssl_files(ssl_certfile, ssl_keyfile)
     names = _served_names(model)
     cfg = EmulatorConfig(model=names[0], served_names=names, role=role, max_model_len=max_model_len, host=host,
                          port=port, api_key=os.environ.get("THUNDEROPS_ENGINE_KEY") or None, tp=tp,
                          speedup=speedup, delay_scale=delay_scale, max_num_seqs=max_num_seqs, ssl_files=ssl_files)
     run_emulator(cfg, timing, exit_with_pid=exit_with_pid)
+
+
+def _ssl_files(certfile: Path | None, keyfile: Path | None) -> tuple[str, str] | None:
+    """--ssl-certfile/--ssl-keyfile (vLLM's names) as a checked pair of paths, or None for plain HTTP."""
+    if certfile is None and keyfile is None:
+        return None
+    if certfile is None or keyfile is None:
+        raise UserError("--ssl-certfile and --ssl-keyfile go together")
+    from thunderops.agent import server_tls_files
+
+    files = (str(certfile.expanduser()), str(keyfile.expanduser()))
+    server_tls_files(*files)  # a pair that does not load is one line now, not when the server starts
+    return files
 
 
 @serve_app.command("router")
@@ -128,14 +136,19 @@ def router(
     deployment: Annotated[str | None, typer.Option(help="Deployment id for --usage-db")] = None,
     engine_cert: Annotated[Path | None, typer.Option(
         help="PEM certificate the engines serve HTTPS with (https:// endpoints): the only one trusted")] = None,
+    ssl_certfile: Annotated[Path | None, typer.Option(
+        help="Serve the router's own API over HTTPS with this PEM certificate (clients verify it)")] = None,
+    ssl_keyfile: SslKeyOpt = None,
 ) -> None:
     """Run the OpenAI-compatible P/D router. The API key comes from THUNDEROPS_API_KEY (generated and
-    printed when unset); the admin key from THUNDEROPS_ADMIN_KEY (default: the API key)."""
+    printed when unset); the admin key from THUNDEROPS_ADMIN_KEY (default: the API key). Bound to anything
+    but this machine, give it --ssl-certfile/--ssl-keyfile: the API key and the prompts cross the network."""
     import json
 
     from thunderops.plan import Plan
     from thunderops.serve.router import RouterConfig, RoutingError, RoutingTable, StoreUsageSink, run_router
 
+    ssl_files = _ssl_files(ssl_certfile, ssl_keyfile)
     p = Plan.load(plan.expanduser()) if plan else None
     if routing is not None:
         try:
@@ -181,7 +194,7 @@ def router(
                        admin_key=os.environ.get("THUNDEROPS_ADMIN_KEY") or None,
                        engine_api_key=os.environ.get("THUNDEROPS_ENGINE_KEY") or None, usage_sink=sink,
                        engine_tls=engine_tls)
-    run_router(table, cfg, host=host, port=port)
+    run_router(table, cfg, host=host, port=port, ssl_files=ssl_files)
 
 
 @serve_app.command("local")

@@ -457,12 +457,9 @@ def run_emulator(config: EmulatorConfig, timing: Timing | None = None, on_ready:
         app.on_startup.append(lambda _app: _call(on_ready))
     if exit_with_pid:
         app.on_startup.append(lambda _app: _start_owner_watch(exit_with_pid))
-    tls = None
-    if config.ssl_files:
-        import ssl
+    from thunderops.agent import server_tls_files
 
-        tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        tls.load_cert_chain(*config.ssl_files)
+    tls = server_tls_files(*config.ssl_files) if config.ssl_files else None
     web.run_app(app, host=config.host, port=config.port, print=None, access_log=None, handle_signals=True,
                 ssl_context=tls)
 

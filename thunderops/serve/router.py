@@ -732,9 +732,13 @@ class _Collector:
                                     buckets=buckets, sum_value=r.latency_sum)
 
 
-def run_router(table: RoutingTable, config: RouterConfig, host: str = "127.0.0.1", port: int = 8000) -> None:
-    """Serve the router until interrupted."""
+def run_router(table: RoutingTable, config: RouterConfig, host: str = "127.0.0.1", port: int = 8000,
+               ssl_files: tuple[str, str] | None = None) -> None:
+    """Serve the router until interrupted; over HTTPS with `ssl_files` (PEM certificate, key)."""
+    from thunderops.agent import server_tls_files
     from thunderops.serve.emulator import use_uvloop
+
+    tls = server_tls_files(*ssl_files) if ssl_files else None  # before the app: a bad pair is one line
 
     use_uvloop()
     app = Router(table, config).app()
@@ -744,7 +748,7 @@ def run_router(table: RoutingTable, config: RouterConfig, host: str = "127.0.0.1
             close()
 
         app.on_cleanup.append(_close)
-    web.run_app(app, host=host, port=port, print=None, access_log=None)
+    web.run_app(app, host=host, port=port, print=None, access_log=None, ssl_context=tls)
 
 
 class StoreUsageSink:
