@@ -168,8 +168,14 @@ class Plan:
         """Write atomically (a temp file then rename) so a crash never leaves half a plan."""
         path = Path(path)
         tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(self.to_json())
-        tmp.replace(path)
+        try:
+            tmp.write_text(self.to_json())
+            tmp.replace(path)
+        except OSError as e:
+            if tmp.parent.is_dir():
+                tmp.unlink(missing_ok=True)
+            raise PlanError(f"{path}: cannot write the plan ({e.strerror}); pick a file in a writable "
+                            "directory") from None
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Plan:

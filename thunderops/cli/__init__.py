@@ -1,8 +1,11 @@
-"""`thunderops` command line. `main()` turns a UserError into one line on stderr and exit code 2."""
+"""`thunderops` command line. `main()` turns bad input, a UserError or a usage error of the command line
+(an option that does not parse, one that is missing or unknown), into one line on stderr and exit code 2."""
 
 from __future__ import annotations
 
 import sys
+
+import typer
 
 # Each module registers its commands on `app` (one module per pipeline step).
 from thunderops.cli import catalog as _catalog  # noqa: F401
@@ -18,9 +21,37 @@ from thunderops.cli.app import app, err_console
 from thunderops.errors import UserError
 
 
+def _error(message: str, code: int = 2) -> None:
+    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True, markup=True)
+    sys.exit(code)
+
+
+def _usage_errors() -> type[Exception]:
+    """The base class of the command line's usage errors: typer's own (typer >= 0.24 carries its own click),
+    else click's."""
+    base = getattr(typer, "TyperException", None)
+    if base is None:
+        import click
+
+        base = click.ClickException
+    return base
+
+
 def main() -> None:
+    usage_error = _usage_errors()
     try:
-        app(standalone_mode=True)
+        # standalone_mode=False: usage errors come to us instead of being printed in typer's boxed form
+        code = app(standalone_mode=False)
     except UserError as e:
-        err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
-        sys.exit(e.exit_code)
+        _error(str(e).replace("\n", " "), e.exit_code)
+    except usage_error as e:  # an option that does not parse, a missing one, an unknown command
+        if type(e).__name__ == "NoArgsIsHelpError":  # `thunderops serve` alone: its help
+            e.show()  # type: ignore[attr-defined]
+            sys.exit(2)
+        ctx = getattr(e, "ctx", None)
+        hint = f" (see `{ctx.command_path} --help`)" if ctx is not None else ""
+        _error(f"{e.format_message()}{hint}".replace("\n", " "), getattr(e, "exit_code", 2))  # type: ignore[attr-defined]
+    except typer.Abort:
+        err_console.print("aborted")
+        sys.exit(1)
+    sys.exit(code if isinstance(code, int) else 0)

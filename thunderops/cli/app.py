@@ -4,11 +4,15 @@ one per pipeline step, and stay thin: parse, call the Python API, render with Ri
 from __future__ import annotations
 
 import json
+import os
 import sys
+from pathlib import Path
 from typing import Any
 
 import typer
 from rich.console import Console
+
+from thunderops.errors import UserError
 
 app = typer.Typer(
     name="thunderops",
@@ -24,6 +28,22 @@ err_console = Console(stderr=True)
 def print_json(data: Any) -> None:
     """Machine-readable output: plain JSON on stdout, nothing else."""
     sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+
+
+def output_file(path: Path | None, flag: str = "--out") -> Path | None:
+    """Check before any work that `path` can be written (its folder exists and is writable), so a long
+    search or measurement is not lost to a typo in the file name at the end."""
+    if path is None:
+        return None
+    path = path.expanduser()
+    parent = path.parent
+    if path.is_dir():
+        raise UserError(f"{flag} {path} is a directory; give a file name")
+    if not parent.is_dir():
+        raise UserError(f"{flag} {path}: folder {parent} does not exist; create it or pick another file")
+    if not os.access(parent, os.W_OK):
+        raise UserError(f"{flag} {path}: folder {parent} is not writable; pick another file")
+    return path
 
 
 def sub_app(name: str, help: str) -> typer.Typer:

@@ -70,7 +70,8 @@ def up(
     name: Annotated[str | None, typer.Option(help="Deployment name (lower-case letters and digits)")] = None,
     dry_run: Annotated[bool, typer.Option(help="Print the plan, the SkyPilot tasks and the $/h; provision nothing")] = False,
     keep_partial: Annotated[bool, typer.Option(help="If the plan cannot be met, keep the nodes that came up")] = False,
-    launch_timeout: Annotated[float, typer.Option(help="Seconds one node's launch may take before it is replaced")] = 1800.0,
+    launch_timeout: Annotated[float, typer.Option(help="Seconds one node's launch may take before it is replaced",
+                                                  min=1)] = 1800.0,
     max_replans: Annotated[int, typer.Option(help="When a GPU type cannot be had anywhere within the budget, plan "
                                                   "again without the offers that failed, at most this often (0: "
                                                   "give up at once)")] = 2,
@@ -179,17 +180,19 @@ def plan_step(*, budget, model, workload, rate, slo_ttft, slo_tpot, attainment, 
 
     from thunderops.scheduler import solve
 
-    if budget is None and inventory is None and rate is None:  # with a rate, solve sets a ceiling from it
+    default_budget = budget is None and inventory is None and rate is None  # a rate: solve sets a ceiling from it
+    if default_budget:
         budget = DEFAULT_BUDGET
-        if not quiet:
-            err_console.print(f"no --budget given: planning for {DEFAULT_BUDGET} $/h", highlight=False)
-    with Progress(TextColumn("[bold]planning"), BarColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
+    label = f"planning for {DEFAULT_BUDGET} $/h (no --budget given)" if default_budget else "planning"
+    with Progress(TextColumn(f"[bold]{label}"), BarColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
                   console=err_console, transient=True, disable=quiet or not err_console.is_terminal) as bar:
         task = bar.add_task("", total=1.0)
         result = solve(budget, model, workload, rate=rate, slo_ttft=slo_ttft, slo_tpot=slo_tpot, attainment=attainment,
                        clouds=clouds, regions=regions, spot=spot, inventory=inventory, bandwidth=bandwidth, seed=seed,
                        time_limit=time_limit, **replica_limit(max_replica_nodes),
                        progress=lambda f, m: bar.update(task, completed=min(1.0, f), description=m))
+    if default_budget and not quiet:  # after planning, so that bad input stays one line
+        err_console.print(f"no --budget given: planned for {DEFAULT_BUDGET} $/h", highlight=False)
     return result.plan
 
 

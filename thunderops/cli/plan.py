@@ -9,7 +9,7 @@ import typer
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from thunderops.cli.app import app, console, err_console, print_json
+from thunderops.cli.app import app, console, err_console, output_file, print_json
 
 # Planning options shared by `thunderops plan` and `thunderops up` (one definition, one help text).
 ModelOpt = Annotated[str, typer.Option("--model", help="Model name (`thunderops catalog models`) or a HF config.json")]
@@ -26,7 +26,7 @@ BandwidthOpt = Annotated[Path | None, typer.Option("--bandwidth", help="Measured
 SeedOpt = Annotated[int, typer.Option("--seed", help="Search seed (same seed, same plan)")]
 TimeLimitOpt = Annotated[float, typer.Option("--time-limit", help="Seconds for the whole planning: baselines, search and the simulator check")]
 MaxReplicaNodesOpt = Annotated[int | None, typer.Option(
-    "--max-replica-nodes", help="Most instances one replica's pipeline may span (default 4)")]
+    "--max-replica-nodes", help="Most instances one replica's pipeline may span (default 4)", min=1)]
 
 
 def replica_limit(value: int | None) -> dict:
@@ -63,6 +63,7 @@ def plan_cmd(
     """Plan a deployment: instances to rent, model replicas with phase and parallelism, routing, predicted goodput."""
     from thunderops.scheduler import solve
 
+    out = output_file(out)
     quiet = json_out or not console.is_terminal
     with Progress(TextColumn("[bold]searching"), BarColumn(), TextColumn("{task.description}"),
                   TimeElapsedColumn(), console=err_console, transient=True, disable=quiet) as bar:

@@ -34,8 +34,9 @@ def _served_names(model: str) -> list[str]:
 def commands(
     plan: PlanArg,
     gpu_memory_utilization: Annotated[float, typer.Option(help="vLLM --gpu-memory-utilization")] = 0.9,
-    max_model_len: Annotated[int | None, typer.Option(help="Context length (default: from the plan)")] = None,
-    base_port: Annotated[int, typer.Option(help="First engine port on each node")] = 8100,
+    max_model_len: Annotated[int | None, typer.Option(help="Context length (default: from the plan)", min=1)] = None,
+    base_port: Annotated[int, typer.Option(help="First engine port on each node (NIXL side channels: +1000)",
+                                          min=1, max=64535)] = 8100,
     json_out: Annotated[bool, typer.Option("--json", help="Print JSON")] = False,
 ) -> None:
     """Print the `vllm serve` command line and environment of every group."""
@@ -55,7 +56,7 @@ def commands(
 
 @serve_app.command("emulator")
 def emulator(
-    port: Annotated[int, typer.Option(help="HTTP port")] = 8100,
+    port: Annotated[int, typer.Option(help="HTTP port", min=1, max=65535)] = 8100,
     host: Annotated[str, typer.Option(help="Bind address")] = "127.0.0.1",
     role: Annotated[str, typer.Option(help="prefill, decode or both (vLLM's kv_both: the default, so a "
                                            "reschedule can flip the phase without a restart)")] = "both",
@@ -67,7 +68,7 @@ def emulator(
     group: Annotated[str | None, typer.Option(help="Group id within --plan")] = None,
     speedup: Annotated[float, typer.Option(help="Run emulated time this many times faster")] = 1.0,
     delay_scale: Annotated[float, typer.Option(help="Multiply delays (0 = answer at once, for benchmarks)")] = 1.0,
-    max_model_len: Annotated[int, typer.Option(help="Longest prompt + output, tokens")] = 8192,
+    max_model_len: Annotated[int, typer.Option(help="Longest prompt + output, tokens", min=1)] = 8192,
     exit_with_pid: Annotated[int | None, typer.Option(help="Also exit when this process is gone (its owner)")] = None,
     ssl_certfile: SslCertOpt = None,
     ssl_keyfile: SslKeyOpt = None,
@@ -130,8 +131,8 @@ def router(
     endpoint: Annotated[list[str] | None, typer.Option(help="GROUP=URL, e.g. p0=http://10.0.0.5:8100")] = None,
     model: Annotated[str | None, typer.Option(help="Served model (default: the plan's)")] = None,
     host: Annotated[str, typer.Option(help="Bind address")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="HTTP port")] = 8000,
-    max_model_len: Annotated[int | None, typer.Option(help="Reject token-id prompts this long")] = None,
+    port: Annotated[int, typer.Option(help="HTTP port", min=1, max=65535)] = 8000,
+    max_model_len: Annotated[int | None, typer.Option(help="Reject token-id prompts this long", min=1)] = None,
     usage_db: Annotated[str | None, typer.Option(help="State store to append token usage to")] = None,
     deployment: Annotated[str | None, typer.Option(help="Deployment id for --usage-db")] = None,
     engine_cert: Annotated[Path | None, typer.Option(
@@ -201,7 +202,7 @@ def router(
 def local(
     plan: PlanArg,
     emulate: Annotated[bool, typer.Option("--emulate/--vllm", help="Engine emulators (no GPU) or real vLLM")] = True,
-    port: Annotated[int | None, typer.Option(help="Router port (default: a free one)")] = None,
+    port: Annotated[int | None, typer.Option(help="Router port (default: a free one)", min=1, max=65535)] = None,
     speedup: Annotated[float, typer.Option(help="Emulated time runs this many times faster")] = 1.0,
 ) -> None:
     """Start a plan's whole serving side on this machine and keep it up until Ctrl-C."""

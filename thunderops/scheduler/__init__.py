@@ -31,7 +31,7 @@ from thunderops.scheduler.procure import (
     check_budget,
 )
 from thunderops.scheduler.search import SearchConfig, Tabu, designate, greedy_groups
-from thunderops.scheduler.topology import Topology, load_bandwidth
+from thunderops.scheduler.topology import Topology, check_bandwidth_names, load_bandwidth
 from thunderops.specs import get_gpu, get_model
 from thunderops.workload import Workload, get_workload
 
@@ -88,6 +88,8 @@ def solve(
     if rate is not None:
         wl = wl.with_rate(rate)
     slo = make_slo(slo, slo_ttft, slo_tpot, attainment)
+    if not (math.isfinite(time_limit) and time_limit > 0):
+        raise PlanError(f"time limit must be a positive number of seconds, got {time_limit:g} (--time-limit 60)")
     overrides: dict = {}
     if inventory is not None:
         inv = inventory if isinstance(inventory, Inventory) else load_inventory(inventory)
@@ -110,7 +112,12 @@ def solve(
             check_budget(table, perf, budget, spot, nodes)
         pool = build_pool(table, perf, budget, spot, max_nodes_per_replica=nodes)
     if bandwidth is not None:
-        overrides.update(bandwidth if isinstance(bandwidth, dict) else load_bandwidth(bandwidth))
+        if isinstance(bandwidth, dict):  # a measured matrix (it may name nodes lost since)
+            overrides.update(bandwidth)
+        else:  # a file the user wrote: a name that matches nothing is a typo
+            given = load_bandwidth(bandwidth)
+            check_bandwidth_names(given, pool, bandwidth)
+            overrides.update(given)
     h = Harness(pool, perf, wl, slo, Topology(overrides), budget=budget, rate=rate,
                 max_replica_nodes=max_replica_nodes)
     cfg = search or SearchConfig(time_limit=time_limit)

@@ -130,3 +130,18 @@ def load_bandwidth(path: str | Path) -> dict[tuple[str, str], float]:
     if bad:
         raise PlanError(f"{path}: bandwidth must be positive Gbps, got {out[bad[0]]} for {bad[0][0]} -> {bad[0][1]}")
     return out
+
+
+def check_bandwidth_names(links: Mapping[tuple[str, str], float], instances: Iterable[Instance],
+                          source: str | Path = "bandwidth") -> None:
+    """Every name in a bandwidth matrix must be an instance id, host or region of the pool (what `Topology`
+    matches it against): a typo would otherwise leave the link at its default, unnoticed."""
+    insts = list(instances)
+    known = {k for i in insts for k in (i.id, i.host, i.region) if k}
+    unknown = sorted({n for pair in links for n in pair} - known)
+    if unknown:
+        some = ", ".join(i.id for i in insts[:3]) + (", ..." if len(insts) > 3 else "")
+        raise PlanError(f"{source}: {', '.join(unknown[:3])}{' and more' if len(unknown) > 3 else ''} "
+                        f"{'is' if len(unknown) == 1 else 'are'} no instance, host or region to plan on "
+                        f"(instances: {some}); name them as the inventory or the plan does")
+

@@ -1,0 +1,105 @@
+"""Bad input on the command line, as a user types it (the real `main()` in a child process): one line on stderr
+saying what is wrong and how to fix it, exit code 2, no traceback, nothing written."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from thunderops.errors import PlanError
+from thunderops.plan import Plan
+
+ROOT = Path(__file__).resolve().parents[1]
+INVENTORY = str(ROOT / "examples" / "paper_inventory.yaml")
+
+
+def cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    code = "import sys; from thunderops.cli import main; sys.argv = ['thunderops', *sys.argv[1:]]; main()"
+    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=300,
+                          cwd=cwd, env=dict(os.environ, COLUMNS="200"))
+
+
+def one_line(proc: subprocess.CompletedProcess, *needles: str) -> str:
+    assert proc.returncode == 2, (proc.stdout, proc.stderr)
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    for n in needles:
+        assert n in lines[0], lines[0]
+    return lines[0]
+
+
+@pytest.mark.parametrize("args,needles", [
+    (["plan", "--budget", "abc"], ["'--budget'", "`thunderops plan --help`"]),
+    (["simulate", "plan.json"], ["Missing option '--workload'", "`thunderops simulate --help`"]),
+    (["plan", "--no-such-flag"], ["No such option: --no-such-flag"]),
+    (["no-such-command"], ["No such command 'no-such-command'", "`thunderops --help`"]),
+    (["catalog", "list", "--max-price-per-gpu", "cheap"], ["'--max-price-per-gpu'",
+                                                           "`thunderops catalog list --help`"]),
+    (["serve", "emulator", "--port", "70000"], ["'--port'", "65535"]),  # was: a server that never listened
+    (["serve", "router", "--port", "0", "--model", "llama3-8b"], ["'--port'"]),
+    (["serve", "commands", "plan.json", "--base-port", "70000"], ["'--base-port'"]),
+    (["up", "--dry-run", "--launch-timeout", "0"], ["'--launch-timeout'"]),
+    (["up", "--dry-run", "--max-replica-nodes", "0"], ["'--max-replica-nodes'"]),
+])
+def test_usage_errors_are_one_line_with_where_to_look(args, needles):
+    """What the command-line parser refuses (a value that does not parse, a missing or unknown option, an
+    unknown command) reads like our own errors, not a multi-line box."""
+    one_line(cli(*args), *needles)
+
+
+def test_up_with_the_default_budget_and_bad_input_is_still_one_line():
+    """`up` without --budget says it planned for the default budget, but only once it has a plan."""
+    one_line(cli("up", "--dry-run", "--model", "no-such-model"), "unknown model")
+    one_line(cli("up", "--dry-run", "--workload", "no-such-workload"), "unknown workload")
+
+
+def test_help_and_bare_groups_still_show_help():
+    ok = cli("plan", "--help")
+    assert ok.returncode == 0 and "--budget" in ok.stdout
+    bare = cli("serve")
+    assert "router" in bare.stdout and "Traceback" not in bare.stderr
+
+
+def test_plan_refuses_a_time_limit_that_is_no_positive_number():
+    one_line(cli("plan", "--inventory", INVENTORY, "--time-limit", "0"), "--time-limit")
+    one_line(cli("plan", "--inventory", INVENTORY, "--time-limit", "nan"), "positive number of seconds")
+
+
+def test_plan_out_is_checked_before_the_search(tmp_path):
+    missing = tmp_path / "no-such-folder" / "plan.json"
+    one_line(cli("plan", "--inventory", INVENTORY, "--out", str(missing)), "does not exist")
+    one_line(cli("plan", "--inventory", INVENTORY, "--out", str(tmp_path)), "is a directory")
+    assert list(tmp_path.iterdir()) == []  # nothing half-written, no folder made
+
+
+def test_bandwidth_file_naming_nothing_of_the_inventory_is_refused(tmp_path):
+    """A typo in a bandwidth file would otherwise leave that link at its default, silently."""
+    typo = tmp_path / "bw.csv"
+    typo.write_text("src,dst,gbps\na40-box,rtx3090-box,5\n")  # the inventory names rtx3090ti-box
+    one_line(cli("plan", "--inventory", INVENTORY, "--bandwidth", str(typo), "--time-limit", "5"),
+             "rtx3090-box", "no instance, host or region", "a40-box, rtx3090ti-box")
+    good = tmp_path / "good.csv"
+    good.write_text("src,dst,gbps\na40-box,rtx3090ti-box,5\n")
+    ok = cli("plan", "--inventory", INVENTORY, "--bandwidth", str(good), "--time-limit", "5", "--json")
+    assert ok.returncode == 0, ok.stderr
+
+
+def test_a_measured_matrix_may_name_nodes_that_are_gone():
+    """The controller's full reschedule passes the measured matrix of the whole fleet over the survivors."""
+    from thunderops.scheduler import solve
+    from thunderops.scheduler.inventory import load_inventory
+
+    inv = load_inventory(INVENTORY)
+    links = {("a40-box", "rtx3090ti-box"): 5.0, ("a40-box", "lost-node"): 40.0}
+    plan = solve(None, "llama-30b", "conversation", inventory=inv, bandwidth=links, time_limit=5).plan
+    assert plan.bandwidth_gbps["a40-box"]["rtx3090ti-box"] == pytest.approx(5.0)
+
+
+def test_plan_save_to_a_folder_that_is_gone_is_a_plan_error(tmp_path):
+    plan = Plan(model="llama3-8b", budget_per_hour=1, cost_per_hour=0, instances=[], groups=[], routing=[])
+    with pytest.raises(PlanError, match="cannot write the plan"):
+        plan.save(tmp_path / "gone" / "p.json")
