@@ -103,3 +103,67 @@ def test_plan_save_to_a_folder_that_is_gone_is_a_plan_error(tmp_path):
     plan = Plan(model="llama3-8b", budget_per_hour=1, cost_per_hour=0, instances=[], groups=[], routing=[])
     with pytest.raises(PlanError, match="cannot write the plan"):
         plan.save(tmp_path / "gone" / "p.json")
+
+
+def _damaged(plan: dict, how: str) -> dict:
+    """`plan` (a plan's JSON) damaged the way a hand edit or a bad merge damages it."""
+    import copy
+
+    d = copy.deepcopy(plan)
+    g0, i0, r0 = d["groups"][0], d["instances"][0], d["routing"][0]
+    if how == "unknown instance":
+        g0["stages"][0]["instance"] = "no-such-node"
+    elif how == "negative price":
+        i0["price_per_hour"] = -5
+    elif how == "price not a number":
+        i0["price_per_hour"] = "cheap"
+    elif how == "route to nowhere":
+        r0["decode"] = "gX"
+    elif how == "stage GPU disagrees":
+        i0["gpu"] = "Z100"
+    elif how == "GPU id out of range":
+        g0["stages"][0]["gpu_ids"] = [i0["gpus"]]
+    elif how == "GPU in two replicas":
+        d["groups"].append({**copy.deepcopy(g0), "id": "twin"})
+    elif how == "duplicate instance":
+        d["instances"].append(copy.deepcopy(i0))
+    elif how == "fraction above 1":
+        r0["fraction"] = 3.0
+    return d
+
+
+DAMAGE = ["unknown instance", "negative price", "price not a number", "route to nowhere", "stage GPU disagrees",
+          "GPU id out of range", "GPU in two replicas", "duplicate instance", "fraction above 1"]
+
+
+@pytest.fixture(scope="module")
+def paper_plan_json(tmp_path_factory) -> dict:
+    import json
+
+    from thunderops.scheduler import plan as make_plan
+
+    p = make_plan(None, "llama-30b", "conversation", inventory=INVENTORY, time_limit=5)
+    assert p.instances and p.groups and p.routing
+    return json.loads(p.to_json())
+
+
+@pytest.mark.parametrize("how", DAMAGE)
+def test_a_damaged_plan_file_is_one_line_wherever_it_is_read(tmp_path, paper_plan_json, how):
+    """Before: a route to a replica that does not exist, a negative or textual price, a stage on a node the plan
+    lacks were all read as if fine (reports with negative money, simulations of GPUs nobody rents) or crashed
+    with a traceback."""
+    import json
+
+    path = tmp_path / "plan.json"
+    path.write_text(json.dumps(_damaged(paper_plan_json, how)))
+    first = one_line(cli("report", "--plan", str(path)))
+    assert one_line(cli("simulate", str(path), "--workload", "conversation", "-n", "50")) == first
+    assert one_line(cli("serve", "commands", str(path))) == first
+
+
+def test_the_undamaged_plan_reads(tmp_path, paper_plan_json):
+    import json
+
+    path = tmp_path / "plan.json"
+    path.write_text(json.dumps(paper_plan_json))
+    assert cli("report", "--plan", str(path)).returncode == 0

@@ -8,6 +8,7 @@ performance model predicts. Nothing here computes; the scheduler makes Plans, la
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -177,6 +178,76 @@ class Plan:
             raise PlanError(f"{path}: cannot write the plan ({e.strerror}); pick a file in a writable "
                             "directory") from None
 
+    def check(self) -> Plan:
+        """Refuse a plan that does not hold together (a hand-edited or damaged file): money that is not a
+        non-negative number, replicas on instances or GPUs the plan does not have, routes to replicas it does
+        not have. Returns the plan. Whether a layer split suits the model is `engine_commands`' to judge."""
+        def number(x: Any, what: str, low: float = 0.0) -> None:
+            if isinstance(x, bool) or not isinstance(x, int | float) or not math.isfinite(x) or x < low:
+                raise PlanError(f"{what} must be a number >= {low:g}, got {x!r}; re-create the plan with "
+                                "`thunderops plan --out`")
+
+        def count(x: Any, what: str, low: int) -> None:
+            if isinstance(x, bool) or not isinstance(x, int) or x < low:
+                raise PlanError(f"{what} must be a whole number >= {low}, got {x!r}; re-create the plan with "
+                                "`thunderops plan --out`")
+
+        number(self.budget_per_hour, "budget_per_hour ($/h)")
+        number(self.cost_per_hour, "cost_per_hour ($/h)")
+        insts: dict[str, Instance] = {}
+        for i in self.instances:
+            if i.id in insts:
+                raise PlanError(f"instance id {i.id!r} appears twice in the plan; ids must be unique")
+            number(i.price_per_hour, f"instance {i.id}: price_per_hour ($/h)")
+            count(i.gpus, f"instance {i.id}: gpus", 1)
+            insts[i.id] = i
+        used: dict[tuple[str, int], str] = {}
+        gids: set[str] = set()
+        for g in self.groups:
+            if g.id in gids:
+                raise PlanError(f"group id {g.id!r} appears twice in the plan; ids must be unique")
+            gids.add(g.id)
+            if not g.stages:
+                raise PlanError(f"group {g.id} has no stages; re-create the plan with `thunderops plan --out`")
+            for s in g.stages:
+                inst = insts.get(s.instance)
+                if inst is None:
+                    raise PlanError(f"group {g.id} uses instance {s.instance!r}, which the plan does not have "
+                                    f"(instances: {', '.join(insts) or 'none'})")
+                if s.gpu != inst.gpu:
+                    raise PlanError(f"group {g.id} says instance {inst.id} has {s.gpu} GPUs, the instance says "
+                                    f"{inst.gpu}; make them agree")
+                count(s.tp, f"group {g.id}: tp", 1)
+                count(s.layers, f"group {g.id}: layers", 0)
+                for k in s.gpu_ids:
+                    count(k, f"group {g.id}: gpu id", 0)
+                    if k >= inst.gpus:
+                        raise PlanError(f"group {g.id} uses GPU {k} of {inst.id}, which has {inst.gpus} "
+                                        f"(ids 0-{inst.gpus - 1})")
+                    if (inst.id, k) in used and used[(inst.id, k)] != g.id:
+                        raise PlanError(f"GPU {k} of {inst.id} is in both {used[(inst.id, k)]} and {g.id}; "
+                                        "a GPU serves one replica")
+                    used[(inst.id, k)] = g.id
+        taken: dict[str, int] = {}
+        for g in self.groups:
+            for s in g.stages:
+                taken[s.instance] = taken.get(s.instance, 0) + s.tp
+        for iid, n in taken.items():
+            if n > insts[iid].gpus:
+                raise PlanError(f"the plan's replicas use {n} GPUs of {iid}, which has {insts[iid].gpus}; "
+                                "a GPU serves one replica")
+        for r in self.routing:
+            for role, gid in (("prefill", r.prefill), ("decode", r.decode)):
+                if gid not in gids:
+                    raise PlanError(f"a route's {role} replica {gid!r} is not a group of the plan "
+                                    f"(groups: {', '.join(sorted(gids)) or 'none'})")
+            number(r.fraction, f"route {r.prefill}->{r.decode}: fraction")
+            number(r.kv_compression, f"route {r.prefill}->{r.decode}: kv_compression")
+            if r.fraction > 1 + 1e-9 or not 0 < r.kv_compression <= 1:
+                raise PlanError(f"route {r.prefill}->{r.decode}: fraction must be in [0, 1] and kv_compression "
+                                f"in (0, 1], got {r.fraction!r} and {r.kv_compression!r}")
+        return self
+
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Plan:
         try:
@@ -198,7 +269,7 @@ class Plan:
                 strategy=d.get("strategy", "thunderops"),
                 version=int(d.get("version", 1)),
                 schema=int(d.get("schema", SCHEMA_VERSION)),
-            )
+            ).check()
         except PlanError:
             raise
         except (KeyError, TypeError, ValueError) as e:
