@@ -167,3 +167,14 @@ def test_the_undamaged_plan_reads(tmp_path, paper_plan_json):
     path = tmp_path / "plan.json"
     path.write_text(json.dumps(paper_plan_json))
     assert cli("report", "--plan", str(path)).returncode == 0
+
+
+@pytest.mark.parametrize("node,needles", [
+    ("{name: a, gpu: A40, gpus: 4, price_per_hr: 3}", ["unknown key 'price_per_hr'", "price_per_hour"]),
+    ("{name: a, gpu: A40, gpus: 1.5}", ["gpus must be a whole number"]),
+])
+def test_inventory_typos_are_refused_not_defaulted(tmp_path, node, needles):
+    """A misspelt optional field used to fall back to its default (a node you pay for counted as free)."""
+    inv = tmp_path / "inv.yaml"
+    inv.write_text(f"nodes:\n  - {node}\n")
+    one_line(cli("plan", "--inventory", str(inv), "--time-limit", "3"), *needles)

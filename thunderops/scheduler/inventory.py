@@ -8,6 +8,7 @@ nodes:
     host: 10.0.0.11          # optional: address for the local provider
     price_per_hour: 0        # optional: what the node costs you, $/h
     network_gbps: 40         # optional: the node's network
+    region: lab-1            # optional: cloud, region, zone (default local, local, "")
 links:                       # optional: Gbps between node pairs (both directions)
   - {a: a40-box, b: 3090-box, gbps: 5}
 ```
@@ -21,9 +22,11 @@ from pathlib import Path
 
 import yaml
 
-from thunderops.errors import PlanError, SpecError
+from thunderops.errors import PlanError, SpecError, suggest
 from thunderops.plan import Instance
 from thunderops.specs import get_gpu
+
+NODE_KEYS = {"name", "gpu", "gpus", "host", "price_per_hour", "network_gbps", "cloud", "region", "zone"}
 
 
 @dataclass
@@ -44,6 +47,10 @@ def parse_inventory(data: object, source: str = "inventory", as_of: str = "") ->
         if not isinstance(node, dict):
             raise PlanError(f"{where}: node {n} must be a mapping with name, gpu, gpus")
         name = str(node.get("name") or f"node{n}")
+        unknown = sorted(set(map(str, node)) - NODE_KEYS)
+        if unknown:  # a typo (price_per_hr) would otherwise leave the field at its default, silently
+            raise PlanError(f"{where}: node '{name}' has unknown key {unknown[0]!r}{suggest(unknown[0], NODE_KEYS)}; "
+                            f"a node takes {', '.join(sorted(NODE_KEYS))}")
         if name in seen:
             raise PlanError(f"{where}: node name '{name}' appears twice; names must be unique")
         seen.add(name)
@@ -53,6 +60,8 @@ def parse_inventory(data: object, source: str = "inventory", as_of: str = "") ->
             gpu = get_gpu(str(node["gpu"]))
         except SpecError as e:
             raise PlanError(f"{where}: node '{name}': {e}") from None
+        if isinstance(node.get("gpus", 1), float) and not float(node["gpus"]).is_integer():
+            raise PlanError(f"{where}: node '{name}': gpus must be a whole number, got {node['gpus']}")
         try:
             gpus = int(node.get("gpus", 1))
             price = float(node.get("price_per_hour", 0.0))
