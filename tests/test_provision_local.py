@@ -151,6 +151,8 @@ def test_down_ends_the_ray_processes_of_an_up_that_was_killed(thunderops_home):
     assert not any(_running(pid) for pid in pids)
     assert store.deployment("loc2").status == "down"
     assert LocalProvider(store).down("loc2").terminated == []  # idempotent
+    downs = [e.message for e in store.events("loc2", "down")]
+    assert downs[-2:] == ["stopped 2 local node(s)", "down again: no local node was running"]  # says what it did
     with pytest.raises(StateError):
         LocalProvider(store).down("nope")
 

@@ -424,10 +424,11 @@ class LocalProvider(Provider):
             for temp_dir in {r.meta.get("temp_dir") for r in owned if r.meta.get("temp_dir")}:
                 if str(temp_dir).startswith(tempfile.gettempdir()):
                     shutil.rmtree(temp_dir, ignore_errors=True)
-            for r in recs:
-                if r.live:
-                    store.update_node(r.id, status="terminated", terminated_at=now_utc())
-                    result.terminated.append(r.cluster_name)
-            store.add_event(dep, "down", f"stopped {len(recs)} local node(s)", {"pids": pids})
+            live = [r for r in recs if r.live]
+            for r in live:
+                store.update_node(r.id, status="terminated", terminated_at=now_utc())
+                result.terminated.append(r.cluster_name)
+            store.add_event(dep, "down", f"stopped {len(live)} local node(s)" if live else
+                            "down again: no local node was running", {"pids": pids})
             store.set_deployment_status(dep, "down")
         return result
