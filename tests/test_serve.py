@@ -198,6 +198,19 @@ def test_malformed_json_is_400_with_an_openai_error_body(fast):
     assert http(fast, "POST", "/v1/completions", raw=b"[1, 2]")[0] == 400
 
 
+def test_the_model_answers_to_the_name_it_was_planned_by(fast):
+    """`thunderops plan --model llama-3.1-8b` plans "Llama-3.1-8B"; clients call it by any catalog name of it
+    (case and separators aside), and the engines, which answer only to their --served-model-name list, get
+    their own first name."""
+    served = [m.id for m in client(fast).models.list()]
+    for name in ("llama-3.1-8b", "LLAMA 3.1 8B", "llama3.1-8b", "Llama-3.1-8b"):
+        assert name not in served
+        r = client(fast).completions.create(model=name, prompt="hi", max_tokens=2)
+        assert r.model == served[0] and r.usage.completion_tokens == 2
+    with pytest.raises(openai.NotFoundError, match="does not exist"):
+        client(fast).completions.create(model="llama-3.1-70b", prompt="hi")  # another catalog model
+
+
 def test_unknown_model_is_404(fast):
     with pytest.raises(openai.NotFoundError, match="does not exist"):
         client(fast).completions.create(model="gpt-17", prompt="hi")

@@ -155,6 +155,13 @@ def model_table() -> dict[str, ModelSpec]:
     return table
 
 
+def model_keys(name: str) -> set[str]:
+    """Every normalised name the catalog knows the model named `name` by (its aliases, HF id, catalog name);
+    empty for a model outside the catalog. Looks nothing up on disk, so it is safe on names from the network."""
+    spec = model_table().get(norm(name))
+    return {k for k, v in model_table().items() if v == spec} if spec is not None else set()
+
+
 def gpu_names() -> list[str]:
     return sorted({s.name for s in gpu_table().values()})
 

@@ -35,6 +35,7 @@ from thunderops.errors import UserError
 from thunderops.plan import Plan, Route
 from thunderops.serve.pick import Picker, PromptWeights
 from thunderops.serve.upstream import UpstreamError, UpstreamPool
+from thunderops.specs import model_keys, norm
 
 log = logging.getLogger(__name__)
 
@@ -226,6 +227,9 @@ class Router:
         if config.engine_api_key:
             self._engine_headers["Authorization"] = f"Bearer {config.engine_api_key}"
         self.models = list(dict.fromkeys(config.served_models))
+        # any catalog name of the model (llama-30b, LLaMA-30B, huggyllama/llama-30b) is accepted and sent to the
+        # engines as their first served name: vLLM answers only to its --served-model-name list
+        self.aliases = {k: self.models[0] for n in self.models for k in (norm(n), *model_keys(n))} if self.models else {}
         self.inflight: dict[str, int] = {}  # requests in flight per replica (the metric)
         self.load: dict[str, float] = {}  # the same in request-equivalents (what the picker steers by)
         self.weights = PromptWeights()
@@ -408,8 +412,11 @@ class Router:
             return _error(400, "request body must be a JSON object", "BadRequestError")
         model = body.get("model")
         if model not in self.models:
-            return _error(404, f"The model `{model}` does not exist. Served: {', '.join(self.models)}",
-                          "NotFoundError", "model")
+            canonical = self.aliases.get(norm(model)) if isinstance(model, str) else None
+            if canonical is None:
+                return _error(404, f"The model `{model}` does not exist. Served: {', '.join(self.models)}",
+                              "NotFoundError", "model")
+            body["model"] = model = canonical
         prompt = body.get("prompt")
         mml = self.config.max_model_len
         if mml and isinstance(prompt, list) and prompt and isinstance(prompt[0], int) and len(prompt) >= mml:
