@@ -35,11 +35,13 @@ EVIL = ["$(touch PWNED)", "`touch PWNED`", "a'b\"c", "x; touch PWNED", "new\nlin
 
 
 def _stub(bindir: Path, name: str) -> None:
-    """An executable that records its argv (and one env var) as JSON, then exits."""
+    """An executable that records its argv (and one env var) as JSON, then exits (an agent after a second:
+    the node's job ends with its agent, and takes the engines' lines along)."""
     path = bindir / name
-    path.write_text(f"#!{sys.executable}\nimport json, os, sys\n"
+    path.write_text(f"#!{sys.executable}\nimport json, os, sys, time\n"
                     f"with open(os.environ['RECORD_DIR'] + '/{name}.json', 'a') as f:\n"
-                    "    f.write(json.dumps({'argv': sys.argv[1:], 'K': os.environ.get('K')}) + '\\n')\n")
+                    "    f.write(json.dumps({'argv': sys.argv[1:], 'K': os.environ.get('K')}) + '\\n')\n"
+                    "if sys.argv[1:2] == ['agent']:\n    time.sleep(1)\n")
     path.chmod(path.stat().st_mode | stat.S_IEXEC)
 
 
@@ -53,7 +55,7 @@ def _run_script(script: str, envs: dict, tmp_path: Path, expect: tuple[str, ...]
            **{k: str(v) for k, v in envs.items()}}
     proc = subprocess.run(["bash", "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
-    deadline = time.monotonic() + 30  # background processes may still be writing after `wait -n` returns
+    deadline = time.monotonic() + 30  # background processes may still be writing after the script returns
     while time.monotonic() < deadline and not all((rec / f"{n}.json").exists() for n in expect):
         time.sleep(0.05)
     time.sleep(0.2)
@@ -77,9 +79,11 @@ def test_rendering_escapes_every_value_for_yaml_and_shell(tmp_path):
                                    "THUNDEROPS_AGENT_TLS_KEY": "KEY PEM"}
     assert "KEY PEM" not in json.dumps(with_tls["envs"])
     assert cfg["name"] == cluster_name("d1", inst.id) and deployment_of(cfg["name"]) == "d1"
-    rec = _run_script(cfg["run"], cfg["envs"], tmp_path, expect=("vllm", "thunderops"))
-    assert rec["vllm"] == [{"argv": ["serve", *EVIL], "K": "v; touch PWNED $(touch PWNED)"}]
-    assert rec["thunderops"][0]["argv"][:4] == ["agent", "--node", "n$(touch PWNED)", "--deployment"]
+    rec = _run_script(cfg["run"], cfg["envs"], tmp_path, expect=("thunderops",))
+    calls = sorted(rec["thunderops"], key=lambda c: c["argv"][0])
+    assert calls[0]["argv"][:4] == ["agent", "--node", "n$(touch PWNED)", "--deployment"]
+    assert calls[1] == {"argv": ["serve", "supervise", "--", "vllm", "serve", *EVIL],
+                        "K": "v; touch PWNED $(touch PWNED)"}  # each engine runs under its supervisor
     rec = _run_script(cfg["setup"], cfg["envs"], tmp_path / "setup", expect=("python3",))
     assert rec["python3"][-1]["argv"] == ["-m", "pip", "install", "thunderops[serve]; touch PWNED"]
 

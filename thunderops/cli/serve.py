@@ -263,3 +263,22 @@ def ray_engine(
     code = run_head_engine(argv, port=port, gpu_ids=ids, expect_gpus=expect_gpus, ip=node_ip, timeout_s=timeout,
                            log_dir=logs, instance=instance, layers=split or None)
     raise typer.Exit(code)
+
+
+@serve_app.command("supervise", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def supervise_cmd(
+    ctx: typer.Context,
+    delay: Annotated[float, typer.Option(help="Seconds before restarting an engine that exited", min=0)] = 10.0,
+    max_delay: Annotated[float, typer.Option(help="Most seconds between restarts (the delay doubles while the "
+                                                  "engine keeps exiting soon after it starts)", min=0)] = 300.0,
+    max_restarts: Annotated[int | None, typer.Option(help="Stop after this many restarts (default: never)",
+                                                     min=0)] = None,
+) -> None:
+    """Run the engine command given after `--` and restart it whenever it exits, until SIGTERM (which goes to
+    the engine). What a node's job runs each engine under (thunderops.serve.supervise)."""
+    from thunderops.serve.supervise import supervise
+
+    argv = list(ctx.args)
+    if not argv:
+        raise UserError("give the engine command after --, e.g. thunderops serve supervise -- vllm serve MODEL")
+    raise typer.Exit(supervise(argv, delay_s=delay, max_delay_s=max(max_delay, delay), max_restarts=max_restarts))

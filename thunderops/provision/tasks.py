@@ -125,13 +125,14 @@ def engine_launches(plan: Plan, instance_id: str, ports: Ports, https: bool = Fa
 
 
 def engine_script_lines(launches: list[EngineLaunch]) -> list[str]:
-    """Background shell lines for the engines, every word quoted."""
+    """Background shell lines for the engines, every word quoted. Each engine runs under `thunderops serve
+    supervise`, which restarts it when it exits (thunderops.serve.supervise)."""
     lines = []
     for e in launches:
         env = [shlex.quote(f"{k}={v}") for k, v in e.env.items() if re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", k)]
         log = "~/thunderops-logs/" + shlex.quote(slug(e.name, 40) + ".log")
-        cmd = " ".join(["env", *env, shlex.join(e.argv)]) if env else shlex.join(e.argv)
-        lines.append(f"{cmd} > {log} 2>&1 &")
+        cmd = shlex.join(["thunderops", "serve", "supervise", "--", *e.argv])
+        lines.append(f"{' '.join(['env', *env, cmd]) if env else cmd} >> {log} 2>&1 &")
     return lines
 
 
