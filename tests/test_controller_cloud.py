@@ -126,6 +126,51 @@ def test_replacement_whose_engines_fail_is_torn_down_before_the_retry(tmp_path):
         prov.down("retry")
 
 
+class _EnginesNeverBackOn:
+    """The engine boundary double for a node with a broken GPU: engines restarted on instance `bad` never
+    answer; on any other instance they start (the real launcher)."""
+
+    def __init__(self, inner, bad: str) -> None:
+        self.inner, self.bad, self.failed = inner, bad, 0
+
+    def start(self, deployment, plan, groups, nodes):
+        if any(self.bad in plan.group(g).instances for g in groups):
+            self.failed += 1
+            raise TimeoutError("engine(s) not healthy after 30 s")
+        return self.inner.start(deployment, plan, groups, nodes)
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+def test_a_node_whose_engines_restarts_in_place_never_bring_back_is_replaced(tmp_path):
+    """Before: after the last failed restart the controller gave up, and the node, up but serving nothing, went
+    on billing for the rest of the deployment."""
+    cloud, store, plan, prov, s = _cloud_deployment(tmp_path, "bad")
+    launcher = _EnginesNeverBackOn(s.engines, "a")
+    ctl = Controller("bad", store=store, provider=prov, launcher=launcher,
+                     config=ControllerConfig(interval_s=0.2, usage_interval_s=3600, restart_grace_s=0.5,
+                                             reprovision_backoff_s=0.2, max_reprovision_attempts=2))
+    try:
+        (rec_a,) = [r for r in store.nodes("bad") if r.instance_id == "a"]
+        group = next(g.id for g in plan.groups if g.instances == ["a"])
+        os.killpg(s.engines.pids[group], signal.SIGKILL)  # the engine dies; the cloud still lists the node
+        wait_for(lambda: (ctl.step(), store.events("bad", "reprovisioned"))[1], 90, "the replacement")
+        (abandoned,) = store.events("bad", "reprovision-abandoned")
+        assert abandoned.payload["replace"] and launcher.failed == 2 and "replacing a" in abandoned.message
+        assert rec_a.cluster_name not in cloud.names()  # torn down, not left billing
+        (gone,) = [r for r in store.nodes("bad") if r.instance_id == "a"]
+        assert gone.status == "terminated" and "restarts in place" in gone.error
+        final = store.latest_plan("bad")
+        assert len(final.groups) == 3 and "a" not in {i.id for i in final.instances}
+        assert {r.cluster_name for r in store.nodes("bad", live_only=True)} == cloud.names()
+        assert max_concurrent_cost(store.nodes("bad")) <= plan.budget_per_hour + 1e-6
+    finally:
+        ctl.close()
+        s.stop()
+        prov.down("bad")
+
+
 class _Metadata(http.server.BaseHTTPRequestHandler):
     """GCP's metadata service double: instance/preempted answers FALSE until the test flips it."""
 

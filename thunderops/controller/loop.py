@@ -75,6 +75,7 @@ class Controller(Reprovisioning):
         self.first_fail: dict[str, float] = {}  # group id -> wall time of the first failed probe in the row
         self.dead: set[str] = set()  # groups out of the router (engine gone)
         self.doomed: dict[str, dict[str, Any]] = {}  # instance -> preemption notice
+        self.suspect: dict[str, str] = {}  # instance -> why: engines that restarts in place never brought back
         self.provider_alive: set[str] | None = None  # instances the provider last reported ready
         self.pending: dict[str, Pending] = {}
         self.avoid: dict[tuple[str, str], float] = {}  # (cloud, zone) -> avoid until (wall time)
@@ -290,6 +291,7 @@ class Controller(Reprovisioning):
         engines are down (a killed node takes its engines with it)."""
         lost = {iid: f"provider: {st}" for iid, st in gone.items()}
         lost.update({iid: "preemption notice" for iid in self.doomed if iid in {i.id for i in plan.instances}})
+        lost.update({iid: why for iid, why in self.suspect.items() if iid in {i.id for i in plan.instances}})
         for inst in plan.instances:
             if self.provider_alive is not None and inst.id in self.provider_alive:
                 continue  # the node is up: only its engines died (their groups restart on it)
@@ -405,6 +407,7 @@ class Controller(Reprovisioning):
             self.spot_failures[gpu] = self.spot_failures.get(gpu, 0) + 1
         for iid in lost:
             self.doomed.pop(iid, None)
+            self.suspect.pop(iid, None)
         if new is not None:
             self._push(new, f"plan v{new.version}")
         if reprov:

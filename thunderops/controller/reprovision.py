@@ -46,6 +46,7 @@ class Reprovisioning:
     urls: dict[str, str]
     dead: set[str]
     pending: dict[str, Pending]
+    suspect: dict[str, str]
     avoid: dict[tuple[str, str], float]
     spot_failures: dict[str, int]
     state: str
@@ -61,7 +62,8 @@ class Reprovisioning:
             return
         if self._worker is not None and self._worker.is_alive():
             return
-        due = [p for p in self.pending.values() if p.next_try <= time.monotonic()]
+        due = [p for p in self.pending.values() if p.next_try <= time.monotonic()
+               and not any(i.id in self.suspect for i in p.instances)]  # a suspect node goes first
         if not due:
             return
         self._worker = threading.Thread(target=self._reprovision, args=(due[0],), name="reprovision", daemon=True)
@@ -105,12 +107,23 @@ class Reprovisioning:
                 self.spot_failures[spot_gpu] = self.spot_failures.get(spot_gpu, 0) + 1
             give_up = pend.attempts >= self.config.max_reprovision_attempts
             with self._lock:
+                # engines restarted in place on nodes still in the plan that never came back: the node itself is
+                # suspect (a bad GPU, a broken driver) and bills for nothing: it goes as a lost node, replaced
+                live = {i.id for i in self.store.latest_plan(self.deployment).instances}
+                in_place = give_up and self.provider is not None and all(i.id in live for i in pend.instances)
                 self.event("reprovision-abandoned" if give_up else "reprovision-failed",
                            f"attempt {pend.attempts}: {type(e).__name__}: {e}"
-                           + ("; giving up" if give_up else f"; retrying in {self.config.reprovision_backoff_s:g} s"),
-                           {"key": pend.key, "attempt": pend.attempts, "spot_gpu": spot_gpu})
+                           + (("; replacing " + ", ".join(i.id for i in pend.instances) + ", whose engines "
+                               "restarts in place did not bring back") if in_place else
+                              "; giving up" if give_up else f"; retrying in {self.config.reprovision_backoff_s:g} s"),
+                           {"key": pend.key, "attempt": pend.attempts, "spot_gpu": spot_gpu, "replace": in_place})
                 if give_up:
                     self.pending.pop(pend.key, None)
+                if in_place:  # the watch loop lets the suspects go as lost nodes; then these replicas come back
+                    for i in pend.instances:
+                        self.suspect[i.id] = f"engines not back after {pend.attempts} restarts in place"
+                    key = f"{pend.key}:replace"
+                    self.pending[key] = Pending(key, list(pend.instances), list(pend.groups))
                 else:
                     pend.next_try = time.monotonic() + self.config.reprovision_backoff_s * pend.attempts
 
