@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 import urllib.error
@@ -190,6 +192,23 @@ def test_a_spanning_engine_runs_once_its_worker_node_joined(tmp_path, agents):
         req = urllib.request.Request(worker.url + "/v1/ray", headers={"Authorization": f"Bearer {TOKEN}"})
         status = json.loads(urllib.request.urlopen(req, timeout=5).read())
         assert status["g0"]["running"] and status["g0"]["gpus"] == [1]
+        first_pid = status["g0"]["pid"]
+        # the engine's supervisor starts it again, with a new Ray head on the same address: the worker's raylet
+        # belongs to the cluster that ended, so the same join now restarts it into the new one
+        report.unlink()
+        # (its own Ray temp dir: on one machine the worker's stale raylet, which names the old head's address,
+        # would otherwise make Ray refuse a head on that address; on a real head node it runs elsewhere)
+        ray2 = tempfile.mkdtemp(prefix="r2-", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
+        head = subprocess.Popen(head.args, env={**env, "RAY_TMPDIR": ray2},
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        time.sleep(3)
+        assert head.poll() is None and not report.exists()
+        join_ray_clusters("d1", plan, ["g0"], nodes, timeout_s=30)
+        out, _ = head.communicate(timeout=180)
+        assert head.returncode == 0, out.decode(errors="replace")[-2000:]
+        assert json.loads(report.read_text())["gpus"] == 3
+        status = json.loads(urllib.request.urlopen(req, timeout=5).read())
+        assert status["g0"]["pid"] != first_pid
     finally:
         if head.poll() is None:
             head.terminate()
@@ -199,6 +218,7 @@ def test_a_spanning_engine_runs_once_its_worker_node_joined(tmp_path, agents):
     while time.monotonic() < deadline and _listening(worker_block + 2):
         time.sleep(0.5)
     assert not _listening(head_block) and not _listening(worker_block + 2)
+    shutil.rmtree(ray2, ignore_errors=True)
 
 
 def _listening(port: int) -> bool:

@@ -735,8 +735,9 @@ class Agent:
         """Join this node to the Ray cluster of an engine spanning nodes (thunderops.serve.ray_cluster): body
         `{"group", "head": "IP:PORT", "gpus": [ids]}` and optionally `"ports"`, the first of this node's own
         block (default: the head's PORT, as on every node of a group). The same request again is a no-op while
-        the worker runs; a new head (the group's head node was replaced) restarts it."""
-        from thunderops.serve.ray_cluster import RAY_BLOCK, start_argv, start_node, stop_node
+        the worker runs in that head's cluster; a new head (the group's head node was replaced, or its engine
+        restarted with a new Ray head) restarts it."""
+        from thunderops.serve.ray_cluster import RAY_BLOCK, has_node, start_argv, start_node, stop_node
 
         body = await _json_body(request)
         group, head, gpus = body.get("group"), body.get("head"), body.get("gpus")
@@ -759,7 +760,10 @@ class Agent:
         key = (head, tuple(gpus), block, instance)
         old = self.ray_nodes.get(group)
         if old is not None and old[0] == key and old[1].poll() is None:
-            return web.json_response({"group": group, "status": "running", "pid": old[1].pid})
+            # a head restarted on the same address (its engine's supervisor restarted it) no longer knows this
+            # raylet, which belongs to the cluster that ended: join the new one
+            if instance is None or await asyncio.to_thread(has_node, head, instance) is not False:
+                return web.json_response({"group": group, "status": "running", "pid": old[1].pid})
         if old is not None:
             await asyncio.to_thread(stop_node, old[1])
         logs = Path(os.environ.get("THUNDEROPS_LOG_DIR", "~/thunderops-logs")).expanduser()

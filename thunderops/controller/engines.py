@@ -94,7 +94,8 @@ def join_ray_clusters(deployment: str, plan: Plan, groups: list[str], nodes: Map
                 health = await call(http, rc.head, "GET", "/v1/health")
                 head = f"{health.get('node_ip') or nodes[rc.head].host}:{rc.port}"
                 for inst in rc.workers:
-                    await call(http, inst, "POST", "/v1/ray/join", json=_join_body(rc, inst, head))
+                    # up to a minute: an agent whose worker already runs asks the head whether it still knows it
+                    await call(http, inst, "POST", "/v1/ray/join", json=_join_body(rc, inst, head), timeout_s=90.0)
                     done.append(f"{rc.group}: {inst} joins the Ray head at {head}")
         return done
 

@@ -136,8 +136,11 @@ def start_argv(port: int, gpus: int, ip: str, *, head_address: str | None = None
 
 
 def start_node(argv: Sequence[str], gpu_ids: Sequence[int], log_path: str | Path) -> subprocess.Popen:
-    """Start one `ray start --block` in its own process group, seeing only `gpu_ids`."""
-    env = dict(os.environ, CUDA_VISIBLE_DEVICES=",".join(str(i) for i in gpu_ids), RAY_USAGE_STATS_ENABLED="0")
+    """Start one `ray start --block` in its own process group, seeing only `gpu_ids`. On SIGTERM it stops at
+    once: Ray's graceful drain (30 s by default, for Ray Serve) has nothing to drain here and would hold the
+    port block, so a head restarted by its engine's supervisor could not start."""
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES=",".join(str(i) for i in gpu_ids), RAY_USAGE_STATS_ENABLED="0",
+               RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0")
     log = open(log_path, "ab")  # noqa: SIM115 - handed to the child, closed below
     try:
         return subprocess.Popen(list(argv), env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
@@ -211,6 +214,16 @@ def cluster_nodes(address: str) -> list[tuple[str, list[str]]]:
     if value is None:
         raise RayClusterError(f"cannot list the nodes of the Ray cluster at {address}: {err}")
     return [(ip, names) for ip, names in value]
+
+
+def has_node(address: str, instance_id: str) -> bool | None:
+    """Whether the Ray cluster at `address` has a live node tagged with `instance_id` (its raylet's instance
+    resource); None when the cluster cannot be reached."""
+    try:
+        nodes = cluster_nodes(address)
+    except RayClusterError:
+        return None
+    return any(instance_resource(instance_id) in names for _, names in nodes)
 
 
 def vllm_layer_partition(head: str, layers: Mapping[str, Sequence[int]], gpus: Mapping[str, int],
