@@ -3,33 +3,17 @@ saying what is wrong and how to fix it, exit code 2, no traceback, nothing writt
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from test_provision_cli import cli
+from test_provision_cli import one_line_error as one_line
 
 from thunderops.errors import PlanError
 from thunderops.plan import Plan
 
 ROOT = Path(__file__).resolve().parents[1]
 INVENTORY = str(ROOT / "examples" / "paper_inventory.yaml")
-
-
-def cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    code = "import sys; from thunderops.cli import main; sys.argv = ['thunderops', *sys.argv[1:]]; main()"
-    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=300,
-                          cwd=cwd, env=dict(os.environ, COLUMNS="200"))
-
-
-def one_line(proc: subprocess.CompletedProcess, *needles: str) -> str:
-    assert proc.returncode == 2, (proc.stdout, proc.stderr)
-    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
-    for n in needles:
-        assert n in lines[0], lines[0]
-    return lines[0]
 
 
 @pytest.mark.parametrize("args,needles", [

@@ -46,12 +46,13 @@ def cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
                           env=dict(os.environ, COLUMNS="200"))
 
 
-def one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> None:
+def one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> str:
     assert proc.returncode == 2, (proc.stdout, proc.stderr)
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
     for n in needles:
         assert n in lines[0], lines[0]
+    return lines[0]
 
 
 def test_dry_run_prints_plan_tasks_and_cost_and_writes_nothing(plan_file, thunderops_home):

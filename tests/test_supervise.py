@@ -9,12 +9,12 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
 import pytest
 from provision_helpers import cheapest, plan_of
+from test_controller import wait_for
 
 from thunderops.provision.tasks import EngineLaunch, cluster_name, engine_task
 from thunderops.serve import free_port, serve_module_argv
@@ -32,16 +32,6 @@ def _alive(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
     except OSError:
         return False
-
-
-def _wait(pred, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        v = pred()
-        if v:
-            return v
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def test_restart_delay_doubles_while_the_engine_keeps_failing_and_resets_after_a_good_run():
@@ -71,14 +61,14 @@ def test_supervised_engine_comes_back_on_its_port_and_stops_with_the_supervisor(
             kids = Path(f"/proc/{sup.pid}/task/{sup.pid}/children").read_text().split()
             return int(kids[0]) if kids else None
 
-        first = _wait(engine_pid, 60, "the engine to answer")
+        first = wait_for(engine_pid, 60, "the engine to answer")
         os.kill(first, signal.SIGKILL)  # the engine crashes
-        second = _wait(lambda: (p := engine_pid()) and p != first and p, 60, "the engine to come back")
+        second = wait_for(lambda: (p := engine_pid()) and p != first and p, 60, "the engine to come back")
         assert sup.poll() is None and not _alive(first)
         assert "restart 1 in 0.2 s" in (tmp_path / "sup.log").read_text()
         sup.send_signal(signal.SIGTERM)  # the job ends: the supervisor hands SIGTERM to the engine and exits
         sup.wait(30)
-        _wait(lambda: not _alive(second), 30, "the engine to stop with its supervisor")
+        wait_for(lambda: not _alive(second), 30, "the engine to stop with its supervisor")
     finally:
         if sup.poll() is None:
             os.killpg(sup.pid, signal.SIGKILL)
@@ -139,13 +129,13 @@ def test_one_engine_crashing_on_a_node_leaves_the_others_and_the_job_running(tmp
             p = tmp_path / f"{name}.log"
             return [int(x) for x in p.read_text().split()] if p.exists() else []
 
-        _wait(lambda: len(starts("a")) == 2, 60, "engine a to be restarted by its supervisor")
+        wait_for(lambda: len(starts("a")) == 2, 60, "engine a to be restarted by its supervisor")
         assert len(starts("b")) == 1 and _alive(starts("b")[0])  # b was not taken along
         assert job.poll() is None  # nor the node's job
         assert "restart 1" in (home / "thunderops-logs" / "engine-a.log").read_text()
         os.kill(int((tmp_path / "agent.pid").read_text()), signal.SIGTERM)  # the agent exits: the job ends
         job.wait(30)
-        _wait(lambda: not any(_alive(p) for p in (starts("a")[-1], starts("b")[0])), 30,
+        wait_for(lambda: not any(_alive(p) for p in (starts("a")[-1], starts("b")[0])), 30,
               "the engines to end with the job")
     finally:
         if job.poll() is None:
