@@ -62,6 +62,10 @@ class AgentProc:
                              client_tls(self.cert) if self.cert else None)
 
 
+class _PortTaken(RuntimeError):
+    """The agent's port was taken by another process before the agent bound it."""
+
+
 @dataclass
 class AgentProcs:
     """Starts real agent processes (python -m thunderops.agent) and kills them all at the end of the test."""
@@ -71,7 +75,17 @@ class AgentProcs:
     def start(self, name: str, *args: str, token: str = TOKEN, host: str = "127.0.0.1",
               cli: list[str] | None = None, env: dict[str, str] | None = None,
               tls: tuple[str, str] | None = None) -> AgentProc:
-        """`tls`: (certificate, key) PEM handed over as on a provisioned node (THUNDEROPS_AGENT_TLS_*)."""
+        """`tls`: (certificate, key) PEM handed over as on a provisioned node (THUNDEROPS_AGENT_TLS_*). A port
+        that another process took between `free_port` and the agent's bind is tried again with new ports."""
+        for attempt in range(3):
+            try:
+                return self._start(name, args, token, host, cli, env, tls)
+            except _PortTaken:
+                if attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
+
+    def _start(self, name, args, token, host, cli, env, tls) -> AgentProc:
         port = free_port(host)
         cmd = (cli or [sys.executable, "-m", "thunderops.agent"]) + [
             "--host", host, "--port", str(port), "--data-port", "0", "--iperf-port", str(free_port(host)),
@@ -85,7 +99,11 @@ class AgentProcs:
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             if proc.poll() is not None:
-                raise RuntimeError(f"agent {name} exited: {proc.stdout.read() if proc.stdout else ''}")
+                out = proc.stdout.read() if proc.stdout else ""
+                if "address already in use" in out:
+                    self.procs.remove(agent)
+                    raise _PortTaken(out)
+                raise RuntimeError(f"agent {name} exited: {out}")
             try:
                 if get(agent.url + "/v1/health", token, timeout=1, cert=agent.cert)[0] == 200:
                     return agent
