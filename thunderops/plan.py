@@ -202,6 +202,7 @@ class Plan:
             count(i.gpus, f"instance {i.id}: gpus", 1)
             insts[i.id] = i
         used: dict[tuple[str, int], str] = {}
+        taken: dict[str, int] = {}  # GPUs of each instance the replicas use (whether or not they name ids)
         gids: set[str] = set()
         for g in self.groups:
             if g.id in gids:
@@ -219,6 +220,7 @@ class Plan:
                                     f"{inst.gpu}; make them agree")
                 count(s.tp, f"group {g.id}: tp", 1)
                 count(s.layers, f"group {g.id}: layers", 0)
+                taken[inst.id] = taken.get(inst.id, 0) + s.tp
                 for k in s.gpu_ids:
                     count(k, f"group {g.id}: gpu id", 0)
                     if k >= inst.gpus:
@@ -228,10 +230,6 @@ class Plan:
                         raise PlanError(f"GPU {k} of {inst.id} is in both {used[(inst.id, k)]} and {g.id}; "
                                         "a GPU serves one replica")
                     used[(inst.id, k)] = g.id
-        taken: dict[str, int] = {}
-        for g in self.groups:
-            for s in g.stages:
-                taken[s.instance] = taken.get(s.instance, 0) + s.tp
         for iid, n in taken.items():
             if n > insts[iid].gpus:
                 raise PlanError(f"the plan's replicas use {n} GPUs of {iid}, which has {insts[iid].gpus}; "

@@ -112,16 +112,13 @@ def emulator(
 
 
 def _ssl_files(certfile: Path | None, keyfile: Path | None) -> tuple[str, str] | None:
-    """--ssl-certfile/--ssl-keyfile (vLLM's names) as a checked pair of paths, or None for plain HTTP."""
+    """--ssl-certfile/--ssl-keyfile (vLLM's names) as a pair of paths, or None for plain HTTP. The server loads
+    them (`agent.server_tls_files`) before it listens: a pair that does not load is one line."""
     if certfile is None and keyfile is None:
         return None
     if certfile is None or keyfile is None:
         raise UserError("--ssl-certfile and --ssl-keyfile go together")
-    from thunderops.agent import server_tls_files
-
-    files = (str(certfile.expanduser()), str(keyfile.expanduser()))
-    server_tls_files(*files)  # a pair that does not load is one line now, not when the server starts
-    return files
+    return str(certfile.expanduser()), str(keyfile.expanduser())
 
 
 @serve_app.command("router")
@@ -146,10 +143,12 @@ def router(
     but this machine, give it --ssl-certfile/--ssl-keyfile: the API key and the prompts cross the network."""
     import json
 
+    from thunderops.agent import server_tls_files
     from thunderops.plan import Plan
     from thunderops.serve.router import RouterConfig, RoutingError, RoutingTable, StoreUsageSink, run_router
 
     ssl_files = _ssl_files(ssl_certfile, ssl_keyfile)
+    tls = server_tls_files(*ssl_files) if ssl_files else None  # before an API key is made and printed
     p = Plan.load(plan.expanduser()) if plan else None
     if routing is not None:
         try:
@@ -195,7 +194,7 @@ def router(
                        admin_key=os.environ.get("THUNDEROPS_ADMIN_KEY") or None,
                        engine_api_key=os.environ.get("THUNDEROPS_ENGINE_KEY") or None, usage_sink=sink,
                        engine_tls=engine_tls)
-    run_router(table, cfg, host=host, port=port, ssl_files=ssl_files)
+    run_router(table, cfg, host=host, port=port, tls=tls)
 
 
 @serve_app.command("local")

@@ -290,8 +290,9 @@ class Controller(Reprovisioning):
         """Instances whose replicas must go: gone per the provider, doomed by a notice, or all of whose
         engines are down (a killed node takes its engines with it)."""
         lost = {iid: f"provider: {st}" for iid, st in gone.items()}
-        lost.update({iid: "preemption notice" for iid in self.doomed if iid in {i.id for i in plan.instances}})
-        lost.update({iid: why for iid, why in self.suspect.items() if iid in {i.id for i in plan.instances}})
+        ids = {i.id for i in plan.instances}
+        lost.update({iid: "preemption notice" for iid in self.doomed if iid in ids})
+        lost.update({iid: why for iid, why in self.suspect.items() if iid in ids})
         for inst in plan.instances:
             if self.provider_alive is not None and inst.id in self.provider_alive:
                 continue  # the node is up: only its engines died (their groups restart on it)

@@ -109,8 +109,8 @@ class Reprovisioning:
             with self._lock:
                 # engines restarted in place on nodes still in the plan that never came back: the node itself is
                 # suspect (a bad GPU, a broken driver) and bills for nothing: it goes as a lost node, replaced
-                live = {i.id for i in self.store.latest_plan(self.deployment).instances}
-                in_place = give_up and self.provider is not None and all(i.id in live for i in pend.instances)
+                in_place = give_up and self.provider is not None and {i.id for i in pend.instances} <= {
+                    i.id for i in self.store.latest_plan(self.deployment).instances}
                 self.event("reprovision-abandoned" if give_up else "reprovision-failed",
                            f"attempt {pend.attempts}: {type(e).__name__}: {e}"
                            + (("; replacing " + ", ".join(i.id for i in pend.instances) + ", whose engines "

@@ -58,7 +58,7 @@ class Topology:
         return Topology(merged, self.defaults)
 
     def _override(self, a: Instance, b: Instance) -> float | None:
-        for ka, kb in ((a.id, b.id), (a.host, b.host), (a.region, b.region)):
+        for ka, kb in zip(link_names(a), link_names(b), strict=True):
             if ka and kb and (ka, kb) in self.overrides:
                 return self.overrides[(ka, kb)]
         return None
@@ -132,16 +132,20 @@ def load_bandwidth(path: str | Path) -> dict[tuple[str, str], float]:
     return out
 
 
+def link_names(inst: Instance) -> tuple[str | None, str | None, str | None]:
+    """The names a given link may call an instance by, most specific first: its id, host, region."""
+    return inst.id, inst.host, inst.region
+
+
 def check_bandwidth_names(links: Mapping[tuple[str, str], float], instances: Iterable[Instance],
                           source: str | Path = "bandwidth") -> None:
     """Every name in a bandwidth matrix must be an instance id, host or region of the pool (what `Topology`
     matches it against): a typo would otherwise leave the link at its default, unnoticed."""
     insts = list(instances)
-    known = {k for i in insts for k in (i.id, i.host, i.region) if k}
+    known = {k for i in insts for k in link_names(i) if k}
     unknown = sorted({n for pair in links for n in pair} - known)
     if unknown:
         some = ", ".join(i.id for i in insts[:3]) + (", ..." if len(insts) > 3 else "")
         raise PlanError(f"{source}: {', '.join(unknown[:3])}{' and more' if len(unknown) > 3 else ''} "
                         f"{'is' if len(unknown) == 1 else 'are'} no instance, host or region to plan on "
                         f"(instances: {some}); name them as the inventory or the plan does")
-

@@ -740,12 +740,10 @@ class _Collector:
 
 
 def run_router(table: RoutingTable, config: RouterConfig, host: str = "127.0.0.1", port: int = 8000,
-               ssl_files: tuple[str, str] | None = None) -> None:
-    """Serve the router until interrupted; over HTTPS with `ssl_files` (PEM certificate, key)."""
-    from thunderops.agent import server_tls_files
+               tls: ssl.SSLContext | None = None) -> None:
+    """Serve the router until interrupted; over HTTPS with the server context `tls`
+    (`thunderops.agent.server_tls_files`)."""
     from thunderops.serve.emulator import use_uvloop
-
-    tls = server_tls_files(*ssl_files) if ssl_files else None  # before the app: a bad pair is one line
 
     use_uvloop()
     app = Router(table, config).app()
