@@ -162,6 +162,16 @@ def model_keys(name: str) -> set[str]:
     return {k for k, v in model_table().items() if v == spec} if spec is not None else set()
 
 
+def served_names(name: str) -> list[str]:
+    """The names an engine of model `name` answers to (vLLM's --served-model-name list, first = the one engines
+    are sent): its HF id, catalog name and `name` itself; just `name` for a model the catalog does not know."""
+    try:
+        spec = get_model(name)
+    except (SpecError, OSError):
+        return [name]
+    return list(dict.fromkeys([spec.hf_id, spec.name, name]))
+
+
 def gpu_names() -> list[str]:
     return sorted({s.name for s in gpu_table().values()})
 

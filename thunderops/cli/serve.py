@@ -19,17 +19,6 @@ SslCertOpt = Annotated[Path | None, typer.Option(help="Serve HTTPS with this PEM
 SslKeyOpt = Annotated[Path | None, typer.Option(help="... and this PEM key")]
 
 
-def _served_names(model: str) -> list[str]:
-    from thunderops.errors import SpecError
-    from thunderops.specs import get_model
-
-    try:
-        spec = get_model(model)
-    except SpecError:
-        return [model]
-    return list(dict.fromkeys([spec.hf_id, spec.name, model]))
-
-
 @serve_app.command("commands")
 def commands(
     plan: PlanArg,
@@ -104,7 +93,9 @@ def emulator(
     elif gpu is not None and delay_scale > 0:
         timing = perf_timing(model, gpu, tp, pp)
     ssl_files = _ssl_files(ssl_certfile, ssl_keyfile)
-    names = _served_names(model)
+    from thunderops.specs import served_names
+
+    names = served_names(model)
     cfg = EmulatorConfig(model=names[0], served_names=names, role=role, max_model_len=max_model_len, host=host,
                          port=port, api_key=os.environ.get("THUNDEROPS_ENGINE_KEY") or None, tp=tp,
                          speedup=speedup, delay_scale=delay_scale, max_num_seqs=max_num_seqs, ssl_files=ssl_files)
@@ -190,7 +181,9 @@ def router(
             raise UserError(f"--engine-cert {engine_cert} is not a PEM certificate; give the one the engines "
                             "serve (the deployment's)") from None
     sink = StoreUsageSink(deployment, usage_db) if usage_db and deployment else None
-    cfg = RouterConfig(api_key=key, served_models=_served_names(model), max_model_len=max_model_len,
+    from thunderops.specs import served_names
+
+    cfg = RouterConfig(api_key=key, served_models=served_names(model), max_model_len=max_model_len,
                        admin_key=os.environ.get("THUNDEROPS_ADMIN_KEY") or None,
                        engine_api_key=os.environ.get("THUNDEROPS_ENGINE_KEY") or None, usage_sink=sink,
                        engine_tls=engine_tls)

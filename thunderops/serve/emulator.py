@@ -31,7 +31,7 @@ from typing import Any, Protocol
 import orjson
 from aiohttp import web
 
-from thunderops.specs import get_gpu
+from thunderops.specs import get_gpu, served_names
 
 BLOCK_SIZE = 16  # vLLM's default KV block size (tokens per block)
 CHAT_MESSAGE_OVERHEAD = 3  # template tokens per chat message, and for the generation prompt
@@ -223,22 +223,6 @@ def _chat_prompt_tokens(messages: Any, add_generation_prompt: bool) -> int:
     return n
 
 
-def _with_aliases(names: set[str]) -> set[str]:
-    """Catalog models answer to their HF id and catalog name too (as the router and vLLM's
-    --served-model-name list do)."""
-    from thunderops.errors import SpecError
-    from thunderops.specs import get_model
-
-    out = set(names)
-    for n in names:
-        try:
-            spec = get_model(n)
-        except (SpecError, OSError):
-            continue
-        out.update((spec.hf_id, spec.name))
-    return out
-
-
 class Emulator:
     """One emulated engine: an aiohttp app over an `Engine`."""
 
@@ -246,7 +230,7 @@ class Emulator:
         self.config = config
         scale = 0.0 if config.delay_scale == 0 else config.delay_scale / max(config.speedup, 1e-9)
         self.engine = Engine(timing or ZeroTiming(), scale, config.max_num_seqs)
-        self.names = _with_aliases({config.model, *config.served_names})
+        self.names = {n for m in (config.model, *config.served_names) for n in served_names(m)}
         self._ids = itertools.count()
         self.requests = 0
         self.rejected_kv = 0

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 from thunderops.errors import PlanError
 from thunderops.plan import Group, Plan
-from thunderops.specs import get_gpu, get_model, norm
+from thunderops.specs import get_gpu, get_model, norm, served_names
 
 if TYPE_CHECKING:
     from thunderops.perf import PerfModel
@@ -161,7 +161,7 @@ def engine_commands(plan: Plan, options: EngineOptions = EngineOptions(), *, exe
     mml = max_model_len(plan, options)
     conns = connectors(plan)
     pm = perf_model(plan, options)
-    names = list(dict.fromkeys([model.hf_id, model.name, plan.model]))  # the names the router accepts
+    names = served_names(plan.model)  # the names the router accepts
     next_port: dict[str, int] = {}
     out = []
     for index, g in enumerate(plan.groups):
