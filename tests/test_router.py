@@ -153,3 +153,16 @@ def test_table_round_trips_through_json():
     t = RoutingTable.from_plan(pd_plan(), URLS, version=7)
     again = RoutingTable.from_dict(t.to_dict())
     assert again == t
+
+
+def test_split_gives_one_sequence_per_sample_and_prompt_with_distinct_seeds():
+    from thunderops.serve.fanout import split
+
+    assert split({"prompt": "a", "n": 1}, chat=False) is None
+    assert split({"prompt": ["a"]}, chat=False) is None and split({"prompt": [1, 2, 3]}, chat=False) is None
+    seqs = split({"prompt": ["a", [5, 6]], "n": 2, "seed": 10, "max_tokens": 3}, chat=False)
+    assert [(q.index, q.prompt, q.body["prompt"], q.body["seed"]) for q in seqs] == [
+        (0, 0, "a", 10), (1, 0, "a", 11), (2, 1, [5, 6], 10), (3, 1, [5, 6], 11)]
+    assert all("n" not in q.body and q.body["max_tokens"] == 3 for q in seqs)
+    chat = split({"messages": [{"role": "user", "content": "x"}], "n": 3}, chat=True)
+    assert [q.index for q in chat] == [0, 1, 2] and all("seed" not in q.body for q in chat)

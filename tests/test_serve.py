@@ -107,6 +107,56 @@ def test_models_lists_the_served_names(fast):
         assert client(fast).completions.create(model=name, prompt="hi", max_tokens=1).model == name
 
 
+# ---- several sequences per request (n > 1, batched prompts): one engine request each, merged ----------
+
+def test_n_samples_come_back_as_n_choices_with_one_prompt_counted(fast):
+    msgs = [{"role": "user", "content": "Name a harbor."}]
+    c = client(fast)
+    one = c.chat.completions.create(model=MODEL, messages=msgs, max_tokens=4)
+    r = c.chat.completions.create(model=MODEL, messages=msgs, max_tokens=4, n=3, seed=7)
+    assert [ch.index for ch in r.choices] == [0, 1, 2]
+    assert all(ch.message.content == one.choices[0].message.content for ch in r.choices)
+    assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (one.usage.prompt_tokens, 12)
+    rec = usage_records(fast, 1)[-1]
+    assert (rec["prompt_tokens"], rec["output_tokens"]) == (one.usage.prompt_tokens, 12)
+    assert len(rec["replicas"]) == 6  # each sample went through a prefill and a decode engine
+    # the engines never saw n > 1: the emulator refuses it, as vLLM's disaggregated flow cannot hand it over
+    status, out, _ = http(fast, "POST", "/v1/chat/completions", {"model": MODEL, "messages": msgs, "n": 2},
+                          key=fast.engine_key, base=fast.engine_urls["d0"])
+    assert status == 400 and "one sequence" in out["error"]["message"]
+
+
+def test_batched_prompts_are_numbered_prompt_times_n_plus_sample(fast):
+    prompts = ["one two", "three four five six"]
+    r = client(fast).completions.create(model=MODEL, prompt=prompts, max_tokens=3, n=2)
+    assert [ch.index for ch in r.choices] == [0, 1, 2, 3]
+    assert [ch.text for ch in r.choices] == ["".join(filler(count_tokens(prompts[i // 2]), 3)) for i in range(4)]
+    assert r.usage.prompt_tokens == count_tokens(prompts[0]) + count_tokens(prompts[1])
+    assert r.usage.completion_tokens == 12
+
+
+def test_a_streamed_request_for_n_samples_streams_every_choice(fast):
+    msgs = [{"role": "user", "content": "Name three harbors."}]
+    chunks = list(client(fast).chat.completions.create(model=MODEL, messages=msgs, max_tokens=5, n=3, stream=True,
+                                                       stream_options={"include_usage": True}))
+    texts: dict[int, str] = collections.defaultdict(str)
+    for ch in chunks:
+        for c in ch.choices:
+            texts[c.index] += c.delta.content or ""
+    whole = client(fast).chat.completions.create(model=MODEL, messages=msgs, max_tokens=5).choices[0].message.content
+    assert dict(texts) == {0: whole, 1: whole, 2: whole}
+    assert len({ch.id for ch in chunks}) == 1
+    usage_chunks = [ch for ch in chunks if ch.usage is not None]
+    assert len(usage_chunks) == 1 and chunks[-1] is usage_chunks[0] and not chunks[-1].choices
+    assert chunks[-1].usage.completion_tokens == 15
+
+
+@pytest.mark.parametrize("n", [0, -1, 1.5, "2", True])
+def test_a_bad_n_is_400(fast, n):
+    status, out, _ = http(fast, "POST", "/v1/completions", {"model": MODEL, "prompt": "hi", "n": n})
+    assert status == 400 and out["error"]["param"] == "n"
+
+
 # ---- the P/D protocol -----------------------------------------------------------------------------------
 
 def test_pd_flow_prefill_then_decode_with_kv_params(fast):

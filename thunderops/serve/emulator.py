@@ -330,6 +330,8 @@ class Emulator:
         model = body.get("model")
         if model not in self.names:
             raise BadRequest(f"The model `{model}` does not exist.", 404, "NotFoundError")
+        if body.get("n") not in (None, 1):  # the router sends one sequence per request (serve.fanout)
+            raise BadRequest("the emulator serves one sequence per request; send n=1 (the router splits n > 1)")
         prompt_tokens = self._prompt_tokens(body, chat)
         max_tokens = body.get("max_completion_tokens") or body.get("max_tokens") or cfg.default_max_tokens
         if not isinstance(max_tokens, int) or max_tokens < 1:

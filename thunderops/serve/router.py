@@ -33,6 +33,8 @@ from aiohttp import web
 
 from thunderops.errors import UserError
 from thunderops.plan import Plan, Route
+from thunderops.serve import fanout
+from thunderops.serve.fanout import ChunkSink
 from thunderops.serve.pick import Picker, PromptWeights
 from thunderops.serve.upstream import UpstreamError, UpstreamPool
 from thunderops.specs import model_keys, norm
@@ -168,6 +170,70 @@ async def _emit(resp: web.StreamResponse, data: bytes) -> None:
         await resp.write(data)
     except (ConnectionError, RuntimeError) as e:  # aiohttp: ClientConnectionResetError / "closing transport"
         raise _ClientGone(str(e)) from None
+
+
+class _ClientStream:
+    """The streamed answer to the client: opened on its first chunk (so an engine's early error can still be
+    an ordinary HTTP error), ended with [DONE]."""
+
+    def __init__(self, request: web.Request) -> None:
+        self.request = request
+        self.response: web.StreamResponse | None = None
+
+    @property
+    def opened(self) -> bool:
+        return self.response is not None
+
+    async def open(self) -> None:
+        if self.response is None:
+            self.response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+            await self.response.prepare(self.request)
+            self.request["thunderops_stream"] = self.response
+
+    async def emit(self, chunk: dict[str, Any]) -> None:
+        assert self.response is not None
+        await _emit(self.response, b"data: " + orjson.dumps(chunk) + b"\n\n")
+
+    async def close(self) -> web.StreamResponse:
+        assert self.response is not None
+        await _emit(self.response, b"data: [DONE]\n\n")
+        try:
+            await self.response.write_eof()
+        except (ConnectionError, RuntimeError):
+            pass
+        return self.response
+
+
+_STREAM_FAILED = {"error": {"message": "the request could not be completed on any replica",
+                            "type": "ServiceUnavailableError", "code": 503}}
+
+
+def _error_event(resp: web.Response) -> dict[str, Any]:
+    """An engine's error answer as an in-stream error event (vLLM's shape: {"error": {...}})."""
+    try:
+        body = orjson.loads(resp.body)  # type: ignore[arg-type]
+    except (orjson.JSONDecodeError, TypeError):
+        body = None
+    if isinstance(body, dict) and isinstance(body.get("error"), dict):
+        return {"error": body["error"]}
+    return {"error": {"message": f"an engine answered HTTP {resp.status}", "type": "BadRequestError",
+                      "code": resp.status}}
+
+
+def _fold_usage(rec: UsageRecord, parts: list[UsageRecord], seqs: list[fanout.Sequence]) -> None:
+    """A split request's record from its sequences' records: each prompt counted once, every output."""
+    prompts: dict[int, int] = {}
+    for r, q in zip(parts, seqs, strict=True):
+        prompts[q.prompt] = max(prompts.get(q.prompt, 0), r.prompt_tokens)
+        rec.output_tokens += r.output_tokens
+        rec.replicas += r.replicas
+        rec.migrations += r.migrations
+        rec.prefill_retries += r.prefill_retries
+        rec.prefill_replica = rec.prefill_replica or r.prefill_replica
+        rec.decode_replica = rec.decode_replica or r.decode_replica
+        if r.first_token_at is not None and (rec.first_token_at is None or r.first_token_at < rec.first_token_at):
+            rec.first_token_at = r.first_token_at
+    rec.prompt_tokens = sum(prompts.values())
 
 
 class _Upstream(Exception):
@@ -426,11 +492,18 @@ class Router:
                           started_at=time.time())
         t0 = time.perf_counter()
         try:
-            weight = self.weights.weight(prompt_size(body))
-            if rec.stream:
-                resp = await self._stream(request, path, body, rec, weight)
+            seqs = fanout.split(body, chat=path.endswith("chat/completions"))
+        except fanout.SplitError as e:
+            return _error(400, str(e), "BadRequestError", e.param)
+        try:
+            if seqs is not None:
+                resp = await self._split(request, path, body, seqs, rec)
+            elif rec.stream:
+                out = _ClientStream(request)
+                resp = await self._stream(out, path, body, rec, self.weights.weight(prompt_size(body)))
+                resp = resp or await out.close()
             else:
-                resp = await self._unary(path, body, rec, weight)
+                resp = await self._unary(path, body, rec, self.weights.weight(prompt_size(body)))
         except _ClientGone:  # the tokens already sent stay on the record: they were generated and delivered
             resp = request.get("thunderops_stream") or web.Response(status=499)
             rec.status = 499  # nginx's "client closed request"
@@ -441,6 +514,50 @@ class Router:
         rec.finished_at = time.time()
         self._record(rec, time.perf_counter() - t0)
         return resp
+
+    async def _split(self, request: web.Request, path: str, body: dict[str, Any], seqs: list[fanout.Sequence],
+                     rec: UsageRecord) -> web.StreamResponse:
+        """Serve a request for several sequences as one engine request per sequence (`serve.fanout`), all at
+        once, and merge their answers. Any sequence that finds no replica fails the request (503), as does a
+        client error from an engine before anything was streamed (passed through as is)."""
+        parts = [UsageRecord(rec.request_id, rec.model, path, rec.stream) for _ in seqs]
+        weights = [self.weights.weight(prompt_size(q.body)) for q in seqs]
+        try:
+            if not rec.stream:
+                answers = await asyncio.gather(*(self._unary(path, q.body, r, w)
+                                                 for q, r, w in zip(seqs, parts, weights, strict=True)))
+                failed = next((a for a in answers if a.status != 200), None)
+                if failed is not None:
+                    return failed
+                merged = fanout.merge_answers([orjson.loads(a.body) for a in answers], seqs)
+                return web.Response(body=orjson.dumps(merged), content_type="application/json")
+            opts = body.get("stream_options") or {}
+            client = _ClientStream(request)
+            merged_stream = fanout.MergedStream(client, want_usage=bool(opts.get("include_usage")))
+            # each sequence reports its final usage to the merge, which sends the total once
+            sub_opts = {"include_usage": True, "continuous_usage_stats": bool(opts.get("continuous_usage_stats"))}
+            ends = await asyncio.gather(*(self._stream(merged_stream.part(q), path, {**q.body, "stream_options": sub_opts},
+                                                       r, w) for q, r, w in zip(seqs, parts, weights, strict=True)),
+                                        return_exceptions=True)
+            gone = next((e for e in ends if isinstance(e, _ClientGone)), None)
+            if gone is not None:
+                raise gone
+            if not client.opened:
+                for e in ends:
+                    if isinstance(e, BaseException):
+                        raise e
+                return next(e for e in ends if e is not None)
+            for e in ends:  # a sequence that failed while the others streamed: the client is told in-stream
+                if e is None:
+                    continue
+                if not isinstance(e, (web.Response, _NoReplica)):
+                    log.error("a sequence of %s failed: %r", rec.request_id, e)
+                await client.emit(_error_event(e) if isinstance(e, web.Response) else _STREAM_FAILED)
+                break
+            await merged_stream.finish()
+            return await client.close()
+        finally:
+            _fold_usage(rec, parts, seqs)
 
     def _hold(self, rid: str, requests: int, load: float) -> None:
         self.inflight[rid] = self.inflight.get(rid, 0) + requests
@@ -525,13 +642,14 @@ class Router:
             return web.Response(status=status, body=data, content_type="application/json")
         raise _NoReplica()
 
-    async def _stream(self, request: web.Request, path: str, body: dict[str, Any], rec: UsageRecord,
-                      weight: float) -> web.StreamResponse:
+    async def _stream(self, out: ChunkSink, path: str, body: dict[str, Any], rec: UsageRecord,
+                      weight: float) -> web.StreamResponse | None:
+        """Stream one sequence's answer into `out`. Returns an engine's error answer when it came before
+        anything was streamed (for the caller to send instead), else None once the stream has ended."""
         chat = path.endswith("chat/completions")
         opts = body.get("stream_options") or {}
         want_usage = bool(opts.get("include_usage"))
         want_cont = want_usage and bool(opts.get("continuous_usage_stats"))
-        resp: web.StreamResponse | None = None
         sent: list[str] = []  # text already forwarded to the client
         sent_tokens = 0
         prompt_tokens: int | None = None
@@ -542,11 +660,11 @@ class Router:
             try:
                 drep, db, held = await self._prepare(path, cur, rec, exclude, weight)
             except _NoReplica:
-                if resp is None:
+                if not out.opened:
                     raise
                 break
             if isinstance(db, web.Response):
-                if resp is None:
+                if not out.opened:
                     return db
                 break
             db = dict(db)
@@ -563,15 +681,12 @@ class Router:
                     data = await up.read()
                     if up.status >= 500:
                         raise _Upstream(f"{drep.id}: HTTP {up.status}")
-                    if resp is None:
+                    if not out.opened:
                         return web.Response(status=up.status, body=data, content_type="application/json")
                     break
                 rec.decode_replica = drep.id
                 rec.replicas.append(drep.id)
-                if resp is None:
-                    resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
-                    await resp.prepare(request)
-                    request["thunderops_stream"] = resp
+                await out.open()
                 buf = b""
                 async for piece in up:
                     buf += piece
@@ -619,7 +734,7 @@ class Router:
                                 sent_tokens = usage["completion_tokens"]
                             if not want_usage:
                                 continue
-                        await _emit(resp, b"data: " + orjson.dumps(chunk) + b"\n\n")
+                        await out.emit(chunk)
                     if done:
                         try:
                             await asyncio.wait_for(up.drain(), 1.0)
@@ -643,19 +758,12 @@ class Router:
             cur = self._continuation(body, "".join(sent), sent_tokens, chat)
             if cur is None:
                 break
-        assert resp is not None
+        assert out.opened
         if not done:
-            err = {"error": {"message": "the request could not be completed on any replica", "type": "ServiceUnavailableError",
-                             "code": 503}}
-            await _emit(resp, b"data: " + orjson.dumps(err) + b"\n\n")
+            await out.emit(_STREAM_FAILED)
         rec.prompt_tokens = prompt_tokens or 0
         rec.output_tokens = sent_tokens
-        await _emit(resp, b"data: [DONE]\n\n")
-        try:
-            await resp.write_eof()
-        except (ConnectionError, RuntimeError):
-            pass
-        return resp
+        return None
 
     @staticmethod
     def _continuation(body: dict[str, Any], text: str, tokens: int, chat: bool) -> dict[str, Any] | None:
