@@ -33,8 +33,9 @@ async def serve(cfg: EmulatorConfig, timing=None) -> tuple[web.AppRunner, str]:
     return runner, f"http://127.0.0.1:{cfg.port}"
 
 
-async def post(s: aiohttp.ClientSession, url: str, body: dict) -> tuple[int, dict]:
-    async with s.post(url + "/v1/completions", json=body) as r:
+async def post(s: aiohttp.ClientSession, url: str, body: dict, request_id: str | None = None) -> tuple[int, dict]:
+    async with s.post(url + "/v1/completions", json=body,
+                      headers={"X-Request-Id": request_id} if request_id else None) as r:
         return r.status, await r.json()
 
 
@@ -47,16 +48,16 @@ def test_prefill_and_decode_roles_speak_nixls_protocol():
             async with aiohttp.ClientSession() as s:
                 assert (await post(s, purl, {"model": MODEL, "prompt": prompt}))[0] == 400  # not a P/D request
                 st, pre = await post(s, purl, {"model": MODEL, "prompt": prompt, "max_tokens": 50,
-                                               "kv_transfer_params": {"do_remote_decode": True}})
+                                               "kv_transfer_params": {"do_remote_decode": True}}, "r1")
                 assert st == 200 and pre["usage"]["completion_tokens"] == 1
                 kv = pre["kv_transfer_params"]
                 assert len(kv["remote_block_ids"]) == -(-33 // BLOCK_SIZE) == 3 and kv["tp_size"] == 2
                 st, err = await post(s, durl, {"model": MODEL, "prompt": prompt, "max_tokens": 4})
                 assert st == 400 and "kv_transfer_params" in err["error"]["message"]
                 other = "b " * 80  # the same params do not cover a longer prompt
-                assert (await post(s, durl, {"model": MODEL, "prompt": other, "kv_transfer_params": kv}))[0] == 400
+                assert (await post(s, durl, {"model": MODEL, "prompt": other, "kv_transfer_params": kv}, "r1"))[0] == 400
                 st, out = await post(s, durl, {"model": MODEL, "prompt": prompt, "max_tokens": 4,
-                                               "kv_transfer_params": kv})
+                                               "kv_transfer_params": kv}, "r1")
                 assert st == 200 and out["choices"][0]["text"] == "".join(filler(33, 4))
                 assert (await post(s, durl, {"model": "other", "prompt": prompt, "kv_transfer_params": kv}))[0] == 404
         finally:

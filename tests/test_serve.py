@@ -47,9 +47,11 @@ def client(h: ServingHandle, key: str | None = None) -> openai.OpenAI:
 
 
 def http(h: ServingHandle, method: str, path: str, body: object = None, key: str | None = "api",
-         raw: bytes | None = None, base: str | None = None) -> tuple[int, dict, dict]:
+         raw: bytes | None = None, base: str | None = None, request_id: str | None = None) -> tuple[int, dict, dict]:
     """A plain HTTP call (for what the openai client will not send). Returns status, JSON body, headers."""
     headers = {"Content-Type": "application/json"}
+    if request_id:
+        headers["X-Request-Id"] = request_id
     if key == "api":
         headers["Authorization"] = f"Bearer {h.api_key}"
     elif key:
@@ -179,12 +181,18 @@ def test_pd_flow_prefill_then_decode_with_kv_params(fast):
     assert status == 400
     # with the params a prefill engine returned for this prompt, it decodes
     status, pre, _ = http(fast, "POST", "/v1/completions", {**body, "kv_transfer_params": {"do_remote_decode": True}},
-                          key=fast.engine_key, base=prefill)
+                          key=fast.engine_key, base=prefill, request_id="flow-1")
     assert status == 200 and pre["usage"]["completion_tokens"] == 1
     kv = pre["kv_transfer_params"]
     assert kv["do_remote_prefill"] is True and len(kv["remote_block_ids"]) == 3  # 40 tokens / 16 per block
+    # under the prefill leg's X-Request-Id only: NIXL's push mode pairs the two legs by it (the router sends
+    # one per flow on both legs, which every routed request above went through)
+    for rid in (None, "flow-2"):
+        status, out, _ = http(fast, "POST", "/v1/completions", {**body, "kv_transfer_params": kv},
+                              key=fast.engine_key, base=decode, request_id=rid)
+        assert status == 400 and "X-Request-Id" in out["error"]["message"]
     status, out, _ = http(fast, "POST", "/v1/completions", {**body, "kv_transfer_params": kv}, key=fast.engine_key,
-                          base=decode)
+                          base=decode, request_id="flow-1")
     assert status == 200 and out["usage"]["completion_tokens"] == 2
     # and engines refuse callers without the engine key
     assert http(fast, "POST", "/v1/completions", body, key=fast.api_key, base=decode)[0] == 401

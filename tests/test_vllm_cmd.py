@@ -11,7 +11,15 @@ from test_serve_plans import node, pd_plan
 from thunderops.errors import PlanError
 from thunderops.perf import PerfModel, vllm_batch_defaults
 from thunderops.plan import Group, Plan, Route, Stage
-from thunderops.serve.vllm import LMCACHE, NIXL, EngineOptions, engine_commands, pinned_settings
+from thunderops.serve.vllm import (
+    LMCACHE,
+    NIXL,
+    NIXL_PUSH,
+    EngineOptions,
+    engine_commands,
+    engine_phases,
+    pinned_settings,
+)
 from thunderops.specs import get_gpu
 
 
@@ -88,14 +96,48 @@ def test_compressed_route_uses_lmcache_on_both_sides_and_colocated_has_no_connec
     assert "--kv-transfer-config" not in cmds["co"].argv
 
 
-def test_a_compressed_route_switches_its_whole_connected_component():
-    plan = pd_plan()
-    plan.routing[0].kv_compression = 0.5  # p0->d0; p0->d1, p1->d0, p1->d1 connect everything
-    assert {c.connector for c in engine_commands(plan)} == {LMCACHE}
+def test_one_connector_per_deployment_recorded_when_planned():
+    """Running engines cannot change their KV connector, so the deployment runs one, chosen with the plan and
+    kept by later versions whatever their routes say."""
     plan = pd_plan()
     plan.routing = [Route("p0", "d0", 0.5, kv_compression=0.5), Route("p1", "d1", 0.5)]
-    conns = {c.group: c.connector for c in engine_commands(plan)}
-    assert conns == {"p0": LMCACHE, "d0": LMCACHE, "p1": NIXL, "d1": NIXL}
+    assert {c.connector for c in engine_commands(plan)} == {LMCACHE}  # one compressed route: LMCache everywhere
+    plan.inputs["kv_transfer"] = NIXL  # what it was planned with wins over a later version's routes
+    assert {c.connector for c in engine_commands(plan)} == {NIXL}
+    plan.inputs["kv_transfer"] = "TcpConnector"
+    with pytest.raises(PlanError, match="unknown kv_transfer"):
+        engine_commands(plan)
+
+
+def test_colocated_engines_get_nixl_so_a_reschedule_can_flip_them():
+    plan = pd_plan()
+    plan.groups[0].phase = "colocated"
+    cmds = {c.group: c for c in engine_commands(plan)}
+    assert json.loads(flag(cmds["p0"].argv, "--kv-transfer-config")) == {"kv_connector": NIXL, "kv_role": "kv_both"}
+    assert engine_phases(plan) == {g: ("prefill", "decode", "colocated") for g in ("p0", "p1", "d0", "d1")}
+
+
+def test_a_pipelined_replica_puts_the_deployment_on_nixl_push():
+    """NIXL's pull mode cannot send from a pipeline; its push mode can (same proxy flow), and no mode receives
+    into one: a pipelined engine may prefill or be colocated, never decode."""
+    plan = mixed_plan()
+    plan.routing = [Route("pp", "dd", 0.7), Route("co", "co", 0.3)]
+    cmds = {c.group: c for c in engine_commands(plan)}
+    for c in cmds.values():
+        assert json.loads(flag(c.argv, "--kv-transfer-config")) == {"kv_connector": NIXL_PUSH, "kv_role": "kv_both"}
+        assert c.env["VLLM_NIXL_SIDE_CHANNEL_PORT"] == str(c.port + 1000)
+    assert engine_phases(plan) == {"pp": ("prefill", "colocated"), "dd": ("prefill", "decode", "colocated"),
+                                   "co": ("prefill", "decode", "colocated")}
+    plan.inputs["kv_transfer"] = NIXL
+    with pytest.raises(PlanError, match="cannot send from a pipeline"):
+        engine_commands(plan)
+
+
+def test_a_decode_pipeline_is_refused():
+    plan = mixed_plan()
+    plan.groups[0].phase = "decode"
+    with pytest.raises(PlanError, match="cannot receive into"):
+        engine_commands(plan)
 
 
 def test_one_attention_backend_and_kv_dtype_across_gpu_generations():

@@ -20,7 +20,7 @@ from thunderops.errors import PlanError
 from thunderops.perf import PerfModel
 from thunderops.plan import SLO, Group, Instance, Plan, Prediction, Route, Stage
 from thunderops.scheduler import route as lp
-from thunderops.scheduler.parallel import GroupConfig, ParallelPlanner, valid_tps
+from thunderops.scheduler.parallel import PHASES, GroupConfig, ParallelPlanner, engine_can_serve, valid_tps
 from thunderops.scheduler.procure import MAX_REPLICA_NODES, NO_NODE_LIMIT, min_nodes_for_replica
 from thunderops.scheduler.topology import Topology
 from thunderops.specs import get_gpu
@@ -118,6 +118,9 @@ class Harness:
         self.q_prompt = workload.percentile("prompt", slo.attainment * 100)
         self.evaluations = 0
         self.near: dict[State, Evaluation] = {}  # with a rate: near misses (see NEAR_MISS)
+        # KV transfer kinds the routing LP may use: both for a new plan; a running deployment's connector allows
+        # one (NIXL sends raw KV, LMCache compresses all of it)
+        self.kv_raw = self.kv_comp = True
 
     # ------------------------------------------------------------------ units and groups
 
@@ -204,10 +207,12 @@ class Harness:
             n += not self.parallel.known(parts, link, ph)
         return n
 
-    def fix_layout(self, units: tuple[Unit, ...], layout) -> None:
-        """Pin a group's layout (weights already loaded): every phase uses it, capacities from the perf model."""
-        caps = {ph: self.perf.capacity(layout, ph, self.workload, self.slo) if self.perf.fits(layout) else 0.0
-                for ph in ("prefill", "decode", "colocated")}
+    def fix_layout(self, units: tuple[Unit, ...], layout, phases: tuple[str, ...] = PHASES) -> None:
+        """Pin a group's layout (weights already loaded): every phase uses it, capacities from the perf model;
+        `phases`: those its running engine can serve (`serve.vllm.engine_phases`), the others get 0."""
+        caps = {ph: self.perf.capacity(layout, ph, self.workload, self.slo)
+                if ph in phases and self.perf.fits(layout) and engine_can_serve(layout.pp, ph) else 0.0
+                for ph in PHASES}
         self.fixed[tuple(sorted(units))] = {ph: GroupConfig(ph, c, layout, ()) for ph, c in caps.items()}
 
     def gbps(self, a: int, b: int) -> float:
@@ -333,8 +338,10 @@ class Harness:
                         for end, k in (("out", pl.src), ("in", pl.dst)):
                             w = min(1.0, pl.gbps / self.nic_gbps(k))
                             shares.append((resources.setdefault((end, k), len(resources)), a, b, w))
-                    raw[a, b], pre_raw[a, b] = self.kv_route(state[i][0], pl.rate_raw, pl.t_raw, scvs[i])
-                    comp[a, b], pre_comp[a, b] = self.kv_route(state[i][0], pl.rate_comp, pl.t_comp, scvs[i])
+                    if self.kv_raw or pl.rate_comp <= 0:  # a hop inside one node has nothing to compress
+                        raw[a, b], pre_raw[a, b] = self.kv_route(state[i][0], pl.rate_raw, pl.t_raw, scvs[i])
+                    if self.kv_comp:
+                        comp[a, b], pre_comp[a, b] = self.kv_route(state[i][0], pl.rate_comp, pl.t_comp, scvs[i])
         coo = tuple(np.array(c) for c in zip(*shares, strict=True)) if shares else None
         prob = lp.RouteProblem(
             np.array([caps[i] for i in P]), np.array([caps[j] for j in D]),
@@ -459,6 +466,10 @@ class Harness:
                     li += 1
             groups.append(Group(gid[k], ph, stages))
         routing = self.routing(ev, gid)
+        from thunderops.serve.vllm import kv_transfer_for
+
+        # the serving step's connector, decided once per deployment (later versions keep it)
+        inputs = {**(inputs or {}), "kv_transfer": kv_transfer_for(groups, routing)}
         plan = Plan(
             model=self.perf.model.name,
             budget_per_hour=float(self.budget) if self.budget is not None else round(sum(i.price_per_hour for i in self.pool), 4),

@@ -32,6 +32,14 @@ class GroupConfig:
     tps: tuple[int, ...]  # one TP for all instances: vLLM runs every pipeline stage at the same TP
 
 
+def engine_can_serve(stages: int, phase: str) -> bool:
+    """Whether a vLLM engine of `stages` pipeline stages can be a replica of `phase`: vLLM's KV connectors
+    receive KV into one pipeline stage only (NIXL in either mode refuses a decode engine with
+    --pipeline-parallel-size > 1), so a decode replica is one TP stage; prefill and colocated may pipeline
+    (a prefill pipeline sends with NIXL's push mode, `serve.vllm.connectors`)."""
+    return phase != "decode" or stages == 1
+
+
 def valid_tps(model_heads: int, max_tp: int) -> list[int]:
     """TP degrees a vLLM engine accepts for this model (they must divide the attention heads)."""
     return [t for t in range(1, max_tp + 1) if model_heads % t == 0 and (t & (t - 1)) == 0]
@@ -82,7 +90,7 @@ class ParallelPlanner:
         link = pp_link_gbps if len(parts) > 1 else min(intra_node_gbps(s) for s in specs)
         for tps in combos[:self.max_combos]:
             stages = [(spec, t) for spec, (_, n), t in zip(specs, parts, tps, strict=True) for _ in range(n // t)]
-            if len(stages) > self.perf.model.layers:
+            if len(stages) > self.perf.model.layers or not engine_can_serve(len(stages), phase):
                 continue
             layout = self.perf.split_layers(stages, phase, link)
             if layout is None:

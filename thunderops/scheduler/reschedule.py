@@ -52,6 +52,19 @@ def _group_units(plan: Plan, index: dict[str, int], gid: str) -> tuple[Unit, ...
     return tuple(sorted((index[s.instance], gpu) for s in g.stages for gpu in (s.gpu_ids or range(s.tp))))
 
 
+def _pin_running(h: Harness, plan: Plan, index: dict[str, int], gids: Iterable[str],
+                 perf: PerfModel | None = None) -> None:
+    """The running engines of `gids` keep their layouts, serve only the phases their KV connector allows, and
+    the routing LP moves KV the way the deployment's connector does (`serve.vllm`)."""
+    from thunderops.serve.vllm import LMCACHE, engine_phases, kv_transfer
+
+    phases = engine_phases(plan)
+    for gid in gids:
+        h.fix_layout(_group_units(plan, index, gid), layout_of(plan, plan.group(gid), perf), phases[gid])
+    lmcache = kv_transfer(plan) == LMCACHE
+    h.kv_raw, h.kv_comp = not lmcache, lmcache
+
+
 def _rebuild(old: Plan, h: Harness, ev: Evaluation, order: list[str], changes: list[str] | None = None) -> Plan:
     """A copy of `old` with the evaluated phases, routing and prediction (groups and layouts unchanged)."""
     new = copy.deepcopy(old)
@@ -111,11 +124,8 @@ def reschedule(plan: Plan, lost_instances: Iterable[str] = (), workload: Workloa
     kept = [g.id for g in plan.groups if all(s.instance in index for s in g.stages)]
     if not kept:
         raise PlanError("no replica survives the lost instances; run a full reschedule (full=True)")
-    groups = []
-    for gid in kept:
-        units = _group_units(plan, index, gid)
-        h.fix_layout(units, layout_of(plan, plan.group(gid)))
-        groups.append(units)
+    _pin_running(h, plan, index, kept)
+    groups = [_group_units(plan, index, gid) for gid in kept]
     current = h.evaluate(canon((_group_units(plan, index, gid), plan.group(gid).phase) for gid in kept))
     start = designate(h, groups)
     cfg = SearchConfig(max_iters=60, patience=15, neighbours=12, exact=3, moves=("flip",), procure=False,
@@ -176,8 +186,7 @@ def finalize(plan: Plan, bandwidth_gbps: Mapping[str, Mapping[str, float]], thre
                 max_replica_nodes=replica_limit(plan))
     index = {inst.id: k for k, inst in enumerate(plan.instances)}
     if keep_layouts:
-        for g in plan.groups:
-            h.fix_layout(_group_units(plan, index, g.id), layout_of(plan, g, perf))
+        _pin_running(h, plan, index, [g.id for g in plan.groups], perf)
     state = canon((_group_units(plan, index, g.id), g.phase) for g in plan.groups)
     ev = h.evaluate(state)
     groups = [units for units, _ in state]

@@ -22,6 +22,7 @@ import itertools
 import math
 import os
 import re
+import secrets
 import time
 import uuid
 from collections.abc import Callable
@@ -307,8 +308,9 @@ class Emulator:
             return count_tokens(prompt[0])
         raise BadRequest("'prompt' must be a string or a list of token ids (one prompt per request)")
 
-    def _check_kv(self, kv: Any, prompt_tokens: int) -> None:
-        """A decode engine accepts only NIXL-shaped params whose blocks cover this prompt."""
+    def _check_kv(self, kv: Any, prompt_tokens: int, request_id: str | None) -> None:
+        """A decode engine accepts only NIXL-shaped params whose blocks cover this prompt, and (NIXL's push
+        mode pairs the two legs by request id) only under the X-Request-Id its prefill leg had."""
         ok = (
             isinstance(kv, dict)
             and kv.get("do_remote_prefill") is True
@@ -324,6 +326,11 @@ class Emulator:
                 "decode engine needs kv_transfer_params from a prefill engine for this prompt "
                 "(do_remote_prefill, remote_engine_id, remote_host, remote_port, remote_block_ids)"
             )
+        prefill_id = kv.get("remote_request_id")
+        if isinstance(prefill_id, str) and prefill_id.rpartition("-")[0] != request_id:
+            self.rejected_kv += 1
+            raise BadRequest(f"X-Request-Id {request_id!r} is not the prefill leg's ({prefill_id!r}): NIXL's push "
+                             "mode pairs the legs of one request by it")
 
     async def _serve(self, request: web.Request, body: dict[str, Any], chat: bool) -> web.StreamResponse:
         cfg = self.config
@@ -343,11 +350,12 @@ class Emulator:
                 "Please reduce the length of the messages or completion."
             )
         kv = body.get("kv_transfer_params")
+        request_id = request.headers.get("X-Request-Id")
         remote_decode = isinstance(kv, dict) and kv.get("do_remote_decode") is True
         if remote_decode and cfg.role == "decode":
             raise BadRequest("this is a decode engine; send prefill requests to a prefill engine")
         if not remote_decode and (cfg.role == "decode" or (isinstance(kv, dict) and kv.get("do_remote_prefill"))):
-            self._check_kv(kv, prompt_tokens)  # kv_both engines check params they are given, as NIXL would
+            self._check_kv(kv, prompt_tokens, request_id)  # kv_both engines check params they get, as NIXL would
         elif not remote_decode and cfg.role == "prefill":
             raise BadRequest("this is a prefill engine: requests need kv_transfer_params.do_remote_decode=true")
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{cfg.engine_id}-{next(self._ids)}"
@@ -359,7 +367,8 @@ class Emulator:
                 "do_remote_decode": False,
                 "remote_block_ids": list(range(math.ceil(prompt_tokens / BLOCK_SIZE))),
                 "remote_engine_id": cfg.engine_id,
-                "remote_request_id": rid,
+                # vLLM's request id: the X-Request-Id given, with a random suffix
+                "remote_request_id": f"{request_id or rid}-{secrets.token_hex(4)}",
                 "remote_host": cfg.host,
                 "remote_port": cfg.port + 1000,  # NIXL's side channel, beside the HTTP port
                 "tp_size": cfg.tp,

@@ -304,7 +304,7 @@ class Router:
         self.session: aiohttp.ClientSession | None = None  # health probes only
         self._pools: dict[str, UpstreamPool] = {}
         self._probe_task: asyncio.Task[None] | None = None
-        self._ids = itertools.count()
+        self._flows = itertools.count()  # request ids of engine flows (X-Request-Id on both legs)
         # usage and metrics, kept as plain numbers (Prometheus reads them at scrape time)
         self.usage: deque[UsageRecord] = deque(maxlen=config.usage_history)
         self.totals = {"requests": 0, "prompt_tokens": 0, "output_tokens": 0, "migrations": 0, "prefill_retries": 0}
@@ -563,13 +563,13 @@ class Router:
         self.inflight[rid] = self.inflight.get(rid, 0) + requests
         self.load[rid] = self.load.get(rid, 0.0) + load
 
-    async def _post(self, rep: Replica, path: str, body: dict[str, Any], weight: float) -> tuple[int, bytes]:
-        """POST to an engine, holding `weight` of load there meanwhile; connection failures and 5xx raise
-        _Upstream (and mark it unhealthy if unreachable)."""
+    async def _post(self, rep: Replica, path: str, body: dict[str, Any], weight: float, flow: str) -> tuple[int, bytes]:
+        """POST to an engine as request `flow`, holding `weight` of load there meanwhile; connection failures and
+        5xx raise _Upstream (and mark it unhealthy if unreachable)."""
         self._hold(rep.id, 1, weight)
         try:
             async with asyncio.timeout(self.config.request_timeout_s):  # no extra task, unlike wait_for
-                status, data = await self._pool(rep).request("POST", path, orjson.dumps(body))
+                status, data = await self._pool(rep).request("POST", path, orjson.dumps(body), flow)
         except (TimeoutError, UpstreamError, OSError) as e:
             self.healthy[rep.id] = False
             raise _Upstream(f"{rep.id}: {e}") from None
@@ -579,7 +579,8 @@ class Router:
             raise _Upstream(f"{rep.id}: HTTP {status}")
         return status, data
 
-    async def _prefill(self, rep: Replica, path: str, body: dict[str, Any], weight: float) -> tuple[int, bytes, Any]:
+    async def _prefill(self, rep: Replica, path: str, body: dict[str, Any], weight: float,
+                       flow: str) -> tuple[int, bytes, Any]:
         pb = dict(body)
         pb["kv_transfer_params"] = _PREFILL_KV
         pb["stream"] = False
@@ -588,7 +589,7 @@ class Router:
             pb["max_completion_tokens"] = 1
         for k in ("stream_options", "min_tokens", "min_completion_tokens"):
             pb.pop(k, None)
-        status, data = await self._post(rep, path, pb, weight)
+        status, data = await self._post(rep, path, pb, weight, flow)
         if status != 200:
             return status, data, None
         try:
@@ -597,17 +598,19 @@ class Router:
             raise _Upstream(f"{rep.id}: prefill answer is not a JSON object") from None
 
     async def _prepare(self, path: str, body: dict[str, Any], rec: UsageRecord, exclude: set[str],
-                       weight: float) -> tuple[Replica, dict[str, Any] | web.Response, float]:
+                       weight: float) -> tuple[Replica, dict[str, Any] | web.Response, float, str]:
         """Pick a pair and run the prefill leg (retrying other prefill replicas), the prompt weighing `weight`
         there. Returns the decode replica, the decode request body (or an engine's client-error response to
-        pass through) and what the request weighs at the decode replica until its first token: the prompt's
-        weight where that replica also prefills it (colocated), else 1."""
+        pass through), what the request weighs at the decode replica until its first token (the prompt's
+        weight where that replica also prefills it (colocated), else 1) and the flow's request id, which both
+        legs carry as X-Request-Id: NIXL's push mode pairs them by it."""
         while True:
             route, prep, drep = self.pick(exclude)
+            flow = f"{rec.request_id}-{next(self._flows)}"
             if route.prefill == route.decode:  # colocated: one engine does both
-                return drep, body, weight
+                return drep, body, weight, flow
             try:
-                status, data, kv = await self._prefill(prep, path, body, weight)
+                status, data, kv = await self._prefill(prep, path, body, weight, flow)
             except _Upstream:
                 exclude.add(prep.id)
                 rec.prefill_retries += 1
@@ -615,20 +618,20 @@ class Router:
             rec.prefill_replica = prep.id
             rec.replicas.append(prep.id)
             if status != 200:
-                return drep, web.Response(status=status, body=data, content_type="application/json"), 1.0
+                return drep, web.Response(status=status, body=data, content_type="application/json"), 1.0, flow
             db = dict(body)
             if kv:
                 db["kv_transfer_params"] = kv
-            return drep, db, 1.0
+            return drep, db, 1.0, flow
 
     async def _unary(self, path: str, body: dict[str, Any], rec: UsageRecord, weight: float) -> web.Response:
         exclude: set[str] = set()
         for _ in range(self.config.max_attempts):
-            drep, db, held = await self._prepare(path, body, rec, exclude, weight)
+            drep, db, held, flow = await self._prepare(path, body, rec, exclude, weight)
             if isinstance(db, web.Response):
                 return db
             try:
-                status, data = await self._post(drep, path, db, held)
+                status, data = await self._post(drep, path, db, held, flow)
             except _Upstream:
                 exclude.add(drep.id)
                 continue
@@ -658,7 +661,7 @@ class Router:
         cur = body
         for _attempt in range(self.config.max_attempts + 1):
             try:
-                drep, db, held = await self._prepare(path, cur, rec, exclude, weight)
+                drep, db, held, flow = await self._prepare(path, cur, rec, exclude, weight)
             except _NoReplica:
                 if not out.opened:
                     raise
@@ -676,7 +679,7 @@ class Router:
             done = False
             up = None
             try:
-                up = await self._pool(drep).stream("POST", path, orjson.dumps(db))
+                up = await self._pool(drep).stream("POST", path, orjson.dumps(db), flow)
                 if up.status != 200:
                     data = await up.read()
                     if up.status >= 500:

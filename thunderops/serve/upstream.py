@@ -172,8 +172,9 @@ class UpstreamPool:
             raise UpstreamError(f"cannot connect to {self.netloc}: {e}") from None
         return conn
 
-    async def _send(self, method: str, path: str, body: bytes) -> _Conn:
-        req = (f"{method} {self.prefix}{path} HTTP/1.1\r\n".encode() + self._head
+    async def _send(self, method: str, path: str, body: bytes, request_id: str | None = None) -> _Conn:
+        head = self._head + (f"X-Request-Id: {request_id}\r\n".encode() if request_id else b"")
+        req = (f"{method} {self.prefix}{path} HTTP/1.1\r\n".encode() + head
                + b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
         while self.idle:  # reuse; a connection the engine closed while idle fails before any byte: retry fresh
             conn = self.idle.pop()
@@ -212,18 +213,18 @@ class UpstreamPool:
         except (RuntimeError, OSError) as e:
             raise UpstreamError(f"connection to {self.netloc} lost: {e}") from None
 
-    async def request(self, method: str, path: str, body: bytes = b"") -> tuple[int, bytes]:
-        """One whole exchange: (status, body)."""
-        conn = await self._send(method, path, body)
+    async def request(self, method: str, path: str, body: bytes = b"", request_id: str | None = None) -> tuple[int, bytes]:
+        """One whole exchange: (status, body). `request_id` goes in the X-Request-Id header (vLLM's request id)."""
+        conn = await self._send(method, path, body, request_id)
         try:
             await conn.done
             return conn.status, b"".join(conn.body)
         finally:
             conn.release()
 
-    async def stream(self, method: str, path: str, body: bytes = b"") -> StreamedResponse:
+    async def stream(self, method: str, path: str, body: bytes = b"", request_id: str | None = None) -> StreamedResponse:
         """Headers received; iterate the returned response for the body, then close() it."""
-        conn = await self._send(method, path, body)
+        conn = await self._send(method, path, body, request_id)
         conn.streaming = True
         return StreamedResponse(conn)
 

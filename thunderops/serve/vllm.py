@@ -2,9 +2,15 @@
 
 One deployment pins one model dtype, one attention backend and one KV-cache dtype across all its engines:
 NIXL moves raw KV blocks, so both sides of a transfer must lay them out identically even when their GPU
-generations differ (vLLM would otherwise pick a backend per GPU). Prefill and decode groups get
-NixlConnector with ``kv_role=kv_both``; groups joined by a route that asks for compressed KV transfer
-(``Route.kv_compression < 1``) get LMCache's connector with its compressing serde instead, on both sides.
+generations differ (vLLM would otherwise pick a backend per GPU).
+
+One deployment also runs one KV connector (`kv_transfer`), chosen when the plan is made and kept by every later
+version (recorded as ``inputs["kv_transfer"]``), since running engines cannot change theirs:
+``NixlConnector`` (NIXL's pull mode, vLLM's default), ``NixlPushConnector`` where some replica pipelines
+(the one NIXL mode that sends from a pipeline; no NIXL mode receives into one, so decode replicas are single
+stage), or ``LMCacheConnectorV1`` with its compressing serde where the plan compresses KV for transfer. NIXL
+engines run ``kv_role=kv_both``, colocated ones too, so a light reschedule may flip any phase without a
+restart; LMCache's PD mode fixes each engine's role (`engine_phases`).
 Every engine gets explicit ``--max-num-batched-tokens``/``--max-num-seqs`` from the performance model's
 ``batch_limits`` for its group (vLLM's own defaults differ by GPU), so the deployment runs what was planned.
 Commands are argument lists; ``EngineCommand.shell()`` is for display only.
@@ -14,18 +20,21 @@ from __future__ import annotations
 
 import json
 import shlex
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from thunderops.errors import PlanError
-from thunderops.plan import Group, Plan
+from thunderops.plan import Group, Plan, Route
 from thunderops.specs import get_gpu, get_model, norm, served_names
 
 if TYPE_CHECKING:
     from thunderops.perf import PerfModel
 
-NIXL = "NixlConnector"
+NIXL = "NixlConnector"  # pull: the decode engine reads the prefill engine's KV blocks
+NIXL_PUSH = "NixlPushConnector"  # push: the prefill engine writes them (same proxy flow, same X-Request-Id)
 LMCACHE = "LMCacheConnectorV1"
+KV_TRANSFERS = (NIXL, NIXL_PUSH, LMCACHE)
 _PRE_AMPERE = ("v100", "t4", "p100", "p40", "p4", "k80", "m60", "titanv")  # no bf16, no FlashAttention 2
 
 
@@ -122,33 +131,51 @@ def batch_limits(plan: Plan, group: Group, options: EngineOptions = EngineOption
     return perf_model(plan, options).batch_limits([s.gpu for s in group.stages])
 
 
+def kv_transfer_for(groups: Iterable[Group], routing: Iterable[Route]) -> str:
+    """The KV connector a new deployment of these groups and routes runs: LMCache where some route compresses
+    KV, NIXL's push mode where some replica pipelines, else NIXL's pull mode."""
+    if any(r.kv_compression < 1 for r in routing):
+        return LMCACHE
+    return NIXL_PUSH if any(g.pp > 1 for g in groups) else NIXL
+
+
+def kv_transfer(plan: Plan) -> str:
+    """The deployment's KV connector: the one it was planned with (plans from before the choice was recorded:
+    derived the same way)."""
+    conn = plan.inputs.get("kv_transfer") or kv_transfer_for(plan.groups, plan.routing)
+    if conn not in KV_TRANSFERS:
+        raise PlanError(f"unknown kv_transfer {conn!r} in the plan's inputs; expected one of {', '.join(KV_TRANSFERS)}")
+    if conn == NIXL and any(g.pp > 1 for g in plan.groups):
+        raise PlanError("the plan pipelines a replica but records NIXL's pull mode, which cannot send from a "
+                        "pipeline; re-create the plan with thunderops plan")
+    return conn
+
+
 def connectors(plan: Plan) -> dict[str, str | None]:
-    """KV connector per group: LMCache for every group connected (through routes) to a compressed route,
-    NIXL for the other prefill/decode groups, none for colocated groups that never hand KV over."""
-    parent = {g.id: g.id for g in plan.groups}
+    """KV connector per group: the deployment's (`kv_transfer`) for every group, colocated ones included so a
+    reschedule can flip their phase; none for colocated groups of an LMCache deployment (its PD mode needs a
+    sender or receiver role)."""
+    conn = kv_transfer(plan)
+    return {g.id: None if conn == LMCACHE and g.phase == "colocated" else conn for g in plan.groups}
 
-    def find(x: str) -> str:
-        while parent[x] != x:
-            parent[x] = parent[parent[x]]
-            x = parent[x]
-        return x
 
-    for r in plan.routing:
-        if r.prefill in parent and r.decode in parent:
-            parent[find(r.prefill)] = find(r.decode)
-    compressed = {find(r.prefill) for r in plan.routing if r.kv_compression < 1 and r.prefill in parent}
-    out: dict[str, str | None] = {}
+def engine_phases(plan: Plan) -> dict[str, tuple[str, ...]]:
+    """The phases each group's running engine can serve without a restart: any phase for a single-stage NIXL
+    engine (kv_both), prefill or colocated for a pipelined one (NIXL receives into one stage only), its own
+    phase under LMCache (roles are fixed at start)."""
+    conns = connectors(plan)
+    out = {}
     for g in plan.groups:
-        if g.phase == "colocated":
-            out[g.id] = None
+        if conns[g.id] in (NIXL, NIXL_PUSH):
+            out[g.id] = ("prefill", "decode", "colocated") if g.pp == 1 else ("prefill", "colocated")
         else:
-            out[g.id] = LMCACHE if find(g.id) in compressed else NIXL
+            out[g.id] = (g.phase,)
     return out
 
 
 def _kv_config(group: Group, connector: str, index: int) -> dict[str, object]:
-    if connector == NIXL:
-        return {"kv_connector": NIXL, "kv_role": "kv_both"}
+    if connector in (NIXL, NIXL_PUSH):
+        return {"kv_connector": connector, "kv_role": "kv_both"}
     role = "kv_producer" if group.phase == "prefill" else "kv_consumer"
     return {"kv_connector": LMCACHE, "kv_role": role,
             "kv_connector_extra_config": {"discard_partial_chunks": False, "lmcache_rpc_port": f"{role}{index}"}}
@@ -170,6 +197,9 @@ def engine_commands(plan: Plan, options: EngineOptions = EngineOptions(), *, exe
         if sum(g.layer_split) != model.layers or min(g.layer_split) < 1:
             raise PlanError(f"group {g.id} splits {model.name}'s {model.layers} layers as {g.layer_split}: every "
                             f"stage needs at least one and they must add up; re-create the plan with thunderops plan")
+        if g.phase == "decode" and g.pp > 1:
+            raise PlanError(f"group {g.id} decodes on a {g.pp}-stage pipeline, which vLLM's KV connectors cannot "
+                            "receive into; re-create the plan with thunderops plan")
         tps = {s.tp for s in g.stages}
         if len(tps) > 1:
             raise PlanError(f"group {g.id}: vLLM needs the same TP degree in every pipeline stage, got {sorted(tps)}")
@@ -210,7 +240,7 @@ def engine_commands(plan: Plan, options: EngineOptions = EngineOptions(), *, exe
         conn = conns[g.id]
         if conn is not None:
             argv += ["--kv-transfer-config", json.dumps(_kv_config(g, conn, index), separators=(",", ":"))]
-            if conn == NIXL:
+            if conn in (NIXL, NIXL_PUSH):
                 env["VLLM_NIXL_SIDE_CHANNEL_PORT"] = str(port + options.nixl_port_offset)
                 if host:
                     env["VLLM_NIXL_SIDE_CHANNEL_HOST"] = host
