@@ -209,3 +209,21 @@ def test_a_wheel_that_cannot_be_built_is_one_error_before_anything_is_launched(t
     msg = str(err.value)
     assert "\n" not in msg and "could not build a thunderops wheel" in msg and "--pip-spec" in msg
     assert seen == [] and cloud.names() == set() and p.store.nodes("d3") == []
+
+
+def test_engine_nodes_install_lmcache_only_where_the_deployment_compresses_kv(tmp_path):
+    from thunderops.provision.tasks import engine_task
+
+    plan = _plan()
+    inst = plan.instances[0]
+
+    def spec(p, **kw):
+        return engine_task(p, inst, deployment="d", node_id="n", cluster="c", **kw)["envs"]["THUNDEROPS_PIP_SPEC"]
+
+    assert spec(plan) == "thunderops[serve]"
+    lm = copy.deepcopy(plan)
+    lm.inputs["kv_transfer"] = "LMCacheConnectorV1"
+    assert spec(lm) == "thunderops[serve,lmcache]"
+    whl = tmp_path / "thunderops-1.0-py3-none-any.whl"
+    assert spec(lm, wheel=whl) == pip_spec_for(whl, "serve,lmcache")
+    assert spec(lm, pip_spec="thunderops==0.1") == "thunderops==0.1"  # the user's spec as given

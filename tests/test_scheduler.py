@@ -253,6 +253,45 @@ def test_light_reschedule_keeps_layouts_of_survivors():
         reschedule(plan, ["nope"])
 
 
+def test_a_pipelined_running_engine_is_never_rated_as_a_decode_replica():
+    """A running engine's layout is pinned; one of several pipeline stages can prefill or be colocated, but no
+    KV connector receives into a pipeline, so its decode capacity is 0 (the reschedule never flips it there)."""
+    from thunderops.scheduler.harness import Harness
+    from thunderops.workload import get_workload
+
+    h = _h200_harness(1)
+    units = tuple(u for us in h.units_of for u in us)
+    spec_layout = h.perf.split_layers([("H200", 4), ("H200", 4)], "prefill")
+    h.fix_layout(units, spec_layout)
+    assert h.config(units, "decode").capacity == 0
+    assert h.config(units, "prefill").capacity > 0 and h.config(units, "colocated").capacity > 0
+    one = Harness(list(h.pool), h.perf, get_workload("coding"), h.slo, h.topo)
+    one.fix_layout(units, h.perf.split_layers([("H200", 8)], "decode"), phases=("decode",))  # an LMCache receiver
+    assert one.config(units, "decode").capacity > 0 and one.config(units, "prefill").capacity == 0
+
+
+def test_a_light_reschedule_keeps_the_deployments_kv_connector():
+    """Engines keep the connector they started with: a plan made with LMCache (KV compressed for transfer)
+    reschedules with every replica in its phase (LMCache's roles are fixed) and every KV hop compressed; a NIXL
+    plan's routes stay raw."""
+    inv = parse_inventory({"nodes": [{"name": f"n{i}", "gpu": "A100-80GB", "gpus": 2, "network_gbps": 100}
+                                     for i in range(4)]}, "test")
+    plan = solve(None, "llama-3.1-8b", LONG, slo=TIGHT, inventory=inv, search=FAST).plan
+    assert plan.inputs["kv_transfer"] == "NixlConnector"
+    assert {g.phase for g in plan.groups} >= {"prefill", "decode"}
+    lost = plan.groups[-1].stages[0].instance
+    new = reschedule(plan, [lost], workload=LONG, slo=TIGHT)
+    assert new.inputs["kv_transfer"] == "NixlConnector" and all(r.kv_compression == 1 for r in new.routing)
+    lm = replace(plan, inputs={**plan.inputs, "kv_transfer": "LMCacheConnectorV1"})
+    new = reschedule(lm, [lost], workload=LONG, slo=TIGHT)
+    assert new.inputs["kv_transfer"] == "LMCacheConnectorV1"
+    phase = {g.id: g.phase for g in plan.groups}
+    assert all(g.phase == phase[g.id] for g in new.groups)
+    hops = [r for r in new.routing if r.prefill != r.decode
+            and {s.instance for s in new.group(r.prefill).stages} != {s.instance for s in new.group(r.decode).stages}]
+    assert hops and all(r.kv_compression < 1 for r in hops)
+
+
 @pytest.mark.parametrize("keep_layouts", [False, True])
 def test_finalize_moves_kv_off_a_slow_measured_link(keep_layouts):
     plan = solve(None, "llama-3.1-8b", LONG, slo=TIGHT, inventory=single_gpu_nodes(8, 100.0), search=FAST).plan

@@ -162,7 +162,7 @@ def engine_task(plan: Plan, instance: Instance, *, deployment: str, node_id: str
     envs.update(THUNDEROPS_DEPLOYMENT=deployment, THUNDEROPS_NODE=node_id, THUNDEROPS_INSTANCE=instance.id,
                 THUNDEROPS_MODEL=plan.model, THUNDEROPS_AGENT_PORT=str(ports.agent),
                 THUNDEROPS_AGENT_GPU=instance.gpu, THUNDEROPS_AGENT_GPUS=str(int(instance.gpus)))
-    _install(cfg, pip_spec, wheel, "serve")
+    _install(cfg, pip_spec, wheel, engine_extras(plan))
     cert, key = agent_tls or (None, None)
     secrets = {"THUNDEROPS_AGENT_TOKEN": agent_token, "VLLM_API_KEY": engine_key,
                "THUNDEROPS_AGENT_TLS_CERT": cert, "THUNDEROPS_AGENT_TLS_KEY": key}
@@ -222,9 +222,17 @@ def router_task(plan: Plan, *, deployment: str, plan_path: str | Path, port: int
     return cfg
 
 
+def engine_extras(plan: Plan) -> str:
+    """thunderops' extras an engine node installs: vLLM with NIXL (`serve`), plus LMCache where the deployment
+    compresses KV for transfer with it."""
+    from thunderops.serve.vllm import LMCACHE, kv_transfer
+
+    return "serve,lmcache" if kv_transfer(plan) == LMCACHE else "serve"
+
+
 def _install(cfg: dict[str, Any], pip_spec: str | None, wheel: str | Path | None, extras: str) -> None:
     """What the task's setup pip-installs: `pip_spec` if given, else the shipped `wheel` (mounted under the
-    node's home), else the template's default."""
+    node's home), else thunderops from PyPI, with `extras` either way."""
     from thunderops.provision.package import pip_spec_for, remote_path
 
     if pip_spec:
@@ -232,6 +240,8 @@ def _install(cfg: dict[str, Any], pip_spec: str | None, wheel: str | Path | None
     elif wheel is not None:
         cfg.setdefault("file_mounts", {})[remote_path(wheel)] = str(wheel)
         cfg["envs"]["THUNDEROPS_PIP_SPEC"] = pip_spec_for(wheel, extras)
+    else:
+        cfg["envs"]["THUNDEROPS_PIP_SPEC"] = f"thunderops[{extras}]" if extras else "thunderops"
 
 
 def _fill_lines(run: str, lines: list[str], marker: str = ENGINES_MARKER) -> str:
