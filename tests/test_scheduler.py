@@ -382,6 +382,9 @@ def test_cli_plan_json_and_out(tmp_path):
     data = json.loads(r.output)
     assert Plan.from_dict(data).to_dict() == Plan.load(out).to_dict()
     assert set(data["inputs"]["baselines"]) >= {"vllm", "hexgen"}
+    assert data["inputs"]["kv_transfer"] in ("NixlConnector", "NixlPushConnector", "LMCacheConnectorV1")
+    shown = runner.invoke(app, ["plan", "--inventory", "examples/paper_inventory.yaml", "--time-limit", "5"])
+    assert shown.exit_code == 0 and f"KV connector: {data['inputs']['kv_transfer']}" in shown.output
 
 
 @pytest.mark.parametrize("args,needle", [

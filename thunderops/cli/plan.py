@@ -121,6 +121,7 @@ def render(plan) -> None:
                                                        f"compressed x{r.kv_compression:g}")
         rt.add_row(r.prefill, r.decode, f"{r.fraction:.1%}", kv)
     console.print(rt)
+    console.print(f"KV connector: {_connector_note(plan)}", highlight=False)
     p = plan.predicted
     slo = plan.inputs.get("slo", {})
     console.print(
@@ -133,6 +134,20 @@ def render(plan) -> None:
     if plan.inputs.get("rate") and not plan.inputs.get("rate_met", True):
         err_console.print(f"[yellow]warning:[/] no plan within the budget serves {plan.inputs['rate']} req/s; "
                           "this is the most goodput it buys", highlight=False)
+
+
+def _connector_note(plan) -> str:
+    """The deployment's vLLM KV connector and why (serve.vllm.kv_transfer)."""
+    from thunderops.errors import PlanError
+    from thunderops.serve.vllm import LMCACHE, NIXL_PUSH, kv_transfer
+
+    try:
+        conn = kv_transfer(plan)
+    except PlanError as e:
+        return f"none usable ({e})"
+    why = {NIXL_PUSH: "NIXL's push mode: a replica pipelines, which only it sends from",
+           LMCACHE: "LMCache: KV is compressed for transfer"}.get(conn, "NIXL's pull mode")
+    return f"{conn} ({why})"
 
 
 def render_comparison(plan, baselines: dict, detailed: bool = False) -> None:
