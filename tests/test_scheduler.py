@@ -714,3 +714,24 @@ def test_a_group_that_holds_no_replica_is_neither_counted_nor_rented():
     assert all(sum(s.layers for s in g.stages) == 80 for g in plan.groups)
 
 
+
+
+def test_offers_the_engines_cannot_run_on_are_never_rented(lambda_offers):
+    """vLLM's pip wheels (CUDA 13 builds) have no Volta kernels and no ROCm: a V100 or MI300X node would bill
+    for an engine that cannot start. The plan says what it left out; an inventory's GPUs are the owner's call."""
+    from thunderops.scheduler import servable_offers
+
+    assert "V100" in set(lambda_offers["gpu"])
+    res = solve(6.0, "llama-2-7b", "conversation", offers=lambda_offers, search=FAST, sim_check=0)
+    assert all(i.gpu not in ("V100", "V100-32GB") for p in [res.plan, *res.baselines.values()] for i in p.instances)
+    assert "V100" in res.plan.inputs["not_servable"]["V100"] and "7.5" in res.plan.inputs["not_servable"]["V100"]
+    only_old = load_offers(clouds="lambda", gpus="V100")
+    with pytest.raises(PlanError, match="no offer left that vLLM can serve") as e:
+        servable_offers(only_old)
+    assert "\n" not in str(e.value)
+    oci = load_offers(clouds="oci", gpus="MI300X")
+    with pytest.raises(PlanError, match="AMD GPU"):
+        servable_offers(oci)
+    inv = parse_inventory({"nodes": [{"name": "old", "gpu": "V100-32GB", "gpus": 8, "network_gbps": 100}]}, "test")
+    plan = solve(None, "llama-2-7b", "conversation", inventory=inv, search=FAST, sim_check=0).plan
+    assert {i.gpu for i in plan.instances} == {"V100-32GB"} and "not_servable" not in plan.inputs

@@ -39,6 +39,7 @@ class GpuSpec:
     bf16_tflops: float
     intra_link: str
     intra_link_gbps: float  # bidirectional GB/s between GPUs of one node, as datasheets give it
+    arch: str = ""  # NVIDIA compute capability as "sm90", AMD's target as "gfx942"
     source: str = ""
     as_of: str = ""
 
@@ -123,6 +124,7 @@ def gpu_table() -> dict[str, GpuSpec]:
             bf16_tflops=float(row["bf16_tflops"]),
             intra_link=row["intra_link"],
             intra_link_gbps=float(row["intra_link_gbps"]),
+            arch=row.get("arch") or "",
             source=row["source"],
             as_of=row["as_of"],
         )

@@ -105,6 +105,8 @@ def render(plan) -> None:
     console.print(inst)
     sources = sorted({f"{i.source} ({i.as_of})" if i.as_of else i.source for i in plan.instances})
     console.print("prices ($/h per node): " + "; ".join(sources), highlight=False)
+    if inputs.get("not_servable"):
+        console.print(f"[dim]not considered: {'; '.join(inputs['not_servable'].values())}[/]", highlight=False)
     grp = Table(title="replicas (groups)")
     for col in ("group", "phase", "GPUs", "TP", "PP", "layers", "stages"):
         grp.add_column(col)

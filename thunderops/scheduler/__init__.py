@@ -91,6 +91,7 @@ def solve(
     if not (math.isfinite(time_limit) and time_limit > 0):
         raise PlanError(f"time limit must be a positive number of seconds, got {time_limit:g} (--time-limit 60)")
     overrides: dict = {}
+    not_servable: dict[str, str] = {}  # GPU types left out of the offers: the engines cannot run there
     if inventory is not None:
         inv = inventory if isinstance(inventory, Inventory) else load_inventory(inventory)
         pool, overrides = list(inv.instances), dict(inv.links)
@@ -104,6 +105,7 @@ def solve(
             from thunderops.catalog import load_offers
 
             table = load_offers(offers, clouds=clouds, regions=regions, spot=True if spot else None)
+        table, not_servable = servable_offers(table)
         nodes = max_replica_nodes or NO_NODE_LIMIT
         if budget is None:  # a rate alone: the search's ceiling is RATE_HEADROOM x one offer kind's cost for it
             check_budget(table, perf, math.inf, spot, nodes)  # the model fits some offer
@@ -156,6 +158,8 @@ def solve(
         "bandwidth": str(bandwidth) if isinstance(bandwidth, str | Path) else None,
         "seed": seed, "time_limit": cfg.time_limit, "max_replica_nodes": max_replica_nodes,
     }
+    if not_servable:
+        inputs["not_servable"] = not_servable
     tabu = Tabu(h, cfg, seed=seed, progress=progress)
     with FinalCheck(h, wl, slo, perf, rate, sim_requests, seed, inputs,
                     workers=None if sim_check > 0 else 1) as check:
@@ -236,6 +240,21 @@ def without_offers(offers: pd.DataFrame, blocked: Iterable[tuple]) -> pd.DataFra
     df.loc[no_spot, ["price_spot", "price_per_gpu_spot"]] = float("nan")
     df.loc[no_od, ["price_ondemand", "price_per_gpu_ondemand"]] = float("nan")
     return df[~((no_od | df["price_ondemand"].isna()) & df["price_spot"].isna())].reset_index(drop=True)
+
+
+def servable_offers(table: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, str]]:
+    """The offers whose GPUs the engines thunderops installs can run on (`serve.vllm.engine_gpu_problem`), and
+    why each GPU type left out cannot. Renting a node whose engine cannot start would bill for nothing. GPUs of
+    an --inventory are not filtered: their owner may run a vLLM build of their own."""
+    from thunderops.serve.vllm import engine_gpu_problem
+
+    problems = {g: p for g in table["gpu"].unique() if (p := engine_gpu_problem(g)) is not None}
+    if not problems:
+        return table, {}
+    kept = table[~table["gpu"].isin(set(problems))]
+    if kept.empty:
+        raise PlanError(f"no offer left that vLLM can serve: {'; '.join(problems.values())}; widen --clouds/--regions")
+    return kept, problems
 
 
 def replan(plan: Plan, blocked: Iterable[tuple] = (), *, clouds: Iterable[str] | None = None,

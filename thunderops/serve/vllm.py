@@ -38,6 +38,23 @@ KV_TRANSFERS = (NIXL, NIXL_PUSH, LMCACHE)
 _PRE_AMPERE = ("v100", "t4", "p100", "p40", "p4", "k80", "m60", "titanv")  # no bf16, no FlashAttention 2
 
 
+# vLLM's CUDA wheels: CUDA 13 is their default build since 2026-04 (vllm-project/vllm#39878), and CUDA 13 has no
+# Volta (sm70) support
+ENGINE_MIN_SM = 75
+
+
+def engine_gpu_problem(gpu: str) -> str | None:
+    """Why the engines thunderops installs on a node (`pip install vllm`: CUDA builds) cannot run on `gpu`, or
+    None when they can."""
+    spec = get_gpu(gpu)
+    if spec.arch.startswith("gfx"):
+        return f"{spec.name} is an AMD GPU and vLLM's pip wheels are CUDA builds (ROCm needs vLLM's ROCm build)"
+    if spec.arch.startswith("sm") and int(spec.arch[2:]) < ENGINE_MIN_SM:
+        return (f"{spec.name} ({spec.arch}) predates vLLM's CUDA 13 wheels, which need compute capability "
+                f"{ENGINE_MIN_SM / 10:g} or newer")
+    return None
+
+
 @dataclass(frozen=True)
 class EngineOptions:
     """Deployment-wide engine settings. None means "derive from the plan" (see `engine_commands`)."""
