@@ -156,7 +156,7 @@ def test_table_round_trips_through_json():
 
 
 def test_split_gives_one_sequence_per_sample_and_prompt_with_distinct_seeds():
-    from thunderops.serve.fanout import split
+    from thunderops.serve.fanout import SplitError, split
 
     assert split({"prompt": "a", "n": 1}, chat=False) is None
     assert split({"prompt": ["a"]}, chat=False) is None and split({"prompt": [1, 2, 3]}, chat=False) is None
@@ -166,3 +166,5 @@ def test_split_gives_one_sequence_per_sample_and_prompt_with_distinct_seeds():
     assert all("n" not in q.body and q.body["max_tokens"] == 3 for q in seqs)
     chat = split({"messages": [{"role": "user", "content": "x"}], "n": 3}, chat=True)
     assert [q.index for q in chat] == [0, 1, 2] and all("seed" not in q.body for q in chat)
+    with pytest.raises(SplitError, match="at most 256"):
+        split({"prompt": ["a", "b"], "n": 129}, chat=False)

@@ -14,6 +14,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+MAX_SEQUENCES = 256  # per request (n x prompts): each is an engine request of its own
+
 
 class SplitError(ValueError):
     """A request whose `n` or `prompt` cannot be split (the client gets a 400)."""
@@ -45,6 +47,10 @@ def split(body: dict[str, Any], chat: bool) -> list[Sequence] | None:
         prompts = p  # a batch of prompts (texts or token-id lists)
     if n == 1 and (prompts is None or len(prompts) == 1):
         return None
+    count = n * (len(prompts) if prompts is not None else 1)
+    if count > MAX_SEQUENCES:
+        raise SplitError(f"at most {MAX_SEQUENCES} sequences per request (n x prompts), got {count}; split the "
+                         "request", "n")
     seed = body.get("seed")
     out = []
     for i, prompt in enumerate(prompts if prompts is not None else [None]):
