@@ -525,7 +525,11 @@ class Router:
         try:
             if not rec.stream:
                 answers = await asyncio.gather(*(self._unary(path, q.body, r, w)
-                                                 for q, r, w in zip(seqs, parts, weights, strict=True)))
+                                                 for q, r, w in zip(seqs, parts, weights, strict=True)),
+                                               return_exceptions=True)  # all end before the record is made
+                for a in answers:
+                    if isinstance(a, BaseException):
+                        raise a
                 failed = next((a for a in answers if a.status != 200), None)
                 if failed is not None:
                     return failed
