@@ -69,6 +69,9 @@ def test_gpus_and_models(thunderops_cli):
     gpus = json.loads(run(thunderops_cli, "catalog", "gpus", "--json").stdout)
     h100 = next(g for g in gpus if g["gpu"] == "H100")
     assert h100["memory_gb"] == 80 and "aws" in h100["clouds"] and h100["min_price_per_gpu_ondemand"] > 0
+    assert (h100["arch"], h100["not_servable"]) == ("sm90", None)
+    v100 = next(g for g in gpus if g["gpu"] == "V100")
+    assert v100["arch"] == "sm70" and "CUDA 13" in v100["not_servable"]
     models = json.loads(run(thunderops_cli, "catalog", "models", "--json").stdout)
     llama30 = next(m for m in models if m["model"] == "LLaMA-30B")
     assert (llama30["layers"], llama30["hidden"], llama30["heads"], llama30["intermediate"]) == (60, 6656, 52, 17920)

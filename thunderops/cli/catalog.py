@@ -72,6 +72,7 @@ def list_offers(
 def gpus(json_out: Annotated[bool, typer.Option("--json", help="Print JSON")] = False) -> None:
     """GPU specs (datasheet memory, bandwidth, dense bf16 TFLOP/s, intra-node link) and the cheapest offer."""
     from thunderops.catalog import load_offers
+    from thunderops.serve.vllm import engine_gpu_problem
     from thunderops.specs import get_gpu, gpu_names
 
     offers = load_offers()
@@ -82,21 +83,25 @@ def gpus(json_out: Annotated[bool, typer.Option("--json", help="Print JSON")] = 
         s = get_gpu(name)
         rows.append({"gpu": s.name, "memory_gb": s.memory_gb, "memory_gbps": s.memory_gbps,
                      "bf16_tflops": s.bf16_tflops, "intra_link": s.intra_link, "intra_link_gbps": s.intra_link_gbps,
+                     "arch": s.arch, "not_servable": engine_gpu_problem(s.name),
                      "min_price_per_gpu_ondemand": _clean(float(cheapest.get(name, math.nan))),
                      "clouds": sorted(clouds.get(name, [])), "source": s.source, "as_of": s.as_of})
     if json_out:
         print_json(rows)
         return
     table = Table(title="GPU specs (datasheet values)")
-    for col in ["GPU", "memory GB", "memory GB/s", "bf16 TFLOP/s", "intra-node link", "link GB/s",
+    for col in ["GPU", "arch", "memory GB", "memory GB/s", "bf16 TFLOP/s", "intra-node link", "link GB/s",
                 "from on-demand $/GPU-h", "clouds"]:
         table.add_column(col, justify="left" if col in ("GPU", "intra-node link", "clouds") else "right",
                          no_wrap=col == "GPU", overflow="fold")
     for r in rows:
-        table.add_row(r["gpu"], f"{r['memory_gb']:g}", f"{r['memory_gbps']:g}", f"{r['bf16_tflops']:g}",
+        table.add_row(r["gpu"] + (" (not rented)" if r["not_servable"] else ""), r["arch"], f"{r['memory_gb']:g}", f"{r['memory_gbps']:g}", f"{r['bf16_tflops']:g}",
                       r["intra_link"], f"{r['intra_link_gbps']:g}", _money(r["min_price_per_gpu_ondemand"]),
                       ",".join(r["clouds"]) or "-")
     console.print(table)
+    skipped = [r["not_servable"] for r in rows if r["not_servable"]]
+    if skipped:
+        console.print("not rented by plans (their offers stay in the catalog): " + "; ".join(skipped), highlight=False)
 
 
 @catalog_app.command("models")
