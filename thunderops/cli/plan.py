@@ -105,7 +105,10 @@ def render(plan) -> None:
     console.print(inst)
     sources = sorted({f"{i.source} ({i.as_of})" if i.as_of else i.source for i in plan.instances})
     console.print("prices ($/h per node): " + "; ".join(sources), highlight=False)
-    if inputs.get("not_servable"):
+    if inputs.get("not_servable") and inputs.get("inventory"):
+        err_console.print(f"[yellow]warning:[/] {'; '.join(inputs['not_servable'].values())}: run engines there "
+                          "with a vLLM build of your own (`up --pip-spec`)", highlight=False)
+    elif inputs.get("not_servable"):
         console.print(f"[dim]not considered: {'; '.join(inputs['not_servable'].values())}[/]", highlight=False)
     grp = Table(title="replicas (groups)")
     for col in ("group", "phase", "GPUs", "TP", "PP", "layers", "stages"):

@@ -95,6 +95,10 @@ def solve(
     if inventory is not None:
         inv = inventory if isinstance(inventory, Inventory) else load_inventory(inventory)
         pool, overrides = list(inv.instances), dict(inv.links)
+        from thunderops.serve.vllm import engine_gpu_problem
+
+        # your own GPUs are used as given; the plan says where vLLM's pip wheels will not run
+        not_servable = {g: p for g in sorted({i.gpu for i in pool}) if (p := engine_gpu_problem(g)) is not None}
     else:
         if budget is None and rate is None:
             raise PlanError("give a budget in $/h (--budget 13.54), a target --rate in req/s, or an --inventory "
