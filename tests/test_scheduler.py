@@ -735,3 +735,21 @@ def test_offers_the_engines_cannot_run_on_are_never_rented(lambda_offers):
     inv = parse_inventory({"nodes": [{"name": "old", "gpu": "V100-32GB", "gpus": 8, "network_gbps": 100}]}, "test")
     plan = solve(None, "llama-2-7b", "conversation", inventory=inv, search=FAST, sim_check=0).plan
     assert {i.gpu for i in plan.instances} == {"V100-32GB"} and "V100-32GB" in plan.inputs["not_servable"]
+
+
+def test_replicas_formed_anew_take_the_connector_they_need():
+    """A full reschedule or a re-layout finalize forms new replicas (their engines start afresh): the plan's
+    connector follows them, where a light one keeps the running deployment's."""
+    inv = single_gpu_nodes(8, 100.0)  # 70B needs 2-3 x 80 GB: replicas pipeline across instances
+    plan = solve(None, "llama-3.1-70b", "conversation", inventory=inv, search=FAST).plan
+    assert any(g.pp > 1 for g in plan.groups) and plan.inputs["kv_transfer"] == "NixlPushConnector"
+    stale = replace(plan, inputs={**plan.inputs, "kv_transfer": "LMCacheConnectorV1"})
+    lost = plan.groups[0].stages[0].instance
+    full = reschedule(stale, lost_instances=[lost], full=True, time_limit=10)
+    assert full.inputs["kv_transfer"] == "NixlPushConnector"
+    measured = {x.id: {y.id: 100.0 for y in plan.instances if y.id != x.id} for x in plan.instances}
+    relayout, _ = finalize(stale, measured, keep_layouts=False)
+    assert relayout.inputs["kv_transfer"] == "NixlPushConnector"
+    kept, _ = finalize(stale, measured, keep_layouts=True)
+    assert kept.inputs["kv_transfer"] == "LMCacheConnectorV1"
+    check_plan(full)

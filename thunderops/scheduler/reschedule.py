@@ -115,7 +115,9 @@ def reschedule(plan: Plan, lost_instances: Iterable[str] = (), workload: Workloa
                     time_limit=time_limit, perf=perf, max_replica_nodes=replica_limit(plan))
         new = res.plan
         new.budget_per_hour = plan.budget_per_hour
-        new.inputs = {**plan.inputs, "rescheduled": "full", "lost": sorted(lost)}
+        # new replicas: their engines start with the connector this plan needs
+        new.inputs = {**plan.inputs, "rescheduled": "full", "lost": sorted(lost),
+                      "kv_transfer": new.inputs["kv_transfer"]}
         new.version = plan.version + 1
         return new
     h = Harness(survivors, perf, wl, slo, topo, budget=None, rate=rate, granularity="gpu",
@@ -213,7 +215,10 @@ def finalize(plan: Plan, bandwidth_gbps: Mapping[str, Mapping[str, float]], thre
         if res.plan.predicted.goodput_rps > new.predicted.goodput_rps:
             new = res.plan
             new.budget_per_hour = plan.budget_per_hour
+    kv = new.inputs.get("kv_transfer")  # re-formed replicas (not keep_layouts) restart with the connector they need
     new.inputs = {k: v for k, v in plan.inputs.items() if k != "changes"}
+    if not keep_layouts and kv:
+        new.inputs["kv_transfer"] = kv
     new.bandwidth_gbps = {a.id: {b.id: round(topo.gbps(a, b), 3) for b in plan.instances} for a in plan.instances}
     new.version = plan.version + 1
     changes += _describe(plan, new)
