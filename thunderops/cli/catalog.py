@@ -95,8 +95,8 @@ def gpus(json_out: Annotated[bool, typer.Option("--json", help="Print JSON")] = 
         table.add_column(col, justify="left" if col in ("GPU", "intra-node link", "clouds") else "right",
                          no_wrap=col == "GPU", overflow="fold")
     for r in rows:
-        table.add_row(r["gpu"] + (" (not rented)" if r["not_servable"] else ""), r["arch"], f"{r['memory_gb']:g}", f"{r['memory_gbps']:g}", f"{r['bf16_tflops']:g}",
-                      r["intra_link"], f"{r['intra_link_gbps']:g}", _money(r["min_price_per_gpu_ondemand"]),
+        table.add_row(r["gpu"] + (" (not rented)" if r["not_servable"] else ""), r["arch"], f"{r['memory_gb']:g}",
+                      f"{r['memory_gbps']:g}", f"{r['bf16_tflops']:g}", r["intra_link"], f"{r['intra_link_gbps']:g}", _money(r["min_price_per_gpu_ondemand"]),
                       ",".join(r["clouds"]) or "-")
     console.print(table)
     skipped = [r["not_servable"] for r in rows if r["not_servable"]]

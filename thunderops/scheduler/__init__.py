@@ -95,10 +95,8 @@ def solve(
     if inventory is not None:
         inv = inventory if isinstance(inventory, Inventory) else load_inventory(inventory)
         pool, overrides = list(inv.instances), dict(inv.links)
-        from thunderops.serve.vllm import engine_gpu_problem
-
         # your own GPUs are used as given; the plan says where vLLM's pip wheels will not run
-        not_servable = {g: p for g in sorted({i.gpu for i in pool}) if (p := engine_gpu_problem(g)) is not None}
+        not_servable = gpu_problems({i.gpu for i in pool})
     else:
         if budget is None and rate is None:
             raise PlanError("give a budget in $/h (--budget 13.54), a target --rate in req/s, or an --inventory "
@@ -246,13 +244,19 @@ def without_offers(offers: pd.DataFrame, blocked: Iterable[tuple]) -> pd.DataFra
     return df[~((no_od | df["price_ondemand"].isna()) & df["price_spot"].isna())].reset_index(drop=True)
 
 
-def servable_offers(table: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, str]]:
-    """The offers whose GPUs the engines thunderops installs can run on (`serve.vllm.engine_gpu_problem`), and
-    why each GPU type left out cannot. Renting a node whose engine cannot start would bill for nothing. GPUs of
-    an --inventory are not filtered: their owner may run a vLLM build of their own."""
+def gpu_problems(gpus: Iterable[str]) -> dict[str, str]:
+    """GPU type -> why the engines thunderops installs cannot run on it (`serve.vllm.engine_gpu_problem`), for
+    those of `gpus` they cannot run on."""
     from thunderops.serve.vllm import engine_gpu_problem
 
-    problems = {g: p for g in table["gpu"].unique() if (p := engine_gpu_problem(g)) is not None}
+    return {g: p for g in sorted(set(gpus)) if (p := engine_gpu_problem(g)) is not None}
+
+
+def servable_offers(table: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, str]]:
+    """The offers whose GPUs the engines thunderops installs can run on, and why each GPU type left out cannot
+    (`gpu_problems`). Renting a node whose engine cannot start would bill for nothing. GPUs of an --inventory
+    are not filtered: their owner may run a vLLM build of their own."""
+    problems = gpu_problems(table["gpu"])
     if not problems:
         return table, {}
     kept = table[~table["gpu"].isin(set(problems))]

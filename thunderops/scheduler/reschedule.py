@@ -215,9 +215,9 @@ def finalize(plan: Plan, bandwidth_gbps: Mapping[str, Mapping[str, float]], thre
         if res.plan.predicted.goodput_rps > new.predicted.goodput_rps:
             new = res.plan
             new.budget_per_hour = plan.budget_per_hour
-    kv = new.inputs.get("kv_transfer")  # re-formed replicas (not keep_layouts) restart with the connector they need
+    kv = new.inputs.get("kv_transfer")  # the running one (keep_layouts), or what re-formed replicas restart with
     new.inputs = {k: v for k, v in plan.inputs.items() if k != "changes"}
-    if not keep_layouts and kv:
+    if kv:
         new.inputs["kv_transfer"] = kv
     new.bandwidth_gbps = {a.id: {b.id: round(topo.gbps(a, b), 3) for b in plan.instances} for a in plan.instances}
     new.version = plan.version + 1
