@@ -200,10 +200,33 @@ def test_up_killed_with_sigkill_midway_then_down_leaves_no_cluster(plan_file, cl
     assert kinds[0] == "provision-start" and kinds[-1] == "down"  # the store tells what happened
 
 
+def _holding(paths: list[str]) -> set[int]:
+    """Processes with a file open under any of `paths` (how Ray's processes of a node or cluster are found)."""
+    out = set()
+    for d in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            if any(os.readlink(f"/proc/{d}/fd/{fd}").startswith(tuple(paths)) for fd in os.listdir(f"/proc/{d}/fd")):
+                out.add(int(d))
+        except OSError:
+            continue
+    return out - {os.getpid()}
+
+
+def _wait_event(dep: str, kind: str, timeout_s: float) -> list:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if events := Store().events(dep, kind):
+            return events
+        time.sleep(0.5)
+    raise AssertionError(f"no {kind} event in {timeout_s} s: {[(e.kind, e.message) for e in Store().events(dep)]}")
+
+
 @pytest.mark.slow
-def test_local_emulated_deployment_serves_and_down_from_another_shell_ends_it(tmp_path):
+def test_local_emulated_deployment_serves_replaces_a_lost_node_and_down_from_another_shell_ends_it(tmp_path):
     """`up --emulate` on this machine: Ray nodes with declared GPUs, emulated engines pinned to them, the
-    router and the controller; the official openai client gets an answer; `thunderops down` ends it all."""
+    router and the controller; the official openai client gets an answer. A node lost (its raylet killed):
+    the background controller joins a replacement Ray node to the cluster `up` holds and serves on it, and the
+    lost node's Ray agents do not run on. `thunderops down` from another shell ends it all, nothing of Ray left."""
     import openai
 
     inv = tmp_path / "inv.yaml"
@@ -224,6 +247,23 @@ def test_local_emulated_deployment_serves_and_down_from_another_shell_ends_it(tm
         answer = client.completions.create(model="Llama-2-7B", prompt="hello there", max_tokens=4)
         assert answer.usage.completion_tokens == 4
         pids = [out["router_pid"], out["controller_pid"], up.pid]
+
+        lost = next(r for r in Store().nodes("loc") if r.instance_id == "l40sbox")
+        temp_dir = lost.meta["temp_dir"]
+        assert lost.meta["logs"] and _holding(lost.meta["logs"])  # the raylet and its agents
+        os.kill(lost.meta["pids"][0], signal.SIGKILL)  # the machine is gone (its agents are not, by themselves)
+        back = _wait_event("loc", "reprovisioned", 120)[0]
+        assert back.payload["instances"] == ["l40sboxr1"] and not Store().events("loc", "reprovision-failed")
+        new = next(r for r in Store().nodes("loc", live_only=True) if r.instance_id == "l40sboxr1")
+        assert new.meta["address"] == lost.meta["address"] and new.meta["emulate"]  # joined the same cluster
+        assert Store().node(lost.id).status in ("lost", "terminated")
+        assert not _holding(lost.meta["logs"])  # the lost node's orphaned agents were ended with it
+        plan = Store().latest_plan("loc")
+        assert {i for g in plan.groups for i in g.instances} == {"a100box", "l40sboxr1"}
+        for _ in range(4):  # both replicas serve again
+            answer = client.completions.create(model="Llama-2-7B", prompt="hello again", max_tokens=2)
+            assert answer.usage.completion_tokens == 2
+        assert _holding([temp_dir])
         # the engines' key (router -> engines) never shows: not in up --json, status, events, logs, state
         home = Path(os.environ["THUNDEROPS_HOME"])
         engine_key = json.loads((home / "tokens" / "loc.router.json").read_text())["engines"]["engine_key"]
@@ -237,6 +277,7 @@ def test_local_emulated_deployment_serves_and_down_from_another_shell_ends_it(tm
         while time.monotonic() < deadline and any(Path(f"/proc/{p}").exists() for p in pids):
             time.sleep(0.2)
         assert not any(Path(f"/proc/{p}").exists() for p in pids)
+        assert not _holding([temp_dir])  # every Ray process of the deployment, the joined node's included
         st = json.loads(cli("status", "loc", "--json").stdout)
         assert st["deployments"][0]["status"] == "down"
         assert {n["status"] for n in st["nodes"]} == {"terminated"}

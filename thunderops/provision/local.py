@@ -6,7 +6,8 @@ can be pinned to that plan instance) and `thunderops_gpu_<GPU type>` (its declar
 - start nodes here (`LocalProvider()`, or `emulate=True` for trials and tests): a head and one Ray node per
   plan instance on 127.0.0.1, each with its declared GPU type (`ray.cluster_utils.Cluster`; with
   `emulate=False` the node also gets the GPUs as Ray `num_gpus`). The serving step fills them with engines
-  or engine emulators.
+  or engine emulators. Replacement nodes join the same cluster: from this process through its `Cluster`,
+  from another one (the background controller of `thunderops up`) at the address the nodes' records hold.
 - attach to a Ray cluster you started on your hosts (`address=HOST:PORT`): each inventory node runs
   `ray start --address=... --resources='{"thunderops_node_<name>": 1, "thunderops_gpu_<GPU>": N}'`;
   `up` checks that every plan instance is there (and prints the command for the ones that are not).
@@ -55,6 +56,7 @@ from thunderops.state import Store, now_utc
 HEALTH = {"health_check_initial_delay_ms": 0, "health_check_period_ms": 400, "health_check_timeout_ms": 400,
           "health_check_failure_threshold": 3}
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
+_TEMP_PREFIX = "/to-ray-"  # each deployment's Ray temp dir: /tmp/to-ray-<deployment>-<random>
 _RAY_PROCESS_WORDS = ("raylet", "gcs_server", "ray", "dashboard", "log_monitor", "monitor.py")
 
 
@@ -147,6 +149,24 @@ class _Started:
     temp_dir: str
 
 
+@dataclass
+class _HostCluster:
+    """Where a deployment's nodes join: its Ray cluster's address, head processes, temp dir, and whether its
+    nodes only declare their GPUs (emulated engines)."""
+
+    address: str
+    head_pids: list[int]
+    temp_dir: str
+    emulate: bool
+
+
+def _node_resources(inst: Any, emulate: bool) -> dict[str, Any]:
+    """A plan instance's Ray node resources: its pin and GPU type, and its GPUs as Ray GPUs unless emulated."""
+    gpus = int(inst.gpus)
+    return {"num_gpus": 0 if emulate else gpus,
+            "resources": {node_resource(inst.id): 1.0, gpu_resource(inst.gpu): float(gpus)}}
+
+
 def _pids(ray_node: Any) -> list[int]:
     return sorted({p.process.pid for infos in ray_node.all_processes.values() for p in infos if p.process})
 
@@ -160,19 +180,94 @@ def _is_ray_process(pid: int) -> bool:
     return any(w in cmd for w in _RAY_PROCESS_WORDS)
 
 
-def stop_pids(pids: list[int], timeout_s: float = 5.0) -> list[int]:
-    """SIGTERM then SIGKILL the recorded Ray processes still running; returns those that were running."""
+def _log_files(ray_node: Any, temp_dir: str) -> list[str]:
+    """The node's own log files (`logs/raylet.<n>.out` and `.err` of its session, which Ray numbers per node):
+    its agents inherit them and keep them open, which marks them once their raylet is gone."""
+    out = set()
+    for p in ray_node.all_processes.get("raylet", []):
+        fd_dir = f"/proc/{p.process.pid}/fd"
+        try:
+            targets = [os.readlink(os.path.join(fd_dir, fd)) for fd in os.listdir(fd_dir)]
+        except OSError:
+            continue
+        out |= {t for t in targets if t.startswith(os.path.join(temp_dir, "")) and os.path.basename(t).startswith("raylet.")}
+    return sorted(out)
+
+
+def _processes() -> dict[int, int]:
+    """Every process on this machine: pid -> parent pid."""
+    out = {}
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/stat") as f:
+                    out[int(d)] = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+    return out
+
+
+def _ray_leftovers(pids: list[int], holding: list[str]) -> set[int]:
+    """Ray's own processes that `pids` leave behind: their children (a raylet's dashboard and runtime-env
+    agents, its workers), and any that hold a file under one of `holding` open, which finds them once their
+    raylet died first (a node lost with SIGKILL orphans its agents, which then run on)."""
+    procs = _processes()
+    children: dict[int, list[int]] = {}
+    for pid, ppid in procs.items():
+        children.setdefault(ppid, []).append(pid)
+    out, todo = set(), list(pids)
+    while todo:
+        for c in children.get(todo.pop(), []):
+            if c not in out:
+                out.add(c)
+                todo.append(c)
+    prefixes = tuple(h for h in holding if _TEMP_PREFIX in h)  # only files of a Ray temp dir of ours
+    if prefixes:
+        for pid in procs:
+            try:
+                fds = os.listdir(f"/proc/{pid}/fd")
+            except OSError:
+                continue
+            for fd in fds:
+                try:
+                    if os.readlink(f"/proc/{pid}/fd/{fd}").startswith(prefixes):
+                        out.add(pid)
+                        break
+                except OSError:
+                    continue
+    mine, p = set(), os.getpid()
+    while p > 1 and p not in mine:  # never this process or those above it
+        mine.add(p)
+        p = procs.get(p, 0)
+    return {p for p in out - mine if _is_ray_worker(p)}
+
+
+def _is_ray_worker(pid: int) -> bool:
+    """A process Ray started (agents and workers name themselves ray::...; its daemons by their binary), not a
+    program that merely talks to Ray (a driver such as `thunderops up` also has session files open)."""
+    try:
+        argv = open(f"/proc/{pid}/cmdline", "rb").read().split(b"\0")
+    except OSError:
+        return False
+    return argv[0].startswith(b"ray::") or os.path.basename(argv[0]) in (b"raylet", b"gcs_server")
+
+
+def stop_pids(pids: list[int], timeout_s: float = 5.0, holding: list[str] | None = None) -> list[int]:
+    """SIGTERM then SIGKILL the recorded Ray processes still running and what they leave behind (see
+    `_ray_leftovers`; `holding`: paths whose open files mark the node's processes); returns the recorded
+    ones that were running."""
     running = [p for p in pids if _is_ray_process(p)]
+    targets = sorted(set(running) | _ray_leftovers(running, list(holding or [])))
     for sig in (signal.SIGTERM, signal.SIGKILL):
-        for p in running:
+        for p in targets:
             try:
                 os.kill(p, sig)
             except ProcessLookupError:
                 pass
         deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline and any(_alive(p) for p in running):
+        while time.monotonic() < deadline and any(_alive(p) for p in targets):
             time.sleep(0.1)
-        if not any(_alive(p) for p in running):
+        if not any(_alive(p) for p in targets):
             break
     return running
 
@@ -216,6 +311,8 @@ class LocalProvider(Provider):
         version = stored_version(store, deployment, plan)
         with self._lock:
             growing = deployment in self._started
+        host = None if growing or self.address else self._host_cluster(deployment)
+        growing = growing or host is not None
         if not growing:
             store.set_deployment_status(deployment, "provisioning")
         store.add_event(deployment, "provision-start", f"local provider, {len(plan.instances)} node(s)",
@@ -223,6 +320,8 @@ class LocalProvider(Provider):
         try:
             if self.address:
                 nodes = self._attach(deployment, plan)
+            elif host is not None:
+                nodes = self._join_nodes(deployment, plan, host)
             elif growing:
                 nodes = self._add_nodes(deployment, plan)
             else:
@@ -252,7 +351,7 @@ class LocalProvider(Provider):
             raise ProvisionError(f"instances {', '.join(remote)} are on other hosts: start Ray there and pass "
                                  "--ray-address (see docs/provision.md), or plan for this machine only")
         # Ray's socket paths must stay short (AF_UNIX limit), so its temp dir lives directly under /tmp.
-        temp_dir = tempfile.mkdtemp(prefix=f"to-ray-{deployment}-")
+        temp_dir = tempfile.mkdtemp(prefix=f"{_TEMP_PREFIX[1:]}{deployment}-")
         os.makedirs(os.path.join(temp_dir, "ray"))
         os.environ["RAY_TMPDIR"] = temp_dir  # Ray writes its current-cluster file under $RAY_TMPDIR/ray
         head_args = {"num_cpus": 0, "num_gpus": 0, "node_ip_address": "127.0.0.1", "include_dashboard": False,
@@ -264,21 +363,69 @@ class LocalProvider(Provider):
         return self._add_nodes(deployment, plan)
 
     def _add_nodes(self, deployment: str, plan: Plan) -> list[Node]:
-        """One Ray node per plan instance, added to the deployment's cluster (also how replacements join)."""
+        """One Ray node per plan instance, added to the cluster this process started for the deployment."""
         with self._lock:
             started = self._started[deployment]
         cluster = started.cluster
         if threading.current_thread() is not threading.main_thread():
             cluster._shutdown_at_exit = False  # Ray installs signal handlers only from the main thread
-        head_pids = _pids(cluster.head_node)
         ray_nodes = []
         with _children_output_to(os.path.join(started.temp_dir, "ray-output.log")):
             for inst in plan.instances:
-                gpus = int(inst.gpus)
-                resources = {node_resource(inst.id): 1.0, gpu_resource(inst.gpu): float(gpus)}
-                ray_nodes.append(cluster.add_node(wait=False, num_cpus=1, num_gpus=0 if self.emulate else gpus,
-                                                  node_ip_address="127.0.0.1", resources=resources))
+                ray_nodes.append(cluster.add_node(wait=False, num_cpus=1, node_ip_address="127.0.0.1",
+                                                  **_node_resources(inst, self.emulate)))
         cluster.wait_for_nodes(timeout=self.start_timeout_s)
+        host = _HostCluster(cluster.address, _pids(cluster.head_node), started.temp_dir, self.emulate)
+        return self._record(deployment, plan, ray_nodes, host)
+
+    def _host_cluster(self, deployment: str) -> _HostCluster | None:
+        """The Ray cluster another process (the `thunderops up` holding a local deployment) started for
+        `deployment`, as its live nodes record it; None when it has none. Its head being gone is an error:
+        nothing is left to add nodes to."""
+        owned = [r for r in self.store.nodes(deployment) if r.meta.get("owned") and r.meta.get("address")]
+        if not owned:
+            return None
+        meta = owned[-1].meta  # the latest node: its cluster is the one still running, if any
+        heads = [int(p) for p in meta.get("head_pids", [])]
+        address = str(meta["address"])
+        if not (any(_is_ray_process(p) and _alive(p) for p in heads) and gcs_reachable(address)):
+            raise ProvisionError(f"the Ray cluster of deployment {deployment} (head at {address}) is gone, so no "
+                                 f"node can join it; `thunderops down {deployment}` and `thunderops up` again")
+        return _HostCluster(address, heads, str(meta.get("temp_dir") or tempfile.gettempdir()),
+                            bool(meta.get("emulate")))
+
+    def _join_nodes(self, deployment: str, plan: Plan, host: _HostCluster) -> list[Node]:
+        """One Ray node per plan instance, joined to `host`, a cluster another process started (how a
+        background controller brings replacements in). Each is what `ray start --address` starts, made the way
+        Ray's cluster_utils adds a node, so that its process ids are known; it outlives this process, and
+        `down` ends it by those ids."""
+        from ray._private.node import Node as RayNode
+        from ray._private.parameter import RayParams
+
+        ray_nodes: list[Any] = []
+        try:
+            with _children_output_to(os.path.join(host.temp_dir, "ray-output.log")):
+                for inst in plan.instances:
+                    params = RayParams(gcs_address=host.address, node_ip_address="127.0.0.1", num_cpus=1,
+                                       object_store_memory=150 * 1024 * 1024, min_worker_port=0, max_worker_port=0,
+                                       include_log_monitor=False, node_manager_port=0,
+                                       **_node_resources(inst, host.emulate))
+                    params.dashboard_agent_listen_port = None  # let it pick one: the head's agent has the default
+                    ray_nodes.append(RayNode(params, head=False, shutdown_at_exit=False, spawn_reaper=False))
+            want = {rn.node_id for rn in ray_nodes}
+            deadline = time.monotonic() + self.start_timeout_s
+            while not want <= {n for n, up in ray_alive(host.address).items() if up}:
+                if time.monotonic() > deadline:
+                    raise ProvisionError(f"{len(want)} Ray node(s) did not join {host.address} within "
+                                         f"{self.start_timeout_s:g} s; see {host.temp_dir}/ray-output.log")
+                time.sleep(0.2)
+        except BaseException:  # nothing half-joined keeps running unrecorded
+            stop_pids([p for rn in ray_nodes for p in _pids(rn)])
+            raise
+        return self._record(deployment, plan, ray_nodes, host)
+
+    def _record(self, deployment: str, plan: Plan, ray_nodes: list[Any], host: _HostCluster) -> list[Node]:
+        """Record each new Ray node (in plan order) as the deployment's node for its plan instance."""
         nodes = []
         base = len(self.store.nodes(deployment))
         for k, (inst, rn) in enumerate(zip(plan.instances, ray_nodes, strict=True)):
@@ -290,8 +437,9 @@ class LocalProvider(Provider):
                 instance_type=inst.instance_type, gpu=inst.gpu, gpus=inst.gpus, spot=False,
                 price_per_hour=inst.price_per_hour, host="127.0.0.1", status="ready", launched_at=now_utc(),
                 engine_port=ports.engine, kv_port=ports.kv, agent_port=ports.agent,
-                meta={"ray_node_id": rn.node_id, "address": cluster.address, "pids": _pids(rn),
-                      "head_pids": head_pids, "temp_dir": started.temp_dir, "emulate": self.emulate, "owned": True})
+                meta={"ray_node_id": rn.node_id, "address": host.address, "pids": _pids(rn), "logs": _log_files(rn, host.temp_dir),
+                      "head_pids": host.head_pids, "temp_dir": host.temp_dir, "emulate": host.emulate,
+                      "owned": True})
             nodes.append(Node.from_record(self.store.node(node_id)))
         return nodes
 
@@ -387,7 +535,8 @@ class LocalProvider(Provider):
                     except Exception:
                         if rn in started.cluster.worker_nodes:
                             raise  # else someone removed it meanwhile: gone either way
-            pids = stop_pids([int(p) for p in rec.meta.get("pids", [])])  # never the head's
+            pids = stop_pids([int(p) for p in rec.meta.get("pids", [])],  # never the head's
+                             holding=[str(f) for f in rec.meta.get("logs", [])])
         if not (removed or pids or rec.live):
             return result  # nothing left of it
         self.store.update_node(node_id, status="terminated" if rec.live else rec.status,
@@ -420,8 +569,9 @@ class LocalProvider(Provider):
                     result.failed[dep] = f"{type(e).__name__}: {e}"
             owned = [r for r in recs if r.meta.get("owned")]
             pids = sorted({p for r in owned for p in [*r.meta.get("pids", []), *r.meta.get("head_pids", [])]})
-            stop_pids(pids)
-            for temp_dir in {r.meta.get("temp_dir") for r in owned if r.meta.get("temp_dir")}:
+            temp_dirs = sorted({str(r.meta["temp_dir"]) for r in owned if r.meta.get("temp_dir")})
+            stop_pids(pids, holding=[os.path.join(t, "") for t in temp_dirs])
+            for temp_dir in temp_dirs:
                 if str(temp_dir).startswith(tempfile.gettempdir()):
                     shutil.rmtree(temp_dir, ignore_errors=True)
             live = [r for r in recs if r.live]
