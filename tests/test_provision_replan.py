@@ -102,9 +102,15 @@ def test_an_unavailable_gpu_type_is_planned_around_and_the_deployment_comes_up_w
     # every blocked offer is one that failed, and no re-plan chose one of them again
     failed = {(r.cloud, r.region, r.zone, r.instance_type, r.spot) for r in p.store.nodes("d1") if r.gpu == gone}
     assert set(map(tuple, replanned[-1].payload["blocked"])) == failed == set(result.blocked)
+    # the type is set aside in each pricing that failed, everywhere: no re-plan picks it there again, so
+    # at most one re-plan per pricing (spot, then on-demand) however many offers the type has
+    assert result.replans <= 2
     for e in replanned:
         new = p.store.plan("d1", e.payload["after"])
+        aside = {(a["gpu"], a["spot"]) for a in e.payload["set_aside"]}
+        assert aside and {(gone, spot) for *_, spot in failed} >= aside
         assert not {_key(i) for i in new.instances} & set(map(tuple, e.payload["blocked"]))
+        assert not {(i.gpu, i.spot) for i in new.instances} & aside
     assert max_concurrent_cost(p.store.nodes("d1")) <= plan.budget_per_hour + 1e-9
     launches = sky.read()["launches"]
     assert len(launches) == len(set(launches))  # no cluster launched twice
@@ -137,7 +143,11 @@ def test_nodes_up_that_the_new_plan_uses_are_kept_and_the_others_torn_down(sky):
     assert result.replans == 1 and [n.instance_id for n in result.nodes] == ["x-a100", "x-l40s"]
     blocked, clouds = again.calls[0]
     tried = {(r.cloud, r.region, r.zone, r.instance_type, r.spot) for r in p.store.nodes("d1") if r.gpu == "A10G"}
-    assert blocked == tried and len(tried) >= 2  # it fell back within the type before re-planning
+    assert len(tried) >= 2 and not any(k[4] for k in tried)  # it fell back within the type before re-planning
+    # the re-plan goes without what failed and without every other on-demand A10G offer (any node size)
+    a10g = load_offers(gpus="A10G")
+    assert blocked == tried | {(r.cloud, r.region, r.zone if isinstance(r.zone, str) else "", r.instance_type, False)
+                                for r in a10g.itertuples()}
     assert clouds == sky.enabled_clouds()
     launches = sky.read()["launches"]
     assert [n for n in launches if "a100" in n] == ["to-d1-a100-1"]  # kept: launched once, never again
@@ -177,34 +187,39 @@ def test_a_node_whose_engines_would_change_is_replaced_not_kept(sky):
     p.down("d1")
 
 
-def t4_again(budget: float):
-    """A re-plan that keeps the A100 and picks the cheapest T4 offer not yet blocked (T4s never come up)."""
-    offers = load_offers(gpus="T4")
-
+def next_type(budget: float, types: list[str]):
+    """A re-plan that keeps the A100 and picks the cheapest single-GPU offer of the first of `types` that
+    the blocked offers leave any of (none of them ever comes up)."""
     def make(blocked):
-        left = without_offers(offers, blocked)
-        left = left[left["gpus_per_node"] == 1].sort_values("price_ondemand")
-        return plan_of([("a100", cheapest("A100-80GB", 1, cloud="gcp"), False), ("t4", left.iloc[0], False)],
-                       budget=budget)
+        for gpu in types:
+            left = without_offers(load_offers(gpus=gpu), blocked)
+            left = left[(left["gpus_per_node"] == 1) & left["price_ondemand"].notna()].sort_values("price_ondemand")
+            if len(left):
+                return plan_of([("a100", cheapest("A100-80GB", 1, cloud="gcp"), False), (gpu.lower(), left.iloc[0], False)],
+                               budget=budget)
+        raise PlanError("nothing left")
 
     return make
 
 
 @pytest.mark.parametrize("keep_partial", [False, True])
 def test_the_replan_limit_ends_in_one_line_and_keep_partial_keeps_what_came_up(sky, keep_partial):
-    a100_row, t4_row = cheapest("A100-80GB", 1, cloud="gcp"), cheapest("T4", 1, cloud="aws")
-    budget = a100_row["price_ondemand"] + t4_row["price_ondemand"] + 0.05
-    plan = plan_of([("a100", a100_row, False), ("t4", t4_row, False)], budget=budget)
-    again = HandMadeReplan(t4_again(budget))
-    sky.add_rule("gpu=T4;", "capacity", times=10_000)
+    types = ["L4", "A10G", "L40S"]  # Ampere or newer: the A100's engine command line stays the same
+    a100_row, l4_row = cheapest("A100-80GB", 1, cloud="gcp"), cheapest("L4", 1, cloud="aws")
+    budget = a100_row["price_ondemand"] + cheapest("A10G", 1)["price_ondemand"] + 0.05
+    plan = plan_of([("a100", a100_row, False), ("l4", l4_row, False)], budget=budget)
+    again = HandMadeReplan(next_type(budget, types))
+    for gpu in types:
+        sky.add_rule(f"gpu={gpu};", "capacity", times=10_000)
     p = provider(sky, max_replans=2)
     start(p.store, "d1", plan)
     result = p.up("d1", plan, keep_partial=keep_partial, replan=again)
     assert not result.ok and result.replans == 2 and len(again.calls) == 2
-    assert result.unavailable == ["T4"]
-    assert "\n" not in result.message and "T4 unavailable after 2 re-plan(s)" in result.message
-    tried = {(r.cloud, r.region, r.zone, r.instance_type, r.spot) for r in p.store.nodes("d1") if r.gpu == "T4"}
-    assert set(result.blocked) == tried and len(tried) >= 3
+    assert result.unavailable == ["L40S"]  # L4 then A10G were set aside and planned around; L40S is the last
+    assert "\n" not in result.message and "L40S unavailable after 2 re-plan(s)" in result.message
+    assert result.message.endswith("; set aside: A10G on-demand, L4 on-demand")  # what the re-plans went without
+    tried = {(r.cloud, r.region, r.zone, r.instance_type, r.spot) for r in p.store.nodes("d1") if r.gpu in types}
+    assert set(result.blocked) == tried and {r.gpu for r in p.store.nodes("d1")} == {"A100-80GB", *types}
     assert "tried and blocked: aws/" in result.message
     assert [n for n in sky.read()["launches"] if "a100" in n] == ["to-d1-a100-1"]  # kept through both re-plans
     assert p.store.deployment("d1").status == "failed"

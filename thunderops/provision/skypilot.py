@@ -8,8 +8,8 @@ Money must not leak, so the order of things is fixed:
    $/h stays within the budget; any other failure, or no offer left, gives up: every launch in flight is
    cancelled and every cluster of the deployment torn down (unless `keep_partial`);
 4. block and re-plan (with a `replan` callback, which `thunderops up` gives): when a node's GPU type runs out of
-   offers, the offers that failed are blocked and, once the other launches are done, the plan is made again
-   without them (same budget and inputs); nodes up whose offer and engine command lines the new plan has are
+   offers, the offers that failed are blocked, the GPU type is set aside in the pricings that failed, and,
+   once the other launches are done, the plan is made again without them (same budget and inputs); nodes up whose offer and engine command lines the new plan has are
    kept (mapped onto its instance ids), the others torn down, then the rest launched. At most `max_replans`.
 Cluster names are `to-<deployment>-<instance>-<attempt>`, so `down` finds clusters the store never heard of
 (a crash between launch and record) in SkyPilot's own cluster list and tears them down too.
@@ -103,6 +103,7 @@ class _Run:
     nodes: dict[str, Node] = field(default_factory=dict)  # ready nodes of the current plan, by instance id
     engines: dict[str, tuple] = field(default_factory=dict)  # cluster -> the engine lines it was launched with
     blocked: set[OfferKey] = field(default_factory=set)  # offers that failed (capacity, timeout), all rounds
+    set_aside: set[tuple[str, bool]] = field(default_factory=set)  # (GPU type, spot) that ran out, all rounds
     used: set[str] = field(default_factory=set)  # cluster names recorded for the deployment
     launched: dict[str, int] = field(default_factory=dict)  # launch attempts per instance id
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -304,8 +305,10 @@ class SkyPilotProvider(Provider):
                 if errors or not exhausted or not may_replan:
                     break
                 gpus = sorted({run.slots[i].original.gpu for i in exhausted})
+                run.set_aside |= {(run.slots[i].original.gpu, k[4]) for i in exhausted for k in run.slots[i].tried}
                 try:
-                    new = replan(plan, frozenset(run.blocked), clouds=set(run.clouds))
+                    new = replan(plan, frozenset(run.blocked | self._offers_of(run.set_aside)),
+                                 clouds=set(run.clouds))
                     self.check(new)
                     if not new.instances:
                         raise ProvisionError("the new plan has no instances")
@@ -329,11 +332,14 @@ class SkyPilotProvider(Provider):
             unavailable = sorted({run.slots[i].original.gpu for i in exhausted}) if exhausted else []
             message = _one_line("; ".join({**exhausted, **errors}.values()))
             if replan is not None and whole and unavailable and not set(errors) - {"replan"}:
+                aside = ", ".join(f"{g} {'spot' if sp else 'on-demand'}" for g, sp in sorted(run.set_aside))
                 message = (f"{', '.join(unavailable)} unavailable after {replans} re-plan(s) (limit "
-                           f"{self.max_replans}): {message}; tried and blocked: {describe_offers(blocked)}")
+                           f"{self.max_replans}): {message}; tried and blocked: {describe_offers(blocked)}"
+                           + (f"; set aside: {aside}" if aside else ""))
             store.add_event(deployment, "provision-failed", message,
                             {"errors": {**exhausted, **errors}, "keep_partial": keep_partial, "replans": replans,
-                             "blocked": [list(k) for k in blocked]})
+                             "blocked": [list(k) for k in blocked],
+                             "set_aside": [{"gpu": g, "spot": sp} for g, sp in sorted(run.set_aside)]})
             if not keep_partial:
                 if whole:
                     self.down(deployment)
@@ -468,6 +474,23 @@ class SkyPilotProvider(Provider):
                         self.cloud.cancel(name)
         return errors, exhausted
 
+    def _offers_of(self, classes: set[tuple[str, bool]]) -> set[OfferKey]:
+        """Every catalog offer of each (GPU type, spot) in `classes`. A node that ran out of offers tried its
+        GPU type in several places (up to `max_attempts`) and in those pricings, so a re-plan sets the type
+        aside in them wholesale: capacity shortages span zones and clouds, and each re-plan that picked the
+        type again would spend a round of launches finding that out."""
+        if not classes:
+            return set()
+        table = self.offers()
+        rows = table[table["gpu"].isin({g for g, _ in classes})]
+        out: set[OfferKey] = set()
+        for row in rows.itertuples():
+            for spot in (True, False):
+                if (row.gpu, spot) in classes and pd.notna(row.price_spot if spot else row.price_ondemand):
+                    out.add((str(row.cloud), str(row.region), "" if pd.isna(row.zone) else str(row.zone),
+                             str(row.instance_type), spot))
+        return out
+
     def _adopt(self, run: _Run, new: Plan, gpus: list[str], version: int, view: ProgressView) -> int:
         """Make `new` (a re-plan without the blocked offers) the plan being provisioned: store it as a new
         version, keep each node already up that has a new instance with the same offer and the same engine
@@ -489,6 +512,7 @@ class SkyPilotProvider(Provider):
                         f"{len(released)}, launches {len(new.instances) - len(kept)}",
                         {"before": version, "after": after, "unavailable": gpus,
                          "blocked": [list(k) for k in sorted(run.blocked)],
+                         "set_aside": [{"gpu": g, "spot": sp} for g, sp in sorted(run.set_aside)],
                          "kept": {i: n.cluster_name for i, n in kept.items()}, "released": released,
                          "cost_per_hour": new.cost_per_hour})
         if self.console is not None:
