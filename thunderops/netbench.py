@@ -27,6 +27,7 @@ from typing import Any
 import aiohttp
 
 from thunderops.errors import NetbenchError
+from thunderops.plan import goodput_change
 
 HEALTH_TIMEOUT_S = 5.0
 CALL_TIMEOUT_S = 10.0
@@ -551,8 +552,8 @@ def measure_and_finalize(deployment: str, *, store: Any = None, endpoints: Seque
     if console is not None:
         console.print(render_table(result))
         console.print(result.message(), highlight=False, style="yellow" if result.unknown else None)
-        console.print(f"plan v{before} -> v{after} (goodput {plan.predicted.goodput_rps:.2f} -> "
-                      f"{new_plan.predicted.goodput_rps:.2f} req/s predicted):", highlight=False)
+        console.print(f"plan v{before} -> v{after} (goodput {goodput_change(plan.predicted, new_plan.predicted)} "
+                      "predicted):", highlight=False)
         for line in lines:
             console.print(f"  - {line}", highlight=False)
         console.print(f"heat map: {png_path}", highlight=False)

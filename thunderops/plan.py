@@ -120,6 +120,17 @@ class Prediction:
     method: str = "model"  # "model" (analytic) or "sim" (simulated)
 
 
+def goodput_change(before: Prediction, after: Prediction) -> str:
+    """'8.38 -> 7.45 req/s' for two plans' predicted goodput, each figure marked with how it was found when the
+    two differ ('8.38 (simulated) -> 7.45 (model) req/s'): the simulator's check and the model's estimate of
+    the same plan can differ by about 20 %, which is no change of the plan."""
+    if before.method == after.method:
+        return f"{before.goodput_rps:.2f} -> {after.goodput_rps:.2f} req/s"
+    name = {"sim": "simulated", "model": "model"}
+    return (f"{before.goodput_rps:.2f} ({name.get(before.method, before.method)}) -> "
+            f"{after.goodput_rps:.2f} ({name.get(after.method, after.method)}) req/s")
+
+
 @dataclass
 class Plan:
     """A complete deployment plan. `inputs` records what it was made from (model, workload, SLOs, budget, ...)."""

@@ -28,7 +28,7 @@ from thunderops.controller.surgery import (
     with_fallbacks,
 )
 from thunderops.errors import PlanError, UserError
-from thunderops.plan import Group, Instance, Plan, Route, Stage
+from thunderops.plan import Group, Instance, Plan, Route, Stage, goodput_change
 from thunderops.provision import AGENT_PORT
 from thunderops.state import Store, default_home, now_utc, parse_ts
 
@@ -391,7 +391,7 @@ class Controller(Reprovisioning):
                 after = self.store.add_plan(self.deployment, new, reason=f"light reschedule: {what}")
                 self.state = "degraded"
                 self.event("reschedule", f"{what}: {len(plan.groups)} -> {len(new.groups)} "
-                           f"replicas, predicted goodput {before_goodput:.2f} -> {new.predicted.goodput_rps:.2f} req/s "
+                           f"replicas, predicted goodput {goodput_change(plan.predicted, new.predicted)} "
                            f"(decided in {decision_s * 1000:.0f} ms)", {
                                "key": key, "before": plan.version, "after": after, "lost": lost, "light": not full,
                                "dead_groups": sorted(dead_groups), "restart": restart,
@@ -511,7 +511,7 @@ class Controller(Reprovisioning):
             after = self.store.add_plan(self.deployment, new, reason="workload shift: phases and routing re-decided")
             self.event("workload-shift", f"mean prompt x{ratios['prompt']:.2f}, output x{ratios['output']:.2f} "
                        f"vs the plan: phases and routing re-decided, predicted goodput "
-                       f"{plan.predicted.goodput_rps:.2f} -> {new.predicted.goodput_rps:.2f} req/s", {
+                       f"{goodput_change(plan.predicted, new.predicted)}", {
                            "key": f"v{plan.version}:shift", "before": plan.version, "after": after, "ratios": ratios,
                            "observed": obs.summary(), "decision_s": round(decision_s, 4),
                            "phases": {g.id: g.phase for g in new.groups},

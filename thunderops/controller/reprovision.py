@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from thunderops.controller.surgery import fold_in, next_instance_id, plan_workload
-from thunderops.plan import Group, Instance
+from thunderops.plan import Group, Instance, goodput_change
 
 if TYPE_CHECKING:
     from thunderops.controller.config import ControllerConfig
@@ -197,8 +197,8 @@ class Reprovisioning:
             self.message = ""
             self.event("reprovisioned", f"{', '.join(sorted(urls))} serving"
                        + (f" on {', '.join(sorted(new_ids))}" if new_ids else " again") + ": "
-                       f"{len(new.groups)} replicas, predicted goodput {latest.predicted.goodput_rps:.2f} -> "
-                       f"{new.predicted.goodput_rps:.2f} req/s ({time.perf_counter() - t0:.1f} s)", {
+                       f"{len(new.groups)} replicas, predicted goodput {goodput_change(latest.predicted, new.predicted)}"
+                       f" ({time.perf_counter() - t0:.1f} s)", {
                            "key": pend.key, "before": latest.version, "after": after, "groups": sorted(urls),
                            "instances": sorted(new_ids), "measured_links": bool(measured),
                            "phases": {g.id: g.phase for g in new.groups},
