@@ -773,3 +773,55 @@ def test_replicas_formed_anew_take_the_connector_they_need():
     kept, _ = finalize(stale, measured, keep_layouts=True)
     assert kept.inputs["kv_transfer"] == "LMCacheConnectorV1"
     check_plan(full)
+
+
+class _Bounds:
+    """A stand-in harness for `along`: the bound of state ("s", k) is `f(k)`, every call counted."""
+
+    def __init__(self, f) -> None:
+        self.f, self.calls = f, 0
+
+    def bound(self, state) -> float:
+        self.calls += 1
+        return self.f(state[1])
+
+    def cost(self, state) -> float:
+        return 1.0
+
+    def objective(self, bound: float, cost: float) -> float:
+        return bound
+
+
+def test_along_ranks_short_sequences_whole_and_finds_a_long_ones_peak_with_few_bounds():
+    import random
+
+    from thunderops.scheduler.search import ALONG_FULL, along
+
+    rng = random.Random(0)
+    noise = [rng.random() for _ in range(ALONG_FULL)]
+    h = _Bounds(lambda k: noise[k])  # any shape: a short sequence is ranked whole, as before
+    got = along(h, ALONG_FULL, lambda k: ("s", k))
+    assert got == [("s", k) for k in sorted(sorted(range(ALONG_FULL), key=lambda k: -noise[k])[:6])]
+    assert h.calls == ALONG_FULL
+    h = _Bounds(lambda k: -abs(k - 1337))  # rises, then falls (a cut moving from all decode to all prefill)
+    got = along(h, 5000, lambda k: ("s", k))
+    assert got == [("s", k) for k in range(1334, 1340)]
+    assert h.calls < 4 * ALONG_FULL  # of 5000
+    assert along(_Bounds(lambda k: 0.0), 3, lambda k: ("s", k)) == [("s", 0), ("s", 1), ("s", 2)]
+
+
+def test_designate_on_a_large_fleet_matches_ranking_every_cut(monkeypatch):
+    """The coarse-to-fine cut search picks what ranking all of a 64-replica fleet's cuts picks."""
+    from thunderops.scheduler import search
+    from thunderops.scheduler.harness import Harness
+    from thunderops.scheduler.search import designate
+    from thunderops.scheduler.topology import Topology
+
+    inv = single_gpu_nodes(64, 100.0)
+    h = Harness(list(inv.instances), PerfModel("llama-3.1-8b"), LONG, TIGHT, Topology())
+    groups = [tuple(us) for us in h.units_of]
+    assert len(groups) - 1 > search.ALONG_FULL
+    fast = designate(h, groups, require_split=True)
+    monkeypatch.setattr(search, "ALONG_FULL", 10**6)
+    full = designate(h, groups, require_split=True)
+    assert fast.state == full.state and fast.goodput == full.goodput > 0

@@ -16,7 +16,15 @@ import numpy as np
 from scipy.optimize import Bounds, LinearConstraint, milp
 
 from thunderops.scheduler.harness import Evaluation, Harness, State, canon
-from thunderops.scheduler.search import SearchConfig, Tabu, best_of, designate, fits_alone, greedy_groups
+from thunderops.scheduler.search import (
+    SearchConfig,
+    Tabu,
+    along,
+    best_of,
+    designate,
+    fits_alone,
+    greedy_groups,
+)
 from thunderops.specs import get_gpu
 
 BASELINES = ("vllm", "distserve", "hexgen", "melange")
@@ -109,8 +117,9 @@ def _homog_eval(h: Harness, insts: list[int], phase_split: bool) -> Evaluation |
 
 def _per_phase_states(h: Harness, insts: list[int], smallest: int, top: int = 2) -> list[State]:
     """DistServe's placement on one GPU kind: the prefill replica and the decode replica each take a size (and
-    with it the TP/PP) among the `top` with the most capacity per GPU, chosen on their own; then every way of
-    splitting the units into n prefill replicas and as many decode replicas as the rest holds. `smallest`: units
+    with it the TP/PP) among the `top` with the most capacity per GPU, chosen on their own; then the ways of
+    splitting the units into n prefill replicas and as many decode replicas as the rest holds (the best few
+    by the bound: every n in a fleet of up to `search.ALONG_FULL` splits, see `along`). `smallest`: units
     the smallest replica needs; sizes double from it while a replica stays within the replica limit."""
     units = [u for i in sorted(insts) for u in h.units_of[i]]
     sizes, k = [], smallest
@@ -122,10 +131,12 @@ def _per_phase_states(h: Harness, insts: list[int], smallest: int, top: int = 2)
     states = []
     for sp in ranked["prefill"]:
         for sd in ranked["decode"]:
-            for n_p in range(1, (len(units) - sd) // sp + 1):
-                rest = units[n_p * sp:]
-                states.append(canon([(tuple(units[a * sp:(a + 1) * sp]), "prefill") for a in range(n_p)]
-                                    + [(tuple(rest[b * sd:(b + 1) * sd]), "decode") for b in range(len(rest) // sd)]))
+            def split(k: int, sp: int = sp, sd: int = sd) -> State:  # k + 1 prefill replicas, decode on the rest
+                rest = units[(k + 1) * sp:]
+                return canon([(tuple(units[a * sp:(a + 1) * sp]), "prefill") for a in range(k + 1)]
+                             + [(tuple(rest[b * sd:(b + 1) * sd]), "decode") for b in range(len(rest) // sd)])
+
+            states += along(h, (len(units) - sd) // sp, split)  # the best few splits of a large fleet's many
     return states
 
 

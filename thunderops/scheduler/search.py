@@ -88,9 +88,12 @@ def designate(h: Harness, groups: list[tuple[Unit, ...]], phase_split: bool = Tr
         cfgs = [h.configs(g) for g in groups]
         ratio = [(c["prefill"].capacity + 1e-12) / (c["decode"].capacity + 1e-12) for c in cfgs]
         order = sorted(range(len(groups)), key=lambda k: (-ratio[k], k))
-        for k in range(1, len(groups)):
-            pre = {order[m] for m in range(k)}
-            cands.append(canon((g, "prefill" if n in pre else "decode") for n, g in enumerate(groups)))
+
+        def cut(k: int) -> State:  # the first k + 1 groups in ratio order prefill, the rest decode
+            pre = {order[m] for m in range(k + 1)}
+            return canon((g, "prefill" if n in pre else "decode") for n, g in enumerate(groups))
+
+        cands += along(h, len(groups) - 1, cut)
     return best_of(h, cands)
 
 
@@ -102,6 +105,37 @@ def best_of(h: Harness, states: list[State], exact: int = 6) -> Evaluation:
         uniq = ranked[:exact]
     evs = [h.evaluate(s) for s in uniq]
     return max(evs, key=lambda e: e.score)
+
+
+# Up to this many states of a sequence are all ranked by the bound; a longer one is searched coarse to fine.
+ALONG_FULL = 40
+
+
+def along(h: Harness, n: int, make: Callable[[int], State], exact: int = 6) -> list[State]:
+    """The `exact` states of the sequence make(0..n-1) with the highest bound (in sequence order), for
+    `best_of`. Along such a sequence (the cut between prefill and decode groups moving one group at a time)
+    the prefill side only gains and the decode side only loses, so the bound rises, then falls. A sequence
+    of up to ALONG_FULL states is ranked whole, as before; a longer one (a large fleet: every cut costs a
+    bound over all prefill x decode pairs) on an even grid of ALONG_FULL points, then again around the best
+    grid point until the steps are single, which ranks O(ALONG_FULL log n) of the n states."""
+    if n <= exact:
+        return [make(k) for k in range(n)]
+    score: dict[int, float] = {}
+
+    def rank(ks: Iterable[int]) -> None:
+        for k in ks:
+            if k not in score:
+                st = make(k)
+                score[k] = h.objective(h.bound(st), h.cost(st))
+
+    lo, hi = 0, n - 1
+    while hi - lo + 1 > ALONG_FULL:
+        grid = sorted({lo + round(m * (hi - lo) / (ALONG_FULL - 1)) for m in range(ALONG_FULL)})
+        rank(grid)
+        j = max(range(len(grid)), key=lambda m: (score[grid[m]], -m))
+        lo, hi = grid[max(0, j - 1)], grid[min(len(grid) - 1, j + 1)]
+    rank(range(lo, hi + 1))
+    return [make(k) for k in sorted(sorted(score, key=lambda k: (-score[k], k))[:exact])]  # in sequence order
 
 
 # ------------------------------------------------------------------------------ tabu search
