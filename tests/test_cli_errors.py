@@ -53,6 +53,13 @@ def test_plan_refuses_a_time_limit_that_is_no_positive_number():
     one_line(cli("plan", "--inventory", INVENTORY, "--time-limit", "nan"), "positive number of seconds")
 
 
+def test_plan_and_up_refuse_an_infinite_budget():
+    # before: a traceback (OverflowError) from sizing the pool of instances to rent
+    one_line(cli("plan", "--budget", "inf"), "positive, finite $/h", "--budget")
+    one_line(cli("up", "--budget", "inf", "--dry-run"), "positive, finite $/h")
+    one_line(cli("plan", "--inventory", INVENTORY, "--budget", "inf"), "positive, finite $/h")
+
+
 def test_plan_out_is_checked_before_the_search(tmp_path):
     missing = tmp_path / "no-such-folder" / "plan.json"
     one_line(cli("plan", "--inventory", INVENTORY, "--out", str(missing)), "does not exist")

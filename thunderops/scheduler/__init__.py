@@ -90,6 +90,8 @@ def solve(
     slo = make_slo(slo, slo_ttft, slo_tpot, attainment)
     if not (math.isfinite(time_limit) and time_limit > 0):
         raise PlanError(f"time limit must be a positive number of seconds, got {time_limit:g} (--time-limit 60)")
+    if budget is not None and not (math.isfinite(budget) and budget > 0):  # inf would rent without end
+        raise PlanError(f"budget must be a positive, finite $/h figure, got {budget:g} (--budget 25)")
     overrides: dict = {}
     not_servable: dict[str, str] = {}  # GPU types left out of the offers: the engines cannot run there
     if inventory is not None:
