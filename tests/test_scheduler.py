@@ -334,6 +334,33 @@ def test_finalize_judges_the_measured_links_with_one_estimator(keep_layouts):
     assert any("below the plan" in c for c in changes), changes
 
 
+def test_finalize_relayout_takes_a_new_search_only_when_the_model_rates_it_higher(monkeypatch):
+    """The search again returns a simulator-checked plan; it replaces the re-laid-out one only when the model,
+    which rated that one, rates it higher too (its simulated figure is another measure)."""
+    import thunderops.scheduler as sched
+
+    plan = solve(None, "llama-3.1-8b", LONG, slo=TIGHT, inventory=single_gpu_nodes(8, 100.0), search=FAST).plan
+    slow = {x.id: {y.id: 0.05 for y in plan.instances if y.id != x.id} for x in plan.instances}
+    base, _ = finalize(plan, slow, workload=LONG, slo=TIGHT, time_limit=1)
+    real = sched.solve
+
+    def searched(model_rps: float, sim_rps: float):
+        def fake(*a, **k):
+            res = real(*a, **k)
+            res.plan.predicted = replace(res.plan.predicted, goodput_rps=sim_rps, method="sim")
+            res.plan.inputs = {**res.plan.inputs, "model_goodput_rps": model_rps, "found": "search"}
+            return res
+        return fake
+
+    kept = base.predicted.goodput_rps
+    monkeypatch.setattr(sched, "solve", searched(model_rps=kept * 0.5, sim_rps=kept * 3))
+    new, _ = finalize(plan, slow, workload=LONG, slo=TIGHT, time_limit=1)
+    assert new.predicted.method == "model" and new.predicted.goodput_rps == pytest.approx(kept)
+    monkeypatch.setattr(sched, "solve", searched(model_rps=kept * 2, sim_rps=kept * 0.9))
+    new, _ = finalize(plan, slow, workload=LONG, slo=TIGHT, time_limit=1)
+    assert new.predicted.method == "sim" and new.predicted.goodput_rps == pytest.approx(kept * 0.9)
+
+
 def test_inventory_unknown_gpu_one_line(tmp_path):
     f = tmp_path / "inv.yaml"
     f.write_text("nodes:\n  - {name: box, gpu: A4O, gpus: 4}\n")

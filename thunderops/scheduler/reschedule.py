@@ -218,7 +218,10 @@ def finalize(plan: Plan, bandwidth_gbps: Mapping[str, Mapping[str, float]], thre
         inv = Inventory(list(plan.instances), {}, source=f"plan v{plan.version} instances")
         res = solve(None, perf.model, wl, rate=rate, slo=slo, inventory=inv, bandwidth=topo.overrides,
                     seed=seed, time_limit=time_limit, perf=perf)
-        if res.plan.predicted.goodput_rps > new.predicted.goodput_rps:
+        found = res.plan.predicted  # simulator-checked: its model figure is the one to set against `new`'s
+        found_model = res.plan.inputs.get("model_goodput_rps", found.goodput_rps) if found.method == "sim" \
+            else found.goodput_rps
+        if found_model > new.predicted.goodput_rps:
             new = res.plan
             new.budget_per_hour = plan.budget_per_hour
     kv = new.inputs.get("kv_transfer")  # the running one (keep_layouts), or what re-formed replicas restart with
