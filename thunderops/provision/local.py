@@ -180,18 +180,28 @@ def _is_ray_process(pid: int) -> bool:
     return any(w in cmd for w in _RAY_PROCESS_WORDS)
 
 
+def _open_files(pid: int) -> list[str]:
+    """What process `pid` has open (`/proc/<pid>/fd` targets; a deleted file ends in " (deleted)")."""
+    fd_dir = f"/proc/{pid}/fd"
+    out = []
+    try:
+        fds = os.listdir(fd_dir)
+    except OSError:
+        return out
+    for fd in fds:
+        try:
+            out.append(os.readlink(os.path.join(fd_dir, fd)))
+        except OSError:
+            continue
+    return out
+
+
 def _log_files(ray_node: Any, temp_dir: str) -> list[str]:
     """The node's own log files (`logs/raylet.<n>.out` and `.err` of its session, which Ray numbers per node):
     its agents inherit them and keep them open, which marks them once their raylet is gone."""
-    out = set()
-    for p in ray_node.all_processes.get("raylet", []):
-        fd_dir = f"/proc/{p.process.pid}/fd"
-        try:
-            targets = [os.readlink(os.path.join(fd_dir, fd)) for fd in os.listdir(fd_dir)]
-        except OSError:
-            continue
-        out |= {t for t in targets if t.startswith(os.path.join(temp_dir, "")) and os.path.basename(t).startswith("raylet.")}
-    return sorted(out)
+    under = os.path.join(temp_dir, "")
+    return sorted({t for p in ray_node.all_processes.get("raylet", []) for t in _open_files(p.process.pid)
+                   if t.startswith(under) and os.path.basename(t).startswith("raylet.")})
 
 
 def _processes() -> dict[int, int]:
@@ -223,18 +233,7 @@ def _ray_leftovers(pids: list[int], holding: list[str]) -> set[int]:
                 todo.append(c)
     prefixes = tuple(h for h in holding if _TEMP_PREFIX in h)  # only files of a Ray temp dir of ours
     if prefixes:
-        for pid in procs:
-            try:
-                fds = os.listdir(f"/proc/{pid}/fd")
-            except OSError:
-                continue
-            for fd in fds:
-                try:
-                    if os.readlink(f"/proc/{pid}/fd/{fd}").startswith(prefixes):
-                        out.add(pid)
-                        break
-                except OSError:
-                    continue
+        out |= {pid for pid in procs if any(f.startswith(prefixes) for f in _open_files(pid))}
     mine, p = set(), os.getpid()
     while p > 1 and p not in mine:  # never this process or those above it
         mine.add(p)
@@ -437,9 +436,9 @@ class LocalProvider(Provider):
                 instance_type=inst.instance_type, gpu=inst.gpu, gpus=inst.gpus, spot=False,
                 price_per_hour=inst.price_per_hour, host="127.0.0.1", status="ready", launched_at=now_utc(),
                 engine_port=ports.engine, kv_port=ports.kv, agent_port=ports.agent,
-                meta={"ray_node_id": rn.node_id, "address": host.address, "pids": _pids(rn), "logs": _log_files(rn, host.temp_dir),
-                      "head_pids": host.head_pids, "temp_dir": host.temp_dir, "emulate": host.emulate,
-                      "owned": True})
+                meta={"ray_node_id": rn.node_id, "address": host.address, "pids": _pids(rn),
+                      "logs": _log_files(rn, host.temp_dir), "head_pids": host.head_pids,
+                      "temp_dir": host.temp_dir, "emulate": host.emulate, "owned": True})
             nodes.append(Node.from_record(self.store.node(node_id)))
         return nodes
 

@@ -9,8 +9,9 @@ Money must not leak, so the order of things is fixed:
    cancelled and every cluster of the deployment torn down (unless `keep_partial`);
 4. block and re-plan (with a `replan` callback, which `thunderops up` gives): when a node's GPU type runs out of
    offers, the offers that failed are blocked, the GPU type is set aside in the pricings that failed, and,
-   once the other launches are done, the plan is made again without them (same budget and inputs); nodes up whose offer and engine command lines the new plan has are
-   kept (mapped onto its instance ids), the others torn down, then the rest launched. At most `max_replans`.
+   once the other launches are done, the plan is made again without them (same budget and inputs); nodes up
+   whose offer and engine command lines the new plan has are kept (mapped onto its instance ids), the others
+   torn down, then the rest launched. At most `max_replans`.
 Cluster names are `to-<deployment>-<instance>-<attempt>`, so `down` finds clusters the store never heard of
 (a crash between launch and record) in SkyPilot's own cluster list and tears them down too.
 """

@@ -121,11 +121,12 @@ def along(h: Harness, n: int, make: Callable[[int], State], exact: int = 6) -> l
     if n <= exact:
         return [make(k) for k in range(n)]
     score: dict[int, float] = {}
+    states: dict[int, State] = {}
 
     def rank(ks: Iterable[int]) -> None:
         for k in ks:
             if k not in score:
-                st = make(k)
+                st = states[k] = make(k)
                 score[k] = h.objective(h.bound(st), h.cost(st))
 
     lo, hi = 0, n - 1
@@ -135,7 +136,7 @@ def along(h: Harness, n: int, make: Callable[[int], State], exact: int = 6) -> l
         j = max(range(len(grid)), key=lambda m: (score[grid[m]], -m))
         lo, hi = grid[max(0, j - 1)], grid[min(len(grid) - 1, j + 1)]
     rank(range(lo, hi + 1))
-    return [make(k) for k in sorted(sorted(score, key=lambda k: (-score[k], k))[:exact])]  # in sequence order
+    return [states[k] for k in sorted(sorted(score, key=lambda k: (-score[k], k))[:exact])]  # in sequence order
 
 
 # ------------------------------------------------------------------------------ tabu search
