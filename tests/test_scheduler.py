@@ -802,39 +802,36 @@ def test_replicas_formed_anew_take_the_connector_they_need():
     check_plan(full)
 
 
-class _Bounds:
-    """A stand-in harness for `along`: the bound of state ("s", k) is `f(k)`, every call counted."""
+def test_along_ranks_short_sequences_whole_and_long_ones_with_fewer_bounds(monkeypatch):
+    """On a 64-replica fleet's cuts (the first k + 1 groups prefill, the rest decode): up to ALONG_FULL states
+    are ranked whole, exactly as ranking them all by the bound; a longer sequence bounds fewer states than it
+    has and keeps the same best one as ranking every one (with states ranked around it)."""
+    from thunderops.scheduler import search
+    from thunderops.scheduler.harness import Harness, canon
+    from thunderops.scheduler.search import along
+    from thunderops.scheduler.topology import Topology
 
-    def __init__(self, f) -> None:
-        self.f, self.calls = f, 0
+    h = Harness(list(single_gpu_nodes(64, 100.0).instances), PerfModel("llama-3.1-8b"), LONG, TIGHT, Topology())
+    groups = [tuple(us) for us in h.units_of]
 
-    def bound(self, state) -> float:
-        self.calls += 1
-        return self.f(state[1])
+    def cut(k):
+        return canon((g, "prefill" if n <= k else "decode") for n, g in enumerate(groups))
 
-    def cost(self, state) -> float:
-        return 1.0
+    real, calls = h.bound, []
+    monkeypatch.setattr(h, "bound", lambda st: calls.append(st) or real(st))  # counts, answers as it does
+    n = search.ALONG_FULL
+    ranked = sorted(range(n), key=lambda k: (-h.objective(real(cut(k)), h.cost(cut(k))), k))[:6]
+    assert along(h, n, cut) == [cut(k) for k in sorted(ranked)] and len(calls) == n
+    calls.clear()
+    fast = along(h, len(groups) - 1, cut)
+    assert len(calls) < len(groups) - 1
+    monkeypatch.setattr(search, "ALONG_FULL", 10**6)
+    full = along(h, len(groups) - 1, cut)
 
-    def objective(self, bound: float, cost: float) -> float:
-        return bound
+    def best(states):
+        return max(states, key=lambda st: h.objective(real(st), h.cost(st)))
 
-
-def test_along_ranks_short_sequences_whole_and_finds_a_long_ones_peak_with_few_bounds():
-    import random
-
-    from thunderops.scheduler.search import ALONG_FULL, along
-
-    rng = random.Random(0)
-    noise = [rng.random() for _ in range(ALONG_FULL)]
-    h = _Bounds(lambda k: noise[k])  # any shape: a short sequence is ranked whole, as before
-    got = along(h, ALONG_FULL, lambda k: ("s", k))
-    assert got == [("s", k) for k in sorted(sorted(range(ALONG_FULL), key=lambda k: -noise[k])[:6])]
-    assert h.calls == ALONG_FULL
-    h = _Bounds(lambda k: -abs(k - 1337))  # rises, then falls (a cut moving from all decode to all prefill)
-    got = along(h, 5000, lambda k: ("s", k))
-    assert got == [("s", k) for k in range(1334, 1340)]
-    assert h.calls < 4 * ALONG_FULL  # of 5000
-    assert along(_Bounds(lambda k: 0.0), 3, lambda k: ("s", k)) == [("s", 0), ("s", 1), ("s", 2)]
+    assert best(fast) == best(full) and len(fast) == len(full) == 6
 
 
 def test_designate_on_a_large_fleet_matches_ranking_every_cut(monkeypatch):

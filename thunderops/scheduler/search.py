@@ -112,12 +112,13 @@ ALONG_FULL = 40
 
 
 def along(h: Harness, n: int, make: Callable[[int], State], exact: int = 6) -> list[State]:
-    """The `exact` states of the sequence make(0..n-1) with the highest bound (in sequence order), for
-    `best_of`. Along such a sequence (the cut between prefill and decode groups moving one group at a time)
-    the prefill side only gains and the decode side only loses, so the bound rises, then falls. A sequence
-    of up to ALONG_FULL states is ranked whole, as before; a longer one (a large fleet: every cut costs a
-    bound over all prefill x decode pairs) on an even grid of ALONG_FULL points, then again around the best
-    grid point until the steps are single, which ranks O(ALONG_FULL log n) of the n states."""
+    """The `exact` states of the sequence make(0..n-1) with the highest bound among those ranked (in sequence
+    order), for `best_of`. Along such a sequence (the cut between prefill and decode groups moving one group at
+    a time) the prefill side only gains and the decode side only loses, so the bound rises, then falls. A
+    sequence of up to ALONG_FULL states is ranked whole, as before; a longer one (a large fleet: every cut costs
+    a bound over all prefill x decode pairs) on an even grid of ALONG_FULL points, then again around the best
+    grid point until the steps are single, which ranks O(ALONG_FULL log n) of the n states: its peak, its
+    neighbours and the coarser grids' points, not always the next best few of all n."""
     if n <= exact:
         return [make(k) for k in range(n)]
     score: dict[int, float] = {}
