@@ -347,3 +347,18 @@ def test_work_helpers():
     d = decode_work(4, 400)
     assert d.scaled(0.5) == Work(2, 0, 200, 2, 2)
     assert op_time(layer_ops(get_model("Llama-3.1-8B"), 1, 1)[0], H100, Calibration()) > 0
+
+
+def test_memoised_layer_times_stay_bounded_and_change_no_figure(monkeypatch):
+    """The (GPU, TP, link, work) memo gives what a fresh model computes, and clears itself when full."""
+    import thunderops.perf as perf_mod
+
+    monkeypatch.setattr(perf_mod, "LAYER_CACHE_MAX", 50)
+    warm = PerfModel("Llama-3.1-8B")
+    layout = warm.split_layers([("H100", 1)], "decode")
+    works = [(b, b * 1500) for b in range(1, 120)]
+    first = [warm.decode_step_time(layout, b, ctx) for b, ctx in works]
+    assert 0 < len(warm._layer_cache) <= 50
+    again = [warm.decode_step_time(layout, b, ctx) for b, ctx in works]  # partly from the memo
+    fresh = PerfModel("Llama-3.1-8B")
+    assert first == again == [fresh.decode_step_time(layout, b, ctx) for b, ctx in works]

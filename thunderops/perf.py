@@ -34,6 +34,7 @@ PHASES = ("prefill", "decode", "colocated")
 # scheduler's topology plans with it and a hand-made plan without a matrix is read with it, so both agree.
 DEFAULT_NETWORK_GBPS = 10.0
 SAME_NODE_PP_GBPS = float("inf")
+LAYER_CACHE_MAX = 200_000  # memoised (GPU, TP, link, work) layer times, about 40 MB when full
 
 
 class DoesNotFitError(PlanError):
@@ -367,13 +368,19 @@ class PerfModel:
         self.min_kv_tokens = min_kv_tokens
         self._cal = {norm(k): v for k, v in (calibration or {}).items()}
         self._cap_cache: dict = {}
+        self._service_cache: dict = {}
+        self._layer_cache: dict = {}
+        self._cal_of: dict[str, Calibration] = {}  # by GPU name, as looked up
         self._stats_cache: dict = {}
         self._limits_cache: dict = {}
 
     # -- calibration and checks
 
     def calibration_for(self, gpu: GpuSpec) -> Calibration:
-        return self._cal.get(norm(gpu.name)) or default_calibration(gpu.name)
+        cal = self._cal_of.get(gpu.name)
+        if cal is None:
+            cal = self._cal_of[gpu.name] = self._cal.get(norm(gpu.name)) or default_calibration(gpu.name)
+        return cal
 
     def check_tp(self, tp: int) -> None:
         m = self.model
@@ -483,16 +490,30 @@ class PerfModel:
 
     def stage_time(self, layout: Layout, i: int, work: Work) -> float:
         """Time for stage i to run its layers over `work` (compute + TP all-reduces; no overhead)."""
-        m, s = self.model, layout.stages[i]
-        cal = self.calibration_for(s.gpu)
-        per_layer = layer_compute_time(m, s.gpu, s.tp, work, cal)
+        s = layout.stages[i]
         link = layout.tp_link_gbps if layout.tp_link_gbps is not None else s.gpu.intra_link_gbps
-        per_layer += 2 * allreduce_time(work.tokens * m.hidden * m.dtype_bytes, s.tp, link, cal)
-        t = s.layers * per_layer
-        if i == len(layout.stages) - 1 and work.logit_rows > 0:
-            t += sum(op_time(op, s.gpu, cal) for op in lm_head_ops(m, s.tp, work.logit_rows))
-            t += allreduce_time(work.logit_rows * m.vocab * 2, s.tp, link, cal) / 2  # all-gather of logits
-        return t
+        per_layer, head = self._layer_and_head_time(s.gpu, s.tp, link, work)
+        return s.layers * per_layer + (head if i == len(layout.stages) - 1 else 0.0)
+
+    def _layer_and_head_time(self, gpu: GpuSpec, tp: int, link: float, work: Work) -> tuple[float, float]:
+        """One layer's time (compute + its two TP all-reduces) and the LM head's, on one of `tp` GPUs. Memoised:
+        the search times the same few (GPU, TP, work) over and over, as stages of many layouts (one
+        Llama-3.1-70B planning made 302,095 such calls over 6,458 distinct keys)."""
+        key = (gpu, tp, link, work)
+        hit = self._layer_cache.get(key)
+        if hit is not None:
+            return hit
+        m, cal = self.model, self.calibration_for(gpu)
+        per_layer = layer_compute_time(m, gpu, tp, work, cal)
+        per_layer += 2 * allreduce_time(work.tokens * m.hidden * m.dtype_bytes, tp, link, cal)
+        head = 0.0
+        if work.logit_rows > 0:
+            head = sum(op_time(op, gpu, cal) for op in lm_head_ops(m, tp, work.logit_rows))
+            head += allreduce_time(work.logit_rows * m.vocab * 2, tp, link, cal) / 2  # all-gather of logits
+        if len(self._layer_cache) >= LAYER_CACHE_MAX:  # decode bisections make many distinct works: stay bounded
+            self._layer_cache.clear()
+        self._layer_cache[key] = (per_layer, head)
+        return per_layer, head
 
     def hop_time(self, layout: Layout, tokens: float) -> float:
         """Activation hop between two consecutive stages."""
@@ -644,10 +665,16 @@ class PerfModel:
 
     def _prefill_service(self, layout: Layout, workload: Workload) -> tuple[float, float, float, np.ndarray]:
         """Per-prompt service interval mean and second moment, and latencies over the prompt grid."""
-        st = self._stats(workload)
-        interval = np.array([self.interval_time(layout, prefill_work([p])) for p in st.prompt_grid])
-        latency = np.array([self.pass_time(layout, prefill_work([p])) for p in st.prompt_grid])
-        return float(interval.mean()), float((interval**2).mean()), float(latency.max()), latency
+        key = (layout, workload.prompt_quantiles, workload.output_quantiles)
+        hit = self._service_cache.get(key)
+        if hit is None:
+            works = [prefill_work([p]) for p in self._stats(workload).prompt_grid]
+            interval = np.array([self.interval_time(layout, w) for w in works])
+            latency = np.array([self.pass_time(layout, w) for w in works])
+            latency.flags.writeable = False  # shared by every capacity of this layout
+            hit = float(interval.mean()), float((interval**2).mean()), float(latency.max()), latency
+            self._service_cache[key] = hit
+        return hit
 
     def _prefill_capacity(self, layout: Layout, workload: Workload, slo: SLO, arrival_scv: float = 1.0,
                           kv_s_per_token: float = 0.0) -> float:
