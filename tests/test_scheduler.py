@@ -118,6 +118,46 @@ def test_parallel_simulator_check_gives_the_same_results(lambda_offers):
     assert all(p.method == "sim" and p.goodput_rps > 0 for p in results[1])
 
 
+@pytest.mark.parametrize("where", ["baselines", "finalists"])
+def test_a_simulator_check_past_the_time_limit_falls_back_to_the_model(lambda_offers, monkeypatch, where):
+    """The time limit binds the check: if the baselines' simulations have not ended within their share of it,
+    or ours run past it, no plan keeps a simulated figure (ours and the baselines' are judged alike) and the
+    plan says why; `thunderops plan` prints it."""
+    import thunderops.scheduler as scheduler
+
+    if where == "baselines":
+        monkeypatch.setattr(scheduler, "CHECK_SHARE", 0.0)  # their deadline is the start of planning
+    else:
+        monkeypatch.setattr(scheduler, "CHECK_GRACE", -1.0)  # ours: the same, once the baselines' check is done
+    res = solve(6.0, "llama-3.1-8b", "conversation", offers=lambda_offers, search=FAST)
+    note = res.plan.inputs["sim_check"]
+    assert note.startswith("skipped" if where == "baselines" else "stopped") and "--time-limit 20" in note
+    assert res.plan.predicted.method == "model"
+    assert all(b.predicted.method == "model" for b in res.baselines.values())
+    assert all(res.plan.predicted.goodput_rps >= b.predicted.goodput_rps - 1e-6 for b in res.baselines.values())
+    check_plan(res.plan, 6.0)
+
+    from thunderops.cli.app import err_console
+    from thunderops.cli.plan import render
+
+    with err_console.capture() as cap:
+        render(res.plan)
+    assert "simulator check " + note[:20] in " ".join(cap.get().split())
+
+
+def test_a_simulation_stops_at_its_deadline(lambda_offers):
+    import time
+
+    from thunderops import sim
+
+    plan = solve(6.0, "llama-3.1-8b", "conversation", offers=lambda_offers, search=FAST, sim_check=0).plan
+    wl, slo = Workload("short", 1.0, tuple([200.0] * 101), tuple([100.0] * 101)), SLO(2.0, 0.1, 0.9)
+    with pytest.raises(sim.SimDeadline):
+        sim.goodput(plan, wl, slo, n=20_000, deadline=time.perf_counter() + 0.05)
+    # a deadline it meets changes nothing
+    assert sim.goodput(plan, wl, slo, n=300, deadline=time.perf_counter() + 600) == sim.goodput(plan, wl, slo, n=300)
+
+
 def test_target_rate_finds_cheaper_plan(lambda_offers):
     full = solve(6.0, "llama-3.1-8b", "conversation", offers=lambda_offers, search=FAST).plan
     rate = full.predicted.goodput_rps / 3

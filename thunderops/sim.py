@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import heapq
 import math
+import time
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -182,6 +183,10 @@ class _Engine:
         self.b_time = 0.0  # integral of the decode batch size over time (Little's law checks)
 
 
+class SimDeadline(Exception):
+    """A simulation ran past its deadline (a time.perf_counter() value) and was stopped."""
+
+
 class Simulator:
     """One simulation of a plan. Use `simulate()`; this class holds the state of a single run."""
 
@@ -277,11 +282,14 @@ class Simulator:
 
     # -- the run
 
-    def run(self, reqs: Requests, give_up: bool = False) -> SimResult:
+    def run(self, reqs: Requests, give_up: bool = False, deadline: float | None = None) -> SimResult:
         """Replay these requests; each arrival gets its route from the router's picker (deterministic).
         With `give_up`, stop as soon as more requests have surely missed the SLO than its attainment target
         allows (the run's attainment is then below target, its other figures partial): a rate the plan cannot
-        sustain fails in a fraction of the events."""
+        sustain fails in a fraction of the events. Raises SimDeadline once time.perf_counter() passes
+        `deadline`."""
+        if deadline is not None and time.perf_counter() > deadline:
+            raise SimDeadline("simulation not started: its deadline has passed")
         self._reset()
         n = len(reqs)
         route_of = np.full(n, -1, dtype=np.int64)
@@ -307,8 +315,11 @@ class Simulator:
             t, _, kind, data = heapq.heappop(events)
             handlers[kind](t, data)
             count += 1
-            if count % 2048 == 0 and allowed < n and self._surely_missed(t) > allowed:
-                break
+            if count % 2048 == 0:
+                if allowed < n and self._surely_missed(t) > allowed:
+                    break
+                if deadline is not None and time.perf_counter() > deadline:
+                    raise SimDeadline(f"simulation stopped at its deadline after {count} events")
         done = np.isfinite(self.finish)
         ttft = self.first - self.arrival
         gen = np.maximum(self.output - 1, 1)
@@ -644,30 +655,34 @@ def slo_of(plan: Plan, ttft_s: float | None = None, tpot_s: float | None = None,
 
 
 def simulate(plan: Plan, workload: Workload, slo: SLO, rate: float | None = None, n: int = 2000, seed: int = 0,
-             perf: PerfModel | None = None, routing: list[Route] | None = None) -> SimResult:
-    """Simulate `n` requests of `workload` (at `rate` req/s, default the workload's own) through `plan`."""
+             perf: PerfModel | None = None, routing: list[Route] | None = None,
+             deadline: float | None = None) -> SimResult:
+    """Simulate `n` requests of `workload` (at `rate` req/s, default the workload's own) through `plan`.
+    `deadline`: a time.perf_counter() value past which the run stops with SimDeadline."""
     if n <= 0:
         raise WorkloadError(f"number of requests must be positive, got {n}")
     perf = perf or PerfModel(plan.model)
     sim = Simulator(plan, perf, slo, routing)
-    return sim.run(requests_for(workload, rate, n, seed))
+    return sim.run(requests_for(workload, rate, n, seed), deadline=deadline)
 
 
 def goodput(plan: Plan, workload: Workload, slo: SLO, n: int = 1000, seed: int = 0, perf: PerfModel | None = None,
             routing: list[Route] | None = None, rel_tol: float = 0.03, max_rate: float | None = None,
-            min_duration_s: float = 20.0, max_requests: int = 20_000) -> float:
+            min_duration_s: float = 20.0, max_requests: int = 20_000, deadline: float | None = None) -> float:
     """The highest request rate (req/s) at which the plan meets the SLO attainment target, by bracketing and
     bisection over simulated rates to `rel_tol` (0.0 when even a trickle misses it). `max_rate` caps the
     search (returned as is when the plan meets it); without it the search starts from the perf model's
     capacity estimate. Each run lasts at least `min_duration_s` of simulated time (up to `max_requests`):
-    a run of a few seconds starts from empty queues and passes rates the plan cannot sustain."""
+    a run of a few seconds starts from empty queues and passes rates the plan cannot sustain. Raises
+    SimDeadline once time.perf_counter() passes `deadline`."""
     perf = perf or PerfModel(plan.model)
     sim_routing = routing if routing is not None else (plan.routing or default_routing(plan, perf, workload, slo))
     sim = Simulator(plan, perf, slo, sim_routing)  # validates once; each rate is a fresh run
 
     def meets(rate: float) -> bool:
         count = max(n, min(max_requests, math.ceil(rate * min_duration_s)))
-        return sim.run(requests_for(workload, rate, count, seed), give_up=True).attainment >= slo.attainment
+        run = sim.run(requests_for(workload, rate, count, seed), give_up=True, deadline=deadline)
+        return run.attainment >= slo.attainment
 
     lo = 0.0
     if max_rate is not None:  # a cap: the answer is at most max_rate

@@ -24,7 +24,7 @@ RegionsOpt = Annotated[str | None, typer.Option("--regions", help="Comma-separat
 SpotOpt = Annotated[bool | None, typer.Option("--spot/--no-spot", help="Spot only / on-demand only (default: either)")]
 BandwidthOpt = Annotated[Path | None, typer.Option("--bandwidth", help="Measured Gbps between instances (JSON or CSV)")]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Search seed (same seed, same plan)")]
-TimeLimitOpt = Annotated[float, typer.Option("--time-limit", help="Seconds for the whole planning: baselines, search and the simulator check")]
+TimeLimitOpt = Annotated[float, typer.Option("--time-limit", help="Seconds for the whole planning: baselines, search and the simulator check (skipped, with a note, where it does not fit)")]
 MaxReplicaNodesOpt = Annotated[int | None, typer.Option(
     "--max-replica-nodes", help="Most instances one replica's pipeline may span (default 4)", min=1)]
 
@@ -136,6 +136,8 @@ def render(plan) -> None:
         f"TTFT p50 {p.ttft_p50:.3f} s p90 {p.ttft_p90:.3f} s, TPOT p50 {p.tpot_p50 * 1000:.1f} ms "
         f"p90 {p.tpot_p90 * 1000:.1f} ms; "
         f"{plan.cost_per_hour:.2f} $/h for the instances above", highlight=False)
+    if plan.inputs.get("sim_check"):
+        err_console.print(f"[yellow]note:[/] simulator check {plan.inputs['sim_check']}", highlight=False)
     if plan.inputs.get("rate") and not plan.inputs.get("rate_met", True):
         err_console.print(f"[yellow]warning:[/] no plan within the budget serves {plan.inputs['rate']} req/s; "
                           "this is the most goodput it buys", highlight=False)

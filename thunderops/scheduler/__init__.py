@@ -32,10 +32,18 @@ from thunderops.scheduler.procure import (
 )
 from thunderops.scheduler.search import SearchConfig, Tabu, designate, greedy_groups
 from thunderops.scheduler.topology import Topology, check_bandwidth_names, load_bandwidth
+from thunderops.sim import SimDeadline
 from thunderops.specs import get_gpu, get_model
 from thunderops.workload import Workload, get_workload
 
 __all__ = ["plan", "solve", "replan", "without_offers", "PlanResult", "SearchConfig", "BASELINES"]
+
+# The time limit covers the simulator check. The baselines' plans are simulated first; if that has not ended
+# within this share of the limit, nothing is simulated (the search needs the rest) and every plan keeps the
+# perf model's figures. Our finalists' simulations get the time the search left for them (measured on the
+# baselines') and may run this share past the limit before they too are abandoned for the model's figures.
+CHECK_SHARE = 0.6
+CHECK_GRACE = 0.1
 
 
 @dataclass
@@ -167,16 +175,28 @@ def solve(
     tabu = Tabu(h, cfg, seed=seed, progress=progress)
     with FinalCheck(h, wl, slo, perf, rate, sim_requests, seed, inputs,
                     workers=None if sim_check > 0 else 1) as check:
-        plans = {name: h.to_plan(h.prune(ev), strategy=name, inputs=inputs) for name, ev in base.items()}
+        plans = model_plans = {name: h.to_plan(h.prune(ev), strategy=name, inputs=inputs)
+                               for name, ev in base.items()}
         cands: list[Plan] = []
         reserve = 0.0
-        if sim_check > 0:  # the baselines' plans first: the time limit covers the check, so it is measured
+        checking = sim_check > 0
+        check_note = None  # why the check did not decide, if it did not
+        if checking:  # the baselines' plans first: the time limit covers the check, so it is measured
             if progress:
                 progress(0.0, f"simulating the {len(plans)} baselines' plans")
-            plans, cands = check.baselines(plans, base, hexgen_runners[:sim_check - 1], tabu,
-                                           deadline=t0 + cfg.time_limit / 2)
+            try:
+                plans, cands = check.baselines(plans, base, hexgen_runners[:sim_check - 1], tabu,
+                                               deadline=t0 + cfg.time_limit / 2,
+                                               sim_deadline=t0 + CHECK_SHARE * cfg.time_limit)
+            except SimDeadline:  # every plan is then judged by the model alone, ours and the baselines' alike
+                checking = False
+                check_note = (f"skipped: simulating the baselines' plans did not end within {CHECK_SHARE:.0%} "
+                              f"of --time-limit {cfg.time_limit:g} s; the figures are the perf model's (raise "
+                              "--time-limit for the simulator's)")
+                if progress:
+                    progress(0.0, "simulator check skipped: the time limit is too short for it")
             # what simulating our finalists will take (with a rate, also as many near misses)
-            reserve = check.seconds_for((2 * sim_check if rate is not None else sim_check) + 1)
+            reserve = check.seconds_for((2 * sim_check if rate is not None else sim_check) + 1) if checking else 0.0
         # the main search gets what the baselines, their check and the finalists' check leave of the time limit
         left = max(0.05, cfg.time_limit - (time.perf_counter() - t0) - reserve - 0.1)
         tabu.cfg = replace(cfg, time_limit=min(cfg.time_limit, left))
@@ -187,7 +207,7 @@ def solve(
                             f"{slo.attainment:.0%}) for {spec.name}; relax --slo-ttft/--slo-tpot or raise the budget")
         best = h.prune(best)
         ours = h.to_plan(best, strategy="thunderops", inputs=inputs)
-        if sim_check > 0:  # the simulator decides between our best few and the baselines' plans
+        if checking:  # the simulator decides between our best few and the baselines' plans
             if progress:
                 progress(0.99, f"simulating the best {sim_check} candidates")
             elites = sorted(tabu.elites.values(), key=lambda e: -e.score)
@@ -199,8 +219,16 @@ def solve(
                 cheapest = min((e.cost for e in finalists if e.goodput >= rate * (1 - 1e-6)), default=math.inf)
                 finalists += [e for e in h.near_misses(cheapest, sim_check)
                               if all(e.state != f.state for f in finalists)]
-            cands += check.ours([h.prune(e) for e in finalists])
-            ours = max(cands, key=lambda p: sim_key(p, rate))
+            try:
+                cands += check.ours([h.prune(e) for e in finalists],
+                                    deadline=t0 + (1 + CHECK_GRACE) * cfg.time_limit)
+                ours = max(cands, key=lambda p: sim_key(p, rate))
+            except SimDeadline:  # back to the model's figures for every plan, as if the check had not run
+                plans = model_plans
+                check_note = (f"stopped: simulating our finalists ran past --time-limit {cfg.time_limit:g} s; "
+                              "the figures are the perf model's (raise --time-limit for the simulator's)")
+    if check_note:
+        ours.inputs["sim_check"] = check_note
     ours.inputs["baselines"] = {
         name: {"goodput_rps": p.predicted.goodput_rps, "cost_per_hour": p.cost_per_hour, "gpus": p.total_gpus}
         for name, p in plans.items()}

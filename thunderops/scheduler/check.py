@@ -34,29 +34,30 @@ RATE_SEEDS = 3
 
 
 def simulate_plan(plan: Plan, workload: Workload, slo: SLO, perf, rate: float | None = None, n: int = 600,
-                  seed: int = 0, max_rate: float | None = None) -> Prediction:
+                  seed: int = 0, max_rate: float | None = None, deadline: float | None = None) -> Prediction:
     """Simulated goodput and latencies of a plan (the model's goodput stays in plan.inputs). Goodput is
     bisected down from `max_rate` (default 1.5 x the model's goodput) to 5 %: plans compared with each other
     should share one `max_rate`, so that they are tested at the same rates and rank as their attainment does
-    (from their own starting points one plan simulated 30.8 or 32.8 req/s)."""
+    (from their own starting points one plan simulated 30.8 or 32.8 req/s). Raises sim.SimDeadline once
+    time.perf_counter() passes `deadline`."""
     from thunderops import sim
 
     if not plan.groups or not plan.routing:
         return Prediction(method="sim")
     top = max_rate if max_rate is not None else max(plan.predicted.goodput_rps, 1e-3) * 1.5
     g = sim.goodput(plan, workload, slo, n=n, seed=seed, perf=perf, max_rate=top, rel_tol=0.05,
-                    min_duration_s=SIM_DURATION_S)
+                    min_duration_s=SIM_DURATION_S, deadline=deadline)
     at = rate if rate else g
     if at <= 0:
         return Prediction(method="sim")
     if rate:  # whether the plan serves the rate: attainment over RATE_SEEDS runs as long as goodput's
         count = max(n, min(20_000, math.ceil(rate * SIM_DURATION_S)))
-        res = sim.SimResult.pooled([sim.simulate(plan, workload, slo, rate=rate, n=count, seed=seed + k, perf=perf)
-                                    for k in range(RATE_SEEDS)])
+        res = sim.SimResult.pooled([sim.simulate(plan, workload, slo, rate=rate, n=count, seed=seed + k, perf=perf,
+                                                 deadline=deadline) for k in range(RATE_SEEDS)])
         if g < rate and res.attainment >= slo.attainment:
             g = rate  # the grid of rates skipped the target, which the plan serves
     else:
-        res = sim.simulate(plan, workload, slo, rate=at, n=n, seed=seed, perf=perf)
+        res = sim.simulate(plan, workload, slo, rate=at, n=n, seed=seed, perf=perf, deadline=deadline)
     return Prediction(
         goodput_rps=round(g, 4), tokens_per_s=round(res.output_tokens_per_s, 1),
         ttft_p50=round(res.pct("ttft", 50), 4), ttft_p90=round(res.pct("ttft", 90), 4),
@@ -65,8 +66,8 @@ def simulate_plan(plan: Plan, workload: Workload, slo: SLO, perf, rate: float | 
 
 
 def with_sim(plan: Plan, workload: Workload, slo: SLO, perf, rate: float | None = None, n: int = 600,
-             seed: int = 0, max_rate: float | None = None) -> Plan:
-    pred = simulate_plan(plan, workload, slo, perf, rate, n, seed, max_rate)
+             seed: int = 0, max_rate: float | None = None, deadline: float | None = None) -> Plan:
+    pred = simulate_plan(plan, workload, slo, perf, rate, n, seed, max_rate, deadline)
     out = replace(plan, predicted=pred, inputs={**plan.inputs, "model_goodput_rps": plan.predicted.goodput_rps})
     return out
 
@@ -139,12 +140,13 @@ class FinalCheck:
             self.pool.shutdown(cancel_futures=True)
             self.pool = None
 
-    def sim_all(self, items: list[tuple[Plan, tuple]]) -> list[Plan]:
-        """Simulate these (plan, state) pairs (states seen before reuse their run), in parallel."""
+    def sim_all(self, items: list[tuple[Plan, tuple]], deadline: float | None = None) -> list[Plan]:
+        """Simulate these (plan, state) pairs (states seen before reuse their run), in parallel. Raises
+        sim.SimDeadline if they have not all run by `deadline` (a time.perf_counter() value)."""
         todo = list({state: plan for plan, state in items if state not in self.done}.items())
         if todo:
             t = time.perf_counter()
-            jobs = [(plan, self.wl, self.slo, self.perf, self.rate, self.n, self.seed, self.max_rate)
+            jobs = [(plan, self.wl, self.slo, self.perf, self.rate, self.n, self.seed, self.max_rate, deadline)
                     for _, plan in todo]
             if self.pool is not None and len(jobs) > 1:
                 results = list(self.pool.map(_sim_job, jobs))
@@ -162,15 +164,17 @@ class FinalCheck:
         """What simulating this many more plans should take, from the runs so far."""
         return self.seconds_per_round * math.ceil(plans / (self.workers if self.pool is not None else 1))
 
-    def ours(self, evs: list) -> list[Plan]:
-        return self.sim_all([(self.h.to_plan(ev, strategy="thunderops", inputs=self.inputs), ev.state) for ev in evs])
+    def ours(self, evs: list, deadline: float | None = None) -> list[Plan]:
+        return self.sim_all([(self.h.to_plan(ev, strategy="thunderops", inputs=self.inputs), ev.state)
+                             for ev in evs], deadline)
 
     def baselines(self, plans: dict[str, Plan], base: dict, hexgen_runners: list, tabu: Tabu,
-                  deadline: float) -> tuple[dict[str, Plan], list[Plan]]:
+                  deadline: float, sim_deadline: float | None = None) -> tuple[dict[str, Plan], list[Plan]]:
         """Simulate the baselines' plans (HexGen, a search too, by its best few as for ours: a ratio above 1
         never comes from simulating more of our candidates than of theirs). Returns them and the candidates
         for our plan they give: each baseline's plan (ours to take when it simulates better) and, where it
-        leaves budget unspent, that plan plus what the rest buys (by `deadline`, a perf_counter value)."""
+        leaves budget unspent, that plan plus what the rest buys (by `deadline`, a perf_counter value). Raises
+        sim.SimDeadline if the simulations have not all run by `sim_deadline`."""
         h, rate = self.h, self.rate
         best = max((p.predicted.goodput_rps for p in plans.values()), default=0.0)
         self.max_rate = GRID_HEADROOM * best if best > 0 else None
@@ -195,7 +199,7 @@ class FinalCheck:
                 fills.append((filled, f"{name}+fill"))
         items += [(h.to_plan(ev, strategy="thunderops", inputs={**self.inputs, "found_by": f}), ev.state)
                   for ev, f in fills]
-        done = self.sim_all(items)
+        done = self.sim_all(items, sim_deadline)
         out = dict(zip(names, done[:len(names)], strict=True))
         extra = done[len(names):len(names) + len(runners) + len(near)]  # HexGen's runners-up, the near misses
         for p in extra:
