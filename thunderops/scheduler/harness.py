@@ -114,6 +114,8 @@ class Harness:
         self._route: dict[tuple, tuple[float, float]] = {}
         self._nic: dict[int, float] = {}
         self._spread: dict[tuple, float] = {}
+        self._configs: dict[tuple[Unit, ...], dict[str, GroupConfig]] = {}
+        self._rows: dict[tuple, dict[tuple[int, ...], tuple]] = {}  # problem()'s pairs, by prefill group
         self.mean_prompt = workload.mean_prompt
         self.q_prompt = workload.percentile("prompt", slo.attainment * 100)
         self.evaluations = 0
@@ -194,8 +196,11 @@ class Harness:
         fixed = self.fixed.get(units)
         if fixed is not None:
             return fixed
-        parts, link, _ = self.parts(units)
-        return self.parallel.configs(parts, link)
+        hit = self._configs.get(units)
+        if hit is None:  # the planner memoises by composition; this skips working out the composition again
+            parts, link, _ = self.parts(units)
+            hit = self._configs[units] = self.parallel.configs(parts, link)
+        return hit
 
     def unknown(self, state: State) -> int:
         """How many groups of a state would need a new perf-model evaluation."""
@@ -312,7 +317,10 @@ class Harness:
 
     # ------------------------------------------------------------------ scoring
 
-    def problem(self, state: State) -> tuple[lp.RouteProblem, list[GroupConfig], dict[str, list[int]]]:
+    def problem(self, state: State, network: bool = True
+                ) -> tuple[lp.RouteProblem, list[GroupConfig], dict[str, list[int]]]:
+        """The routing LP of a state. Without `network`, the links and NICs that pairs share are left out
+        (`shares` is None): what `bound` needs, at half the work."""
         configs = [self.config(units, ph) for units, ph in state]
         scvs = self.arrival_scvs([ph for _, ph in state], [cfg.capacity for cfg in configs])
         caps = [self.spread(cfg, scv) for cfg, scv in zip(configs, scvs, strict=True)]
@@ -321,27 +329,48 @@ class Harness:
             roles[ph].append(k)
         insts = [tuple(sorted({u[0] for u in units})) for units, _ in state]
         P, D = roles["prefill"], roles["decode"]
+        # per pair: (link rate, prefill capacity for it), raw and compressed; filled by index at the end
         raw, comp = np.zeros((len(P), len(D))), np.zeros((len(P), len(D)))
         pre_raw, pre_comp = np.zeros((len(P), len(D))), np.zeros((len(P), len(D)))
+        cells: list[tuple[int, int]] = []
+        raw_cells: list[tuple[float, float]] = []
+        comp_cells: list[tuple[float, float]] = []
         # shared network resources: each link (weight 1), each sending NIC and each receiving NIC (weight
         # link / NIC Gbps) carry the pairs through them
         shares: list[tuple[int, int, int, float]] = []
         resources: dict[tuple, int] = {}
+        live = [(b, insts[j]) for b, j in enumerate(D) if configs[j].capacity > 0]
+        zero = (0.0, 0.0)
         for a, i in enumerate(P):
-            if configs[i].capacity <= 0:
+            if configs[i].capacity <= 0 or not live:
                 continue
-            for b, j in enumerate(D):
-                if configs[j].capacity > 0:
-                    pl = self.pair_links(insts[i], insts[j])
+            units, scv, src = state[i][0], scvs[i], insts[i]
+            # this prefill group's pairs seen before, by the decode group's instances: (link, raw, compressed)
+            row = self._rows.setdefault((units, scv, self.kv_raw, self.kv_comp), {})
+            for b, dst in live:
+                hit = row.get(dst)
+                if hit is None:
+                    pl = self.pair_links(src, dst)
+                    r = c = zero
+                    if self.kv_raw or pl.rate_comp <= 0:  # a hop inside one node has nothing to compress
+                        r = self.kv_route(units, pl.rate_raw, pl.t_raw, scv)
+                    if self.kv_comp:
+                        c = self.kv_route(units, pl.rate_comp, pl.t_comp, scv)
+                    hit = row[dst] = (pl, r, c)
+                pl, r, c = hit
+                if network:
                     shares.append((resources.setdefault(("link", pl.link), len(resources)), a, b, 1.0))
                     if pl.src != pl.dst:
                         for end, k in (("out", pl.src), ("in", pl.dst)):
                             w = min(1.0, pl.gbps / self.nic_gbps(k))
                             shares.append((resources.setdefault((end, k), len(resources)), a, b, w))
-                    if self.kv_raw or pl.rate_comp <= 0:  # a hop inside one node has nothing to compress
-                        raw[a, b], pre_raw[a, b] = self.kv_route(state[i][0], pl.rate_raw, pl.t_raw, scvs[i])
-                    if self.kv_comp:
-                        comp[a, b], pre_comp[a, b] = self.kv_route(state[i][0], pl.rate_comp, pl.t_comp, scvs[i])
+                cells.append((a, b))
+                raw_cells.append(r)
+                comp_cells.append(c)
+        if cells:
+            at = tuple(np.array(cells).T)
+            raw[at], pre_raw[at] = np.array(raw_cells).T
+            comp[at], pre_comp[at] = np.array(comp_cells).T
         coo = tuple(np.array(c) for c in zip(*shares, strict=True)) if shares else None
         prob = lp.RouteProblem(
             np.array([caps[i] for i in P]), np.array([caps[j] for j in D]),
@@ -350,7 +379,7 @@ class Harness:
 
     def bound(self, state: State) -> float:
         """A quick upper bound on goodput (no LP): prefill and decode sides each capped by their links."""
-        prob, _, _ = self.problem(state)
+        prob, _, _ = self.problem(state, network=False)
         total = float(prob.colocated.sum())
         if len(prob.prefill) and len(prob.decode):
             pr, pc = prob.pair_prefill()
