@@ -110,7 +110,7 @@ class _Network:
     transfer moves at the smallest fair share among the resources it crosses (a resource's bytes/s over the
     transfers on it): processor sharing per resource, a lower bound of max-min fairness across them."""
 
-    __slots__ = ("bw", "active", "count", "t_last", "version")
+    __slots__ = ("bw", "active", "count", "t_last", "version", "_rates")
 
     def __init__(self, bytes_per_s: dict[tuple, float]):
         self.bw = bytes_per_s
@@ -118,28 +118,36 @@ class _Network:
         self.count: dict[tuple, int] = dict.fromkeys(bytes_per_s, 0)
         self.t_last = 0.0
         self.version = 0
+        self._rates: list[float] | None = None  # each active transfer's bytes/s, until one starts or ends
 
-    def _rate(self, resources: tuple) -> float:
-        return min(self.bw[r] / self.count[r] for r in resources)
+    def rates(self) -> list[float]:
+        """Bytes/s of each transfer in flight, in `active`'s order."""
+        if self._rates is None:
+            bw, count = self.bw, self.count
+            self._rates = [min(bw[r] / count[r] for r in res) for _, res in self.active.values()]
+        return self._rates
 
     def progress(self, now: float) -> None:
         dt = now - self.t_last
         if self.active and dt > 0:
-            for item in self.active.values():
-                item[0] -= self._rate(item[1]) * dt
+            for item, rate in zip(self.active.values(), self.rates(), strict=True):
+                item[0] -= rate * dt
         self.t_last = now
 
     def add(self, rid: int, nbytes: float, resources: tuple) -> None:
         self.active[rid] = [nbytes, resources]
+        self._rates = None
         for r in resources:
             self.count[r] += 1
 
     def remove(self, rid: int) -> None:
+        self._rates = None
         for r in self.active.pop(rid)[1]:
             self.count[r] -= 1
 
     def next_finish(self, now: float) -> float:
-        return now + min(max(0.0, left) / self._rate(res) for left, res in self.active.values())
+        return now + min(max(0.0, item[0]) / rate for item, rate in zip(self.active.values(), self.rates(),
+                                                                         strict=True))
 
 
 class _Prefill:
