@@ -273,6 +273,7 @@ def test_local_emulated_deployment_serves_replaces_a_lost_node_and_down_from_ano
         proc = cli("down", "loc", "--json")
         assert proc.returncode == 0, proc.stderr
         up.wait(timeout=60)
+        assert up.stdout.read() == ""  # nothing after the JSON document, not Ray's note of the lost raylet
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline and any(Path(f"/proc/{p}").exists() for p in pids):
             time.sleep(0.2)

@@ -10,6 +10,7 @@ import json
 import os
 import secrets
 import signal
+import sys
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -386,6 +387,10 @@ def _foreground(dep: str, prov: Any, handover: dict[str, Any], quiet: bool = Fal
     """Ray nodes started here live as long as this process: serve until Ctrl-C, then tear down."""
     (err_console if quiet else console).print(f"serving at {handover.get('endpoint', '-')} (api key {handover.get('api_key', '-')}); "
                   "Ctrl-C tears the deployment down", highlight=False)
+    if quiet:  # --json: stdout holds one JSON document. Ray's driver prints cluster errors (a lost node's
+        # "Raylet is terminated") to sys.stdout from a thread of its own for as long as this process lives
+        sys.stdout.flush()
+        sys.stdout = sys.stderr
     prov.store.add_event(dep, "foreground", f"`thunderops up` holds the local nodes (pid {os.getpid()})",
                          {"up_pid": os.getpid()})  # so `thunderops down` from another shell can end it
     try:
