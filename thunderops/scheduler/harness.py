@@ -219,6 +219,8 @@ class Harness:
                 if ph in phases and self.perf.fits(layout) and engine_can_serve(layout.pp, ph) else 0.0
                 for ph in PHASES}
         self.fixed[tuple(sorted(units))] = {ph: GroupConfig(ph, c, layout, ()) for ph, c in caps.items()}
+        self._route.clear()  # what was worked out from the group's searched configs no longer holds
+        self._rows.clear()
 
     def gbps(self, a: int, b: int) -> float:
         key = (a, b) if a <= b else (b, a)
