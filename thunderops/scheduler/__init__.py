@@ -42,8 +42,8 @@ __all__ = ["plan", "solve", "replan", "without_offers", "PlanResult", "SearchCon
 # within this share of the limit, nothing is simulated (the search needs the rest) and every plan keeps the
 # perf model's figures. Our finalists' simulations get the time the search left for them (measured on the
 # baselines') and may run this share past the limit before they too are abandoned for the model's figures.
-CHECK_SHARE = 0.6
-CHECK_GRACE = 0.1
+CHECK_SHARE = 0.75
+CHECK_GRACE = 0.25
 
 
 @dataclass
