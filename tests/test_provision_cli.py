@@ -86,6 +86,19 @@ def test_dry_run_with_a_rate_and_no_budget_plans_under_the_rate_ceiling(thundero
     assert not thunderops_home.exists()
 
 
+def test_up_notes_a_simulator_check_the_time_limit_had_no_room_for(thunderops_home):
+    """A time limit shorter than the baselines' simulations: `up` plans on the perf model's figures and says so
+    (on stderr; with --json the plan records why)."""
+    args = ("up", "--dry-run", "--budget", "6", "--model", "llama-3.1-8b", "--clouds", "lambda", "--time-limit",
+            "0.2")
+    proc = cli(*args)
+    assert proc.returncode == 0, proc.stderr
+    assert "note: simulator check skipped" in " ".join(proc.stderr.split())
+    plan = json.loads(cli(*args, "--json").stdout)["plan"]
+    assert plan["inputs"]["sim_check"].startswith("skipped") and plan["predicted"]["method"] == "model"
+    assert not thunderops_home.exists()
+
+
 @pytest.mark.slow
 def test_dry_run_plans_offline_from_the_shipped_catalogs(thunderops_home):
     proc = cli("up", "--dry-run", "--budget", "6", "--model", "llama-2-7b", "--time-limit", "3")
