@@ -111,6 +111,11 @@ class _Run:
     abort: threading.Event = field(default_factory=threading.Event)
     in_flight: set[str] = field(default_factory=set)
 
+    def excluded(self) -> dict[str, list]:
+        """What re-planning may no longer use, for events: the offers that failed and the GPU types set aside."""
+        return {"blocked": [list(k) for k in sorted(self.blocked)],
+                "set_aside": [{"gpu": g, "spot": sp} for g, sp in sorted(self.set_aside)]}
+
     def next_name(self, inst_id: str) -> str:
         """A fresh cluster name `to-<deployment>-<instance>-<n>`: n counts this instance's launches."""
         with self.lock:
@@ -339,8 +344,7 @@ class SkyPilotProvider(Provider):
                            + (f"; set aside: {aside}" if aside else ""))
             store.add_event(deployment, "provision-failed", message,
                             {"errors": {**exhausted, **errors}, "keep_partial": keep_partial, "replans": replans,
-                             "blocked": [list(k) for k in blocked],
-                             "set_aside": [{"gpu": g, "spot": sp} for g, sp in sorted(run.set_aside)]})
+                             **run.excluded()})
             if not keep_partial:
                 if whole:
                     self.down(deployment)
@@ -511,9 +515,7 @@ class SkyPilotProvider(Provider):
         store.add_event(deployment, "re-planned",
                         f"{', '.join(gpus)} unavailable: plan v{after} keeps {len(kept)} node(s), releases "
                         f"{len(released)}, launches {len(new.instances) - len(kept)}",
-                        {"before": version, "after": after, "unavailable": gpus,
-                         "blocked": [list(k) for k in sorted(run.blocked)],
-                         "set_aside": [{"gpu": g, "spot": sp} for g, sp in sorted(run.set_aside)],
+                        {"before": version, "after": after, "unavailable": gpus, **run.excluded(),
                          "kept": {i: n.cluster_name for i, n in kept.items()}, "released": released,
                          "cost_per_hour": new.cost_per_hour})
         if self.console is not None:
