@@ -34,6 +34,7 @@ from thunderops.cli.plan import (
     SpotOpt,
     TimeLimitOpt,
     WorkloadOpt,
+    note_sim_check,
     replica_limit,
     split_list,
 )
@@ -194,8 +195,8 @@ def plan_step(*, budget, model, workload, rate, slo_ttft, slo_tpot, attainment, 
                        progress=lambda f, m: bar.update(task, completed=min(1.0, f), description=m))
     if default_budget and not quiet:  # after planning, so that bad input stays one line
         err_console.print(f"no --budget given: planned for {DEFAULT_BUDGET} $/h", highlight=False)
-    if result.plan.inputs.get("sim_check") and not quiet:
-        err_console.print(f"[yellow]note:[/] simulator check {result.plan.inputs['sim_check']}", highlight=False)
+    if not quiet:
+        note_sim_check(result.plan)
     return result.plan
 
 

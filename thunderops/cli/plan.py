@@ -136,11 +136,16 @@ def render(plan) -> None:
         f"TTFT p50 {p.ttft_p50:.3f} s p90 {p.ttft_p90:.3f} s, TPOT p50 {p.tpot_p50 * 1000:.1f} ms "
         f"p90 {p.tpot_p90 * 1000:.1f} ms; "
         f"{plan.cost_per_hour:.2f} $/h for the instances above", highlight=False)
-    if plan.inputs.get("sim_check"):
-        err_console.print(f"[yellow]note:[/] simulator check {plan.inputs['sim_check']}", highlight=False)
+    note_sim_check(plan)
     if plan.inputs.get("rate") and not plan.inputs.get("rate_met", True):
         err_console.print(f"[yellow]warning:[/] no plan within the budget serves {plan.inputs['rate']} req/s; "
                           "this is the most goodput it buys", highlight=False)
+
+
+def note_sim_check(plan) -> None:
+    """Say on stderr why the simulator did not check the plan, if it did not (`inputs.sim_check`)."""
+    if plan.inputs.get("sim_check"):
+        err_console.print(f"[yellow]note:[/] simulator check {plan.inputs['sim_check']}", highlight=False)
 
 
 def _connector_note(plan) -> str:
