@@ -195,8 +195,8 @@ def solve(
                               "--time-limit for the simulator's)")
                 if progress:
                     progress(0.0, "simulator check skipped: the time limit is too short for it")
-            # what simulating our finalists will take (with a rate, also as many near misses)
-            reserve = check.seconds_for((2 * sim_check if rate is not None else sim_check) + 1) if checking else 0.0
+            else:  # what simulating our finalists will take (with a rate, also as many near misses)
+                reserve = check.seconds_for((2 * sim_check if rate is not None else sim_check) + 1)
         # the main search gets what the baselines, their check and the finalists' check leave of the time limit
         left = max(0.05, cfg.time_limit - (time.perf_counter() - t0) - reserve - 0.1)
         tabu.cfg = replace(cfg, time_limit=min(cfg.time_limit, left))
