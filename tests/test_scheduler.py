@@ -147,6 +147,49 @@ def test_a_simulator_check_past_the_time_limit_falls_back_to_the_model(lambda_of
     assert "simulator check " + note[:20] in " ".join(cap.get().split())
 
 
+def test_the_baselines_scans_over_gpu_kinds_stop_at_their_deadline(lambda_offers, monkeypatch):
+    """Past their deadline, vLLM and DistServe try no further GPU kind once they have a plan (the most promising
+    kind first); the plan says which were cut short, and `thunderops plan` prints it."""
+    import time
+
+    import thunderops.scheduler as scheduler
+    from thunderops.scheduler import baselines
+
+    h = solve(6.0, "llama-3.1-8b", "conversation", offers=lambda_offers, search=FAST, sim_check=0).harness
+    kinds = baselines._candidates(h)
+    assert len(kinds) >= 3
+    tried: list[tuple] = []  # the kind (GPU, GPUs per instance) of each single-type evaluation
+    evaluate = baselines._homog_eval
+
+    def spy(h, insts, phase_split):
+        tried.append((h.pool[insts[0]].gpu, h.pool[insts[0]].gpus))
+        return evaluate(h, insts, phase_split)
+
+    monkeypatch.setattr(baselines, "_homog_eval", spy)
+    full, none_cut = baselines.all_baselines(h, cfg=FAST, deadline=time.perf_counter() + 600)
+    assert none_cut == {} and len(set(tried)) == len(kinds)
+    tried.clear()
+    cut_short, cut = baselines.all_baselines(h, cfg=FAST, deadline=0.0)  # long past
+    assert set(cut) == {"vllm", "distserve"}
+    assert all(how == f"1 of {len(kinds)} GPU kinds tried" for how in cut.values())
+    assert set(tried) == {(h.pool[kinds[0][0]].gpu, h.pool[kinds[0][0]].gpus)}  # the first kind only, for both
+    for name in ("vllm", "distserve"):
+        assert full[name].score >= cut_short[name].score
+
+    monkeypatch.setattr(scheduler, "BASELINE_SHARE", 0.0)
+    res = solve(6.0, "llama-3.1-8b", "conversation", offers=lambda_offers, search=FAST, sim_check=0)
+    assert set(res.plan.inputs["baselines_cut"]) == {"vllm", "distserve"}
+    assert all(res.plan.predicted.goodput_rps >= b.predicted.goodput_rps - 1e-6 for b in res.baselines.values())
+
+    from thunderops.cli.app import err_console
+    from thunderops.cli.plan import render
+
+    with err_console.capture() as cap:
+        render(res.plan)
+    assert f"baseline distserve: 1 of {len(kinds)} GPU kinds tried within 0% of --time-limit 20 s" in \
+        " ".join(cap.get().split())
+
+
 def test_a_simulation_stops_at_its_deadline(lambda_offers):
     import time
 

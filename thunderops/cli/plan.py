@@ -136,14 +136,18 @@ def render(plan) -> None:
         f"TTFT p50 {p.ttft_p50:.3f} s p90 {p.ttft_p90:.3f} s, TPOT p50 {p.tpot_p50 * 1000:.1f} ms "
         f"p90 {p.tpot_p90 * 1000:.1f} ms; "
         f"{plan.cost_per_hour:.2f} $/h for the instances above", highlight=False)
-    note_sim_check(plan)
+    note_time_limit(plan)
     if plan.inputs.get("rate") and not plan.inputs.get("rate_met", True):
         err_console.print(f"[yellow]warning:[/] no plan within the budget serves {plan.inputs['rate']} req/s; "
                           "this is the most goodput it buys", highlight=False)
 
 
-def note_sim_check(plan) -> None:
-    """Say on stderr why the simulator did not check the plan, if it did not (`inputs.sim_check`)."""
+def note_time_limit(plan) -> None:
+    """Say on stderr what the time limit cut short: the baselines' scans (`inputs.baselines_cut`), the
+    simulator check (`inputs.sim_check`)."""
+    for name, how in (plan.inputs.get("baselines_cut") or {}).items():
+        err_console.print(f"[yellow]note:[/] baseline {name}: {how} (raise --time-limit "
+                          "for the whole comparison)", highlight=False)
     if plan.inputs.get("sim_check"):
         err_console.print(f"[yellow]note:[/] simulator check {plan.inputs['sim_check']}", highlight=False)
 

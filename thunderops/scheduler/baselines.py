@@ -12,6 +12,8 @@
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 from scipy.optimize import Bounds, LinearConstraint, milp
 
@@ -62,24 +64,41 @@ def _merge_pairs(groups: list[tuple]) -> list[tuple]:
 
 def _candidates(h: Harness, top: int = 6) -> list[list[int]]:
     """The GPU kinds worth trying as a single type: the best few by memory bandwidth per $ (decode) and by
-    compute per $ (prefill), of what the budget buys."""
+    compute per $ (prefill), of what the budget buys; most promising first (`_promise`)."""
     kinds = [insts for insts in templates(h, by_place=False).values() if _affordable(h, insts)]
-    if len(kinds) <= 2 * top:
-        return kinds
+    if len(kinds) > 2 * top:
+        def per_dollar(insts, attr):
+            i = h.pool[insts[0]]
+            return getattr(get_gpu(i.gpu), attr) * i.gpus / max(i.price_per_hour, 1e-3)
 
-    def per_dollar(insts, attr):
-        i = h.pool[insts[0]]
-        return getattr(get_gpu(i.gpu), attr) * i.gpus / max(i.price_per_hour, 1e-3)
-
-    by_bw = sorted(kinds, key=lambda k: -per_dollar(k, "memory_gbps"))[:top]
-    by_flops = sorted(kinds, key=lambda k: -per_dollar(k, "bf16_tflops"))[:top]
-    return list({tuple(k): k for k in by_bw + by_flops}.values())
+        by_bw = sorted(kinds, key=lambda k: -per_dollar(k, "memory_gbps"))[:top]
+        by_flops = sorted(kinds, key=lambda k: -per_dollar(k, "bf16_tflops"))[:top]
+        kinds = list({tuple(k): k for k in by_bw + by_flops}.values())
+    promise = [_promise(h, k) for k in kinds]
+    return [kinds[n] for n in sorted(range(len(kinds)), key=lambda n: (-promise[n], n))]
 
 
-def _homogeneous(h: Harness, phase_split: bool) -> Evaluation | None:
-    """Best single instance kind: as many copies as affordable (with a rate, the fewest that serve it)."""
+def _promise(h: Harness, insts: list[int]) -> float:
+    """Colocated capacity (requests/s) of as many replicas of this kind as the budget buys, each as the fewest
+    instances that hold one: the order in which a time limit gets to try kinds. Its configs are the ones the
+    baseline then uses."""
+    avail = _affordable(h, insts)
+    need = h.instances_per_replica(insts[0])
+    if need is None or need > len(avail):
+        return 0.0
+    cap = sum(h.config(g, "colocated").capacity for g in greedy_groups(h, avail[:need]))
+    return cap * (len(avail) // need)
+
+
+def _homogeneous(h: Harness, phase_split: bool, deadline: float | None = None) -> tuple[Evaluation | None, str]:
+    """Best single instance kind: as many copies as affordable (with a rate, the fewest that serve it). Past
+    `deadline` (time.perf_counter()) no further kind is tried once one has a plan; the second item then says how
+    many were (else "")."""
     best: Evaluation | None = None
-    for insts in _candidates(h):
+    kinds = _candidates(h)
+    for n, insts in enumerate(kinds):
+        if deadline is not None and best is not None and time.perf_counter() > deadline:
+            return best, f"{n} of {len(kinds)} GPU kinds tried"
         avail = _affordable(h, insts)
         if not avail:
             continue
@@ -97,7 +116,7 @@ def _homogeneous(h: Harness, phase_split: bool) -> Evaluation | None:
             ev = _homog_eval(h, avail[:m], phase_split)
             if ev is not None and (best is None or ev.score > best.score):
                 best = ev
-    return best
+    return best, ""
 
 
 def _homog_eval(h: Harness, insts: list[int], phase_split: bool) -> Evaluation | None:
@@ -141,11 +160,11 @@ def _per_phase_states(h: Harness, insts: list[int], smallest: int, top: int = 2)
 
 
 def vllm(h: Harness) -> Evaluation | None:
-    return _homogeneous(h, phase_split=False)
+    return _homogeneous(h, phase_split=False)[0]
 
 
 def distserve(h: Harness) -> Evaluation | None:
-    return _homogeneous(h, phase_split=True)
+    return _homogeneous(h, phase_split=True)[0]
 
 
 def melange(h: Harness) -> Evaluation | None:
@@ -208,16 +227,25 @@ def hexgen(h: Harness, seed: int = 0, start: list[Evaluation] | None = None, cfg
 HEXGEN_ELITES: dict[int, list[Evaluation]] = {}  # harness id -> the HexGen search's runners-up, best first
 
 
-def all_baselines(h: Harness, seed: int = 0, cfg: SearchConfig | None = None) -> dict[str, Evaluation]:
+def all_baselines(h: Harness, seed: int = 0, cfg: SearchConfig | None = None, deadline: float | None = None
+                  ) -> tuple[dict[str, Evaluation], dict[str, str]]:
+    """Every baseline's plan, and which were cut short by `deadline` (time.perf_counter()) and how: past it,
+    vLLM and DistServe try no further GPU kind once they have a plan (HexGen's search has `cfg.time_limit`)."""
     out: dict[str, Evaluation] = {}
-    for name, fn in (("vllm", vllm), ("distserve", distserve), ("melange", melange)):
-        ev = fn(h)
+    cut: dict[str, str] = {}
+    for name, phase_split in (("vllm", False), ("distserve", True)):
+        ev, note = _homogeneous(h, phase_split, deadline)
         if ev is not None:
             out[name] = ev
+        if note:
+            cut[name] = note
+    ev = melange(h)
+    if ev is not None:
+        out["melange"] = ev
     ev = hexgen(h, seed, [out.get("melange"), out.get("vllm")], cfg)
     if ev is not None:
         out["hexgen"] = ev
-    return out
+    return out, cut
 
 
 def shaped_like(h: Harness, name: str, state: State) -> bool:
