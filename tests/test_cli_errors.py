@@ -18,7 +18,7 @@ INVENTORY = str(ROOT / "examples" / "paper_inventory.yaml")
 
 @pytest.mark.parametrize("args,needles", [
     (["plan", "--budget", "abc"], ["'--budget'", "`thunderops plan --help`"]),
-    (["simulate", "plan.json"], ["Missing option '--workload'", "`thunderops simulate --help`"]),
+    (["simulate"], ["Missing argument 'PLAN.json'", "`thunderops simulate --help`"]),
     (["plan", "--no-such-flag"], ["No such option: --no-such-flag"]),
     (["no-such-command"], ["No such command 'no-such-command'", "`thunderops --help`"]),
     (["catalog", "list", "--max-price-per-gpu", "cheap"], ["'--max-price-per-gpu'",

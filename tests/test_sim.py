@@ -434,6 +434,33 @@ def test_cli_simulate(tmp_path, cli):
     assert r.returncode == 0 and "SLO attainment" in r.stdout
 
 
+def test_cli_simulate_defaults_to_the_workload_and_rate_the_plan_was_made_for(tmp_path, cli):
+    path = tmp_path / "plan.json"
+    plan = pd_plan(p=1, d=1)
+    plan.inputs = {**plan.inputs, "workload": "coding", "rate": 3.0}
+    plan.save(path)
+    implied = cli("simulate", str(path), "-n", "300", "--json")
+    assert implied.returncode == 0, implied.stderr
+    explicit = cli("simulate", str(path), "--workload", "coding", "--rate", "3", "-n", "300", "--json")
+    assert json.loads(implied.stdout) == json.loads(explicit.stdout)
+    other = cli("simulate", str(path), "--workload", "conversation", "--rate", "3", "-n", "300", "--json")
+    assert json.loads(other.stdout) != json.loads(implied.stdout)  # the workload given does count
+
+
+def test_plan_workload_prefers_the_observed_one_and_keeps_the_plans_rate():
+    from thunderops.workload import get_workload, plan_workload
+
+    plan = pd_plan()
+    plan.inputs = {"workload": "coding", "rate": 7.0}
+    assert plan_workload(plan) == get_workload("coding", 7.0)
+    assert plan_workload(plan, "conversation") == get_workload("conversation", 7.0)
+    plan.inputs["observed_workload"] = {"name": "observed", "rate": 2.5, "prompt_quantiles": [10.0] * 101,
+                                        "output_quantiles": [20.0] * 101, "source": "router usage, 40 requests"}
+    seen = plan_workload(plan)
+    assert (seen.name, seen.rate, seen.prompt_quantiles[50]) == ("observed", 2.5, 10.0)
+    assert plan_workload(plan, "coding") == get_workload("coding", 7.0)  # a name given wins
+
+
 @pytest.mark.parametrize("args,needle", [
     (["--rate", "0"], "positive"),
     (["--rate", "-2"], "positive"),

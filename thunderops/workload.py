@@ -133,6 +133,19 @@ def get_workload(name_or_path: str, rate: float | None = None) -> Workload:
     return wl if rate is None else wl.with_rate(rate)
 
 
+def plan_workload(plan, name: str | None = None) -> Workload:
+    """The workload a plan (`thunderops.plan.Plan`) was made for, at the rate it was made for (`--rate`) if any:
+    the one a controller observed and recorded with a workload-shift decision first, then its trace file or
+    preset. `name` (a preset or trace) stands in for the plan's own, still at the plan's rate."""
+    inputs = plan.inputs
+    obs = inputs.get("observed_workload")
+    if obs and name is None:
+        return Workload(obs["name"], obs["rate"], tuple(obs["prompt_quantiles"]), tuple(obs["output_quantiles"]),
+                        obs.get("source", ""))
+    wl = get_workload(name or inputs.get("workload_source") or inputs.get("workload") or "conversation")
+    return wl.with_rate(inputs["rate"]) if inputs.get("rate") else wl
+
+
 def _parse_time(value: str) -> float:
     try:
         return float(value)

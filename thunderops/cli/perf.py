@@ -53,8 +53,10 @@ def calibrate(
 @app.command("simulate")
 def simulate(
     plan_file: Annotated[Path, typer.Argument(help="Plan JSON (from `thunderops plan --out`)", metavar="PLAN.json")],
-    workload: Annotated[str, typer.Option("--workload", "-w", help="Preset (coding, conversation) or trace CSV")],
-    rate: Annotated[float | None, typer.Option(help="Requests/s (default: the workload's own rate)")] = None,
+    workload: Annotated[str | None, typer.Option("--workload", "-w", help="Preset (coding, conversation) or trace "
+                                                 "CSV (default: the one the plan was made for)")] = None,
+    rate: Annotated[float | None, typer.Option(help="Requests/s (default: the plan's --rate if it was made for "
+                                                    "one, else the workload's own rate)")] = None,
     requests: Annotated[int, typer.Option("--requests", "-n", help="Requests to simulate")] = 2000,
     seed: Annotated[int, typer.Option(help="Random seed (runs are deterministic under a seed)")] = 0,
     ttft: Annotated[float | None, typer.Option(help="TTFT target, s (default: the plan's SLO, else 2)")] = None,
@@ -68,13 +70,13 @@ def simulate(
     from thunderops.plan import Plan
     from thunderops.sim import goodput, slo_of
     from thunderops.sim import simulate as run_sim
-    from thunderops.workload import check_rate, get_workload
+    from thunderops.workload import check_rate, plan_workload
 
     if rate is not None:
         check_rate(rate)
     plan = Plan.load(plan_file)
     slo = slo_of(plan, ttft, tpot, attainment)
-    wl = get_workload(workload)
+    wl = plan_workload(plan, workload)
     perf = PerfModel(plan.model)
     res = run_sim(plan, wl, slo, rate=rate, n=requests, seed=seed, perf=perf)
     summary = res.summary()

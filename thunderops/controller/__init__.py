@@ -27,7 +27,8 @@ Modules:
   launcher_from, RouterAdmin (the router's admin API).
 - engines.py: EngineLauncher and its kinds NodeEngines, LocalEmulators, RayEmulators (+ the `_EngineActor` Ray
   actor class), wait_engines.
-- surgery.py: plan surgery: with_fallbacks, next_instance_id, fold_in, observed_workload, plan_workload.
+- surgery.py: plan surgery: with_fallbacks, next_instance_id, fold_in, observed_workload (the plan's own
+  workload: `thunderops.workload.plan_workload`).
 - loop.py: the Controller (looking, dropping, rescheduling, routing, spend guard, workload shift), ControllerStatus,
   start_background.
 - reprovision.py: Pending and the Controller's reprovisioning part (a mixin the Controller inherits).
@@ -51,7 +52,6 @@ from thunderops.controller.surgery import (
     fold_in,
     next_instance_id,
     observed_workload,
-    plan_workload,
     with_fallbacks,
 )
 
@@ -75,7 +75,6 @@ __all__ = [
     "load_router",
     "next_instance_id",
     "observed_workload",
-    "plan_workload",
     "save_router",
     "start_background",
     "wait_engines",

@@ -24,13 +24,13 @@ from thunderops.controller.surgery import (
     _routes_of,
     _workload_dict,
     observed_workload,
-    plan_workload,
     with_fallbacks,
 )
 from thunderops.errors import PlanError, UserError
 from thunderops.plan import Group, Instance, Plan, Route, Stage, goodput_change
 from thunderops.provision import AGENT_PORT
 from thunderops.state import Store, default_home, now_utc, parse_ts
+from thunderops.workload import plan_workload
 
 log = logging.getLogger(__name__)
 

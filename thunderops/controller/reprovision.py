@@ -9,7 +9,7 @@ import time
 from dataclasses import asdict, dataclass, replace
 from typing import TYPE_CHECKING, Any
 
-from thunderops.controller.surgery import fold_in, next_instance_id, plan_workload
+from thunderops.controller.surgery import fold_in, next_instance_id
 from thunderops.plan import Group, Instance, goodput_change
 
 if TYPE_CHECKING:
@@ -189,7 +189,7 @@ class Reprovisioning:
                 folded, _ = fold_in(latest, [folded.group(g) for g in added], {r.id: r for r in repl.values()},
                                     keep_ids=True)
                 folded.bandwidth_gbps = bw
-            new = reschedule(folded, workload=plan_workload(folded))
+            new = reschedule(folded)  # at the plan's workload, the observed one first (`plan_workload`)
             after = self.store.add_plan(self.deployment, new, reason=f"reprovisioned: {', '.join(urls)} back")
             self.dead -= set(urls)
             self.pending.pop(pend.key, None)

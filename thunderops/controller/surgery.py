@@ -91,19 +91,6 @@ def observed_workload(records: list[dict[str, Any]], name: str = "observed"):
                     source=f"router usage, {len(ok)} requests")
 
 
-def plan_workload(plan: Plan):
-    """The workload a plan was made for (an observed one recorded by a shift decision wins)."""
-    from thunderops.workload import Workload, get_workload
-
-    obs = plan.inputs.get("observed_workload")
-    if obs:
-        return Workload(obs["name"], obs["rate"], tuple(obs["prompt_quantiles"]), tuple(obs["output_quantiles"]),
-                        obs.get("source", ""))
-    name = plan.inputs.get("workload_source") or plan.inputs.get("workload") or "conversation"
-    wl = get_workload(name)
-    return wl.with_rate(plan.inputs["rate"]) if plan.inputs.get("rate") else wl
-
-
 def _workload_dict(wl) -> dict[str, Any]:
     return {"name": wl.name, "rate": wl.rate, "prompt_quantiles": list(wl.prompt_quantiles),
             "output_quantiles": list(wl.output_quantiles), "source": wl.source}

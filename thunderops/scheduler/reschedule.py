@@ -20,7 +20,7 @@ from thunderops.scheduler.harness import Evaluation, Harness, Unit, canon
 from thunderops.scheduler.inventory import Inventory
 from thunderops.scheduler.search import SearchConfig, Tabu, designate
 from thunderops.scheduler.topology import Topology
-from thunderops.workload import Workload, get_workload
+from thunderops.workload import Workload, plan_workload
 
 
 def replica_limit(plan: Plan) -> int | None:
@@ -30,13 +30,7 @@ def replica_limit(plan: Plan) -> int | None:
 
 def _inputs(plan: Plan, workload: Workload | str | None, slo: SLO | None) -> tuple[Workload, SLO, float | None]:
     rate = plan.inputs.get("rate")
-    if isinstance(workload, Workload):
-        wl = workload
-    else:
-        name = workload or plan.inputs.get("workload_source") or plan.inputs.get("workload") or "conversation"
-        wl = get_workload(name)
-        if rate:
-            wl = wl.with_rate(rate)
+    wl = workload if isinstance(workload, Workload) else plan_workload(plan, workload)
     if slo is None:
         s = plan.inputs.get("slo") or {}
         slo = SLO(s.get("ttft_s", SLO.ttft_s), s.get("tpot_s", SLO.tpot_s), s.get("attainment", SLO.attainment))
