@@ -203,6 +203,18 @@ def test_a_simulation_stops_at_its_deadline(lambda_offers):
     assert sim.goodput(plan, wl, slo, n=300, deadline=time.perf_counter() + 600) == sim.goodput(plan, wl, slo, n=300)
 
 
+def test_target_rate_with_replicas_spanning_instances():
+    """With a rate, vLLM's and DistServe's search for the fewest copies of a kind also tries fewer copies than
+    one replica needs (here 1 of the 2 L40S one LLaMA-30B replica needs): none of them holds a replica, so that
+    count serves nothing (it once raised AttributeError)."""
+    inv = parse_inventory({"nodes": [{"name": f"n{i}", "gpu": "L40S", "gpus": 1, "price_per_hour": 1.0}
+                                     for i in range(8)]}, "test")
+    res = solve(None, "llama-30b", "conversation", inventory=inv, rate=0.05, search=FAST, sim_check=0)
+    assert res.plan.inputs["rate_met"] is True and res.plan.cost_per_hour == 2.0  # one 2-node replica
+    assert {"vllm", "distserve"} <= set(res.baselines)
+    assert all(b.cost_per_hour == 2.0 and b.predicted.goodput_rps >= 0.05 for b in res.baselines.values())
+
+
 def test_target_rate_finds_cheaper_plan(lambda_offers):
     full = solve(6.0, "llama-3.1-8b", "conversation", offers=lambda_offers, search=FAST).plan
     rate = full.predicted.goodput_rps / 3

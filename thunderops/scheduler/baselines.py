@@ -107,7 +107,8 @@ def _homogeneous(h: Harness, phase_split: bool, deadline: float | None = None) -
             lo, hi = 1, len(avail)
             while lo < hi:
                 mid = (lo + hi) // 2
-                if _homog_eval(h, avail[:mid], phase_split).goodput >= h.rate:
+                ev = _homog_eval(h, avail[:mid], phase_split)  # None: too few to hold a replica
+                if ev is not None and ev.goodput >= h.rate:
                     hi = mid
                 else:
                     lo = mid + 1
