@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Iterable
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -652,14 +652,22 @@ class PerfModel:
         if hit is not None:
             return hit
         self.check_layout(layout)
-        if not self.fits(layout):
+        # requests longer than the KV cache holds are never served: the deployment's one --max-model-len is at
+        # most this replica's KV capacity (`max_model_len`), prefill replicas' too. They count against the
+        # attainment, so the rest must meet the SLO more often (none left to miss: no rate serves it).
+        fits = self.fits(layout)
+        unfit = workload.share_longer_than(self.kv_capacity_tokens(layout)) if fits else 0.0
+        if not fits or (unfit > 0 and unfit >= 1.0 - slo.attainment):
             value = 0.0
-        elif phase == "prefill":
-            value = self._prefill_capacity(layout, workload, slo, arrival_scv, kv_s_per_token)
-        elif phase == "decode":
-            value = self._decode_capacity(layout, workload, slo)
         else:
-            value = self._colocated_capacity(layout, workload, slo, arrival_scv)
+            if unfit > 0:
+                slo = replace(slo, attainment=slo.attainment / (1.0 - unfit))
+            if phase == "prefill":
+                value = self._prefill_capacity(layout, workload, slo, arrival_scv, kv_s_per_token)
+            elif phase == "decode":
+                value = self._decode_capacity(layout, workload, slo)
+            else:
+                value = self._colocated_capacity(layout, workload, slo, arrival_scv)
         self._cap_cache[key] = value
         return value
 

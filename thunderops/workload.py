@@ -60,6 +60,14 @@ class Workload:
         qs = self.prompt_quantiles if which == "prompt" else self.output_quantiles
         return float(np.interp(q, np.arange(101), qs))
 
+    def share_longer_than(self, tokens: float) -> float:
+        """Share of requests whose prompt plus output exceeds `tokens` (a replica whose KV cache holds fewer can
+        never serve them; vLLM rejects them beyond --max-model-len): a trace's own pairs, else the quantiles'
+        lengths drawn independently, as `sample` draws them."""
+        if self.trace is not None:
+            return float(np.mean(self.trace.prompt + self.trace.output > tokens))
+        return _share_longer(self.prompt_quantiles, self.output_quantiles, float(tokens))
+
     def with_rate(self, rate: float) -> Workload:
         """The same workload at another mean request rate (a trace is time-compressed or stretched)."""
         check_rate(rate)
@@ -101,6 +109,21 @@ class Workload:
 def check_rate(rate: float) -> None:
     if not (rate > 0 and np.isfinite(rate)):
         raise WorkloadError(f"request rate must be a positive number of requests/s, got {rate}")
+
+
+@cache
+def _share_longer(prompt_q: tuple[float, ...], output_q: tuple[float, ...], tokens: float) -> float:
+    """P(prompt + output > tokens) for independent lengths with these quantiles (401 points each, rounded to
+    whole tokens of at least 1 as `Workload.sample` draws them)."""
+    if prompt_q[-1] + output_q[-1] <= tokens:
+        return 0.0
+    u = (np.arange(401) + 0.5) / 401 * 100
+    grid = np.arange(101)
+    prompt = np.maximum(1, np.rint(np.interp(u, grid, prompt_q)))
+    output = np.sort(np.maximum(1, np.rint(np.interp(u, grid, output_q))))
+    # for each prompt, the outputs longer than tokens - prompt
+    longer = len(output) - np.searchsorted(output, tokens - prompt, side="right")
+    return float(longer.sum() / (len(prompt) * len(output)))
 
 
 def _quantile_grid(qs: tuple[float, ...], points: int = 2001) -> np.ndarray:
