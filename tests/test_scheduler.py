@@ -190,6 +190,25 @@ def test_the_baselines_scans_over_gpu_kinds_stop_at_their_deadline(lambda_offers
         " ".join(cap.get().split())
 
 
+def test_requests_beyond_the_models_context_are_flagged(lambda_offers):
+    """LLaMA-30B's context is 2,048 tokens, shorter than 15 % of `conversation` requests: vLLM rejects those, the
+    plan records their share and `thunderops plan` warns; a 131k-context model gets no such warning."""
+    from thunderops.cli.app import err_console
+    from thunderops.cli.plan import render
+    from thunderops.workload import get_workload
+
+    short = solve(6.0, "llama-30b", "conversation", offers=lambda_offers, search=FAST, sim_check=0).plan
+    beyond = short.inputs["beyond_context"]
+    assert beyond == {"share": round(get_workload("conversation").share_longer_than(2048), 4), "max_position": 2048}
+    assert 0.1 < beyond["share"] < 0.2
+    long = solve(6.0, "llama-3.1-8b", "conversation", offers=lambda_offers, search=FAST, sim_check=0).plan
+    assert "beyond_context" not in long.inputs
+    for plan, warned in ((short, True), (long, False)):
+        with err_console.capture() as cap:
+            render(plan)
+        assert ("2,048-token context: vLLM will reject them" in " ".join(cap.get().split())) == warned
+
+
 def test_a_simulation_stops_at_its_deadline(lambda_offers):
     import time
 

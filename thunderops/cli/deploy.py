@@ -34,7 +34,7 @@ from thunderops.cli.plan import (
     SpotOpt,
     TimeLimitOpt,
     WorkloadOpt,
-    note_time_limit,
+    print_notes,
     replica_limit,
     split_list,
 )
@@ -196,7 +196,7 @@ def plan_step(*, budget, model, workload, rate, slo_ttft, slo_tpot, attainment, 
     if default_budget and not quiet:  # after planning, so that bad input stays one line
         err_console.print(f"no --budget given: planned for {DEFAULT_BUDGET} $/h", highlight=False)
     if not quiet:
-        note_time_limit(result.plan)
+        print_notes(result.plan)
     return result.plan
 
 

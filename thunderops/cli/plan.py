@@ -136,15 +136,23 @@ def render(plan) -> None:
         f"TTFT p50 {p.ttft_p50:.3f} s p90 {p.ttft_p90:.3f} s, TPOT p50 {p.tpot_p50 * 1000:.1f} ms "
         f"p90 {p.tpot_p90 * 1000:.1f} ms; "
         f"{plan.cost_per_hour:.2f} $/h for the instances above", highlight=False)
-    note_time_limit(plan)
+    print_notes(plan)
     if plan.inputs.get("rate") and not plan.inputs.get("rate_met", True):
         err_console.print(f"[yellow]warning:[/] no plan within the budget serves {plan.inputs['rate']} req/s; "
                           "this is the most goodput it buys", highlight=False)
 
 
-def note_time_limit(plan) -> None:
-    """Say on stderr what the time limit cut short: the baselines' scans (`inputs.baselines_cut`), the
-    simulator check (`inputs.sim_check`)."""
+def print_notes(plan) -> None:
+    """Say on stderr what the plan's figures leave out: requests beyond the model's context
+    (`inputs.beyond_context`), and what the time limit cut short: the baselines' scans (`inputs.baselines_cut`),
+    the simulator check (`inputs.sim_check`)."""
+    beyond = plan.inputs.get("beyond_context")
+    if beyond:
+        err_console.print(
+            f"[yellow]warning:[/] {beyond['share']:.1%} of the {plan.inputs.get('workload')} workload's requests are "
+            f"longer than {plan.model}'s {beyond['max_position']:,}-token context: vLLM will reject them, and the "
+            "plan's figures count them as served; pick a longer-context model or a workload that fits",
+            highlight=False)
     for name, how in (plan.inputs.get("baselines_cut") or {}).items():
         err_console.print(f"[yellow]note:[/] baseline {name}: {how} (raise --time-limit "
                           "for the whole comparison)", highlight=False)

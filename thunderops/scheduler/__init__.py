@@ -176,6 +176,8 @@ def solve(
     }
     if not_servable:
         inputs["not_servable"] = not_servable
+    if (over := wl.share_longer_than(spec.max_position)) > 0:  # vLLM rejects them: --max-model-len <= this
+        inputs["beyond_context"] = {"share": round(over, 4), "max_position": spec.max_position}
     tabu = Tabu(h, cfg, seed=seed, progress=progress)
     with FinalCheck(h, wl, slo, perf, rate, sim_requests, seed, inputs,
                     workers=None if sim_check > 0 else 1) as check:
