@@ -653,8 +653,8 @@ class PerfModel:
             return hit
         self.check_layout(layout)
         # requests longer than the KV cache holds are never served: the deployment's one --max-model-len is at
-        # most this replica's KV capacity (`max_model_len`), prefill replicas' too. They count against the
-        # attainment, so the rest must meet the SLO more often (none left to miss: no rate serves it).
+        # most this replica's KV capacity (`serve.vllm.max_model_len`), prefill replicas' too. They count
+        # against the attainment, so the rest must meet the SLO more often (none left to miss: no rate serves it).
         fits = self.fits(layout)
         unfit = workload.share_longer_than(self.kv_capacity_tokens(layout)) if fits else 0.0
         if not fits or (unfit > 0 and unfit >= 1.0 - slo.attainment):
