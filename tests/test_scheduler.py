@@ -190,6 +190,31 @@ def test_the_baselines_scans_over_gpu_kinds_stop_at_their_deadline(lambda_offers
         " ".join(cap.get().split())
 
 
+def test_a_baseline_past_its_deadline_goes_on_while_its_plan_serves_nothing(lambda_offers, monkeypatch):
+    """A first GPU kind whose plan serves nothing (DistServe's split of too little memory, say) does not end the
+    scan, however late: the next kind is tried (fuzzing found DistServe at 0 req/s on 8 H100s after 1 kind)."""
+    from dataclasses import replace as copy
+
+    from thunderops.scheduler import baselines
+
+    h = solve(6.0, "llama-3.1-8b", "conversation", offers=lambda_offers, search=FAST, sim_check=0).harness
+    kinds = baselines._candidates(h)
+    first = (h.pool[kinds[0][0]].gpu, h.pool[kinds[0][0]].gpus)
+    evaluate = baselines._homog_eval
+
+    def first_serves_nothing(h, insts, phase_split):
+        ev = evaluate(h, insts, phase_split)
+        if ev is not None and (h.pool[insts[0]].gpu, h.pool[insts[0]].gpus) == first:
+            ev = copy(ev, goodput=0.0, score=0.0)
+        return ev
+
+    monkeypatch.setattr(baselines, "_homog_eval", first_serves_nothing)
+    for phase_split in (False, True):
+        best, how = baselines._homogeneous(h, phase_split, deadline=0.0)  # long past
+        assert best is not None and best.goodput > 0
+        assert how == f"2 of {len(kinds)} GPU kinds tried"
+
+
 def test_requests_beyond_the_models_context_are_flagged(lambda_offers):
     """LLaMA-30B's context is 2,048 tokens, shorter than 15 % of `conversation` requests: vLLM rejects those, the
     plan records their share and `thunderops plan` warns; a 131k-context model gets no such warning."""

@@ -92,12 +92,12 @@ def _promise(h: Harness, insts: list[int]) -> float:
 
 def _homogeneous(h: Harness, phase_split: bool, deadline: float | None = None) -> tuple[Evaluation | None, str]:
     """Best single instance kind: as many copies as affordable (with a rate, the fewest that serve it). Past
-    `deadline` (time.perf_counter()) no further kind is tried once one has a plan; the second item then says how
-    many were (else "")."""
+    `deadline` (time.perf_counter()) no further kind is tried once one has a plan that serves something; the
+    second item then says how many were (else "")."""
     best: Evaluation | None = None
     kinds = _candidates(h)
     for n, insts in enumerate(kinds):
-        if deadline is not None and best is not None and time.perf_counter() > deadline:
+        if deadline is not None and best is not None and best.goodput > 0 and time.perf_counter() > deadline:
             return best, f"{n} of {len(kinds)} GPU kinds tried"
         avail = _affordable(h, insts)
         if not avail:
