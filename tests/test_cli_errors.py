@@ -79,6 +79,15 @@ def test_bandwidth_file_naming_nothing_of_the_inventory_is_refused(tmp_path):
     assert ok.returncode == 0, ok.stderr
 
 
+def test_a_bandwidth_file_naming_no_link_is_refused(tmp_path):
+    """A header alone (or an empty JSON matrix) was taken as no measurement at all, silently."""
+    for name, text in [("header.csv", "src,dst,gbps\n"), ("other.csv", "x,y\n"), ("empty.json", "{}")]:
+        path = tmp_path / name
+        path.write_text(text)
+        one_line(cli("plan", "--inventory", INVENTORY, "--bandwidth", str(path), "--time-limit", "5"),
+                 name, "names no link", "src,dst,gbps")
+
+
 def test_a_measured_matrix_may_name_nodes_that_are_gone():
     """The controller's full reschedule passes the measured matrix of the whole fleet over the survivors."""
     from thunderops.scheduler import solve

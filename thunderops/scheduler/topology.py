@@ -126,6 +126,8 @@ def load_bandwidth(path: str | Path) -> dict[tuple[str, str], float]:
     except (ValueError, IndexError, json.JSONDecodeError) as e:
         raise PlanError(f"{path}: bad bandwidth file ({e}); use JSON {{\"a\": {{\"b\": gbps}}}} "
                         "or CSV src,dst,gbps") from None
+    if not out:  # a header alone, or `{}`: planning would go on at the defaults, as if no file were given
+        raise PlanError(f"{path}: names no link; give rows src,dst,gbps under the header, or netbench's JSON matrix")
     bad = [k for k, v in out.items() if not v > 0]
     if bad:
         raise PlanError(f"{path}: bandwidth must be positive Gbps, got {out[bad[0]]} for {bad[0][0]} -> {bad[0][1]}")
