@@ -102,7 +102,7 @@ def test_chaos_nodes_die_mid_run_no_request_is_lost(chaos):
         wait_for(lambda: ok_count() >= 200, 120, "200 requests served")
         first = [g for g in plan.groups if len(g.instances) == 1][-1].instances[0]
         t1 = _kill(provider, launcher, store, dep, plan, first)
-        ev1 = wait_for(lambda: store.events(dep, "reschedule"), 15, "first reschedule")[0]
+        wait_for(lambda: store.events(dep, "reschedule"), 15, "first reschedule")
         wait_for(lambda: ok_count() >= 500, 120, "500 requests served")
         current = store.latest_plan(dep)
         survivor = next(g for g in current.groups if first not in g.instances)
@@ -132,19 +132,23 @@ def test_chaos_nodes_die_mid_run_no_request_is_lost(chaos):
     # every request got a complete answer
     assert res.failures == [] and res.ok == 1000
     assert after.failures == [] and after.ok == 200
-    # detection within 3 s; decisions light (no search over new groups, no weight reload). Their 1 s target is
-    # measured by bench/bench_reschedule*.py: here 4 Ray nodes, the engines and the load share 2 cores, and
-    # one CI run took 1.3 s; 3 s still catches a decision that searched or reloaded.
+    # detection within 3 s; decisions light: no search over new groups, no weight reload (every group the new
+    # version keeps has the old one's id, GPUs, TP and layers). Their 1 s target is measured by
+    # bench/bench_reschedule*.py, not here: 4 Ray nodes, the engines and 24 load threads in this process share
+    # 2 cores, and CI runs took 1.3 s and 3.1 s for what the bench decides in 22 ms.
     resched = store.events(dep, "reschedule")
     drops = store.events(dep, "replicas-dropped")
-    assert resched[0].payload["detected_at"] - t1 < 3.0 and ev1.payload["decision_s"] < 3.0
+    assert resched[0].payload["detected_at"] - t1 < 3.0
     assert all(e.payload["light"] for e in resched)
+    for e in resched:
+        before = {g.id: g.stages for g in store.plan(dep, e.payload["before"]).groups}
+        kept = store.plan(dep, e.payload["after"]).groups
+        assert kept and all(g.id in before and g.stages == before[g.id] for g in kept), e.message
     for inst, killed_at, p in ((first, t1, plan), (two[0], t2, current), (two[1], t3, current)):
         for g in (g.id for g in p.groups if inst in g.instances):  # out of the router within 3 s of the kill
             drop = next(d for d in drops if g in d.payload["groups"])
             assert drop.payload["detected_at"] - killed_at < 3.0, (inst, g)
     assert any(set(e.payload["lost"]) & set(two) for e in resched[1:])
-    assert all(e.payload["decision_s"] < 3.0 for e in resched)
     assert {g for d in drops for g in d.payload["groups"]} >= dead_groups
     # the router never sent to a dead replica after the swap
     dead = dead_groups

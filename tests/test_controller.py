@@ -282,10 +282,12 @@ def test_killed_engine_is_dropped_rescheduled_and_no_request_is_lost(served):
     assert drop.payload["detected_at"] - killed_at < 3.0
     p = ev.payload
     assert p["before"] == 1 and p["after"] == 2 and list(p["lost"]) == victim.instances
-    # light: phases and routing re-decided, no search; its 1 s target is bench_reschedule*'s to measure (this
-    # 2-core machine took 1.2 s once while the router and engines were busy), the 3 s bound as in test_chaos
-    assert p["light"] is True and p["decision_s"] < 3.0
+    # light: phases and routing re-decided, no search, no weight reload (the survivors keep their layouts); its
+    # 1 s target is bench_reschedule*'s to measure, not a timed test's (as in test_chaos)
+    assert p["light"] is True
     new = s.store.latest_plan(s.deployment)
+    old = {g.id: g.stages for g in s.store.plan(s.deployment, 1).groups}
+    assert new.groups and all(old.get(g.id) == g.stages for g in new.groups)
     assert victim.id not in {g.id for g in new.groups} and new.version == 2
     table = s.table()
     assert victim.id not in table.replicas and set(table.replicas) == {g.id for g in new.groups}
