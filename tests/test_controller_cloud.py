@@ -9,7 +9,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import httpx
@@ -217,9 +216,9 @@ def test_preemption_notice_moves_traffic_off_the_node_before_it_dies(tmp_path):
             ctl.step()
         assert s.store.events("ntc", "reschedule") == []  # no notice, nothing to do
         _Metadata.preempted = True
-        t0 = time.time()
+        # GCP gives 30 s of notice: the reschedule must land well inside it (wait_for fails past 10 s); the
+        # speed of the decision itself is bench/bench_reschedule*.py's business, not a wall-clock assert here
         ev = wait_for(lambda: (ctl.step(), s.store.events("ntc", "reschedule"))[1], 10, "reschedule")[0]
-        assert time.time() - t0 < 3.0
         assert ev.payload["lost"] == {inst: "preemption notice"}
         assert [e.payload["instance"] for e in s.store.events("ntc", "preemption-notice")] == [inst]
         assert victim.id not in s.table().replicas
