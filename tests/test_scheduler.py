@@ -621,6 +621,9 @@ def test_cli_rich_output_shows_plan_and_baselines():
     assert r.exit_code == 0, r.output
     for needle in ("instances", "replicas", "routing", "predicted", "goodput", "vllm", "hexgen", "thunderops"):
         assert needle in r.output
+    # each baseline's plan in full, then the side-by-side table last, so the output ends on ours vs theirs
+    assert "baseline: vllm" in r.output and "baseline: hexgen" in r.output
+    assert r.output.rindex("vs ours") > r.output.rindex("baseline: ") > r.output.index("predicted")
 
 
 def test_finalize_keeps_planned_figure_for_unmeasured_pairs():

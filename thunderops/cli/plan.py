@@ -176,7 +176,8 @@ def _connector_note(plan) -> str:
 
 def render_comparison(plan, baselines: dict, detailed: bool = False) -> None:
     """Baselines next to ours: with a budget, goodput over theirs; with a target rate, the $/h each needs for
-    it (a baseline missing the rate is marked so, not compared by cost)."""
+    it (a baseline missing the rate is marked so, not compared by cost). `detailed` first shows each baseline's
+    plan as `render` shows ours."""
     from thunderops.scheduler.check import serves_rate
 
     rate = plan.inputs.get("rate")
@@ -197,8 +198,9 @@ def render_comparison(plan, baselines: dict, detailed: bool = False) -> None:
             vs = f"{ours / g:.2f}x" if g > 0 else "-"
         table.add_row(name, f"{g:.2f}", f"{p.cost_per_hour:.2f}", str(p.total_gpus),
                       f"{g / p.cost_per_hour:.3f}" if p.cost_per_hour else "-", vs)
-    console.print(table)
-    if detailed:
+    if detailed:  # each baseline's plan in full, then the side-by-side table, so the output ends on the verdict
         for name, p in baselines.items():
             console.rule(f"baseline: {name}")
             render(p)
+        console.rule()
+    console.print(table)
