@@ -615,6 +615,31 @@ def test_random_budgets_and_models_stay_within_budget_and_memory(lambda_offers, 
         assert b.cost_per_hour <= budget + 1e-9
 
 
+NOTEBOOK = """
+import json, thunderops
+from thunderops.scheduler import SearchConfig
+fast = SearchConfig(max_iters=20, patience=5, neighbours=8, time_limit=10)
+first = thunderops.plan(6.0, "llama-3.1-8b", "conversation", clouds="lambda", search=fast, sim_check=0)
+from thunderops.plan import Plan  # what a notebook's next cell may do; the scheduler itself imports it too
+second = thunderops.plan(budget=6.0, model="llama-3.1-8b", clouds="lambda", search=fast, sim_check=0)
+print(json.dumps([type(first) is Plan, type(second) is Plan, first.cost_per_hour, second.cost_per_hour,
+                  second.predicted.goodput_rps]))
+"""
+
+
+def test_python_entry_point_plans_again_after_the_plan_module_loads():
+    """`thunderops.plan(...)` from a notebook, in a fresh interpreter: it works on every call, not only until
+    something imports the `thunderops.plan` module (which used to replace the function of that name)."""
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-c", NOTEBOOK], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    first_is_plan, second_is_plan, cost1, cost2, goodput = json.loads(r.stdout.strip().splitlines()[-1])
+    assert first_is_plan and second_is_plan
+    assert 0 < cost1 <= 6.0 and 0 < cost2 <= 6.0 and goodput > 0
+
+
 def test_cli_rich_output_shows_plan_and_baselines():
     r = runner.invoke(app, ["plan", "--inventory", "examples/paper_inventory.yaml", "--time-limit", "5",
                             "--compare"])

@@ -3,12 +3,17 @@
 A Plan says which instances to rent, how their GPUs form serving groups (each one model replica with
 a phase and a parallel layout), how requests are routed from prefill to decode replicas, and what the
 performance model predicts. Nothing here computes; the scheduler makes Plans, later steps read them.
+
+The module is also the notebook entry point: `thunderops.plan(25, "llama-3.1-70b", "coding")` calls it, and it
+hands the call to `thunderops.scheduler.plan`.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import sys
+import types
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -298,3 +303,20 @@ class Plan:
         except OSError as e:
             raise PlanError(f"{path}: cannot read plan ({e.strerror})") from None
         return cls.from_json(text)
+
+
+class _CallableModule(types.ModuleType):
+    """Makes `thunderops.plan` callable whichever way it is reached. Python binds a submodule as its package's
+    attribute when the submodule loads, so a function `thunderops.plan` beside this module would turn into the
+    module the first time anything imported `thunderops.plan` (the scheduler does): one call would work and the
+    next would fail. Setting a module's `__class__` is Python's documented way to customize a module."""
+
+    def __call__(self, budget: float | None = None, model: str = "llama-30b", workload: Any = "conversation",
+                 **kwargs: Any) -> Plan:
+        """Find a deployment plan; the arguments are `thunderops.scheduler.plan`'s."""
+        from thunderops.scheduler import plan as find_plan
+
+        return find_plan(budget, model, workload, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule
