@@ -4,9 +4,11 @@ determinism, rescheduling, finalize, and bad input."""
 from __future__ import annotations
 
 import json
+import math
 from collections import Counter
 from dataclasses import replace
 
+import numpy as np
 import pytest
 from typer.testing import CliRunner
 
@@ -161,9 +163,9 @@ def test_the_baselines_scans_over_gpu_kinds_stop_at_their_deadline(lambda_offers
     tried: list[tuple] = []  # the kind (GPU, GPUs per instance) of each single-type evaluation
     evaluate = baselines._homog_eval
 
-    def spy(h, insts, phase_split):
+    def spy(h, insts, phase_split, deadline=None):
         tried.append((h.pool[insts[0]].gpu, h.pool[insts[0]].gpus))
-        return evaluate(h, insts, phase_split)
+        return evaluate(h, insts, phase_split, deadline)
 
     monkeypatch.setattr(baselines, "_homog_eval", spy)
     full, none_cut = baselines.all_baselines(h, cfg=FAST, deadline=time.perf_counter() + 600)
@@ -171,7 +173,8 @@ def test_the_baselines_scans_over_gpu_kinds_stop_at_their_deadline(lambda_offers
     tried.clear()
     cut_short, cut = baselines.all_baselines(h, cfg=FAST, deadline=0.0)  # long past
     assert set(cut) == {"vllm", "distserve"}
-    assert all(how == f"1 of {len(kinds)} GPU kinds tried" for how in cut.values())
+    # the first kind was searched past the deadline too: its best phase cut so far, said so
+    assert all(how == f"1 of {len(kinds)} GPU kinds tried (the last one in part)" for how in cut.values())
     assert set(tried) == {(h.pool[kinds[0][0]].gpu, h.pool[kinds[0][0]].gpus)}  # the first kind only, for both
     for name in ("vllm", "distserve"):
         assert full[name].score >= cut_short[name].score
@@ -186,7 +189,7 @@ def test_the_baselines_scans_over_gpu_kinds_stop_at_their_deadline(lambda_offers
 
     with err_console.capture() as cap:
         render(res.plan)
-    assert f"baseline distserve: 1 of {len(kinds)} GPU kinds tried within 0% of --time-limit 20 s" in \
+    assert f"baseline distserve: 1 of {len(kinds)} GPU kinds tried (the last one in part) within 0% of --time-limit 20 s" in \
         " ".join(cap.get().split())
 
 
@@ -202,8 +205,8 @@ def test_a_baseline_past_its_deadline_goes_on_while_its_plan_serves_nothing(lamb
     first = (h.pool[kinds[0][0]].gpu, h.pool[kinds[0][0]].gpus)
     evaluate = baselines._homog_eval
 
-    def first_serves_nothing(h, insts, phase_split):
-        ev = evaluate(h, insts, phase_split)
+    def first_serves_nothing(h, insts, phase_split, deadline=None):
+        ev = evaluate(h, insts, phase_split, deadline)
         if ev is not None and (h.pool[insts[0]].gpu, h.pool[insts[0]].gpus) == first:
             ev = copy(ev, goodput=0.0, score=0.0)
         return ev
@@ -212,7 +215,61 @@ def test_a_baseline_past_its_deadline_goes_on_while_its_plan_serves_nothing(lamb
     for phase_split in (False, True):
         best, how = baselines._homogeneous(h, phase_split, deadline=0.0)  # long past
         assert best is not None and best.goodput > 0
-        assert how == f"2 of {len(kinds)} GPU kinds tried"
+        assert how == f"2 of {len(kinds)} GPU kinds tried (the last one in part)"
+
+
+def random_states(h, rng, count: int) -> list:
+    """Deployable states over random instance subsets: greedy groups, random phases."""
+    from thunderops.scheduler.harness import canon
+    from thunderops.scheduler.search import greedy_groups
+
+    out = []
+    while len(out) < count:
+        insts = sorted(rng.choice(len(h.pool), size=int(rng.integers(2, min(10, len(h.pool)) + 1)),
+                                  replace=False).tolist())
+        groups = greedy_groups(h, insts)
+        st = canon((g, str(rng.choice(["prefill", "decode", "colocated"]))) for g in groups)
+        if len(groups) >= 2 and h.allowed(st):
+            out.append(st)
+    return out
+
+
+def test_the_bound_never_falls_below_the_routing_lp_and_best_of_skips_only_what_cannot_win(lambda_offers):
+    """`Harness.bound` is an upper bound of what the routing LP serves, so `best_of` may skip a state whose
+    bound is below a score in hand: it returns what evaluating all of its top few returns, with fewer LPs."""
+    from thunderops.scheduler.search import best_of
+
+    rng = np.random.default_rng(3)
+    h = solve(12.0, "llama-3.1-8b", "coding", offers=lambda_offers, search=FAST, sim_check=0).harness
+    states = random_states(h, rng, 60)
+    for st in states:
+        assert h.bound(st) >= h.evaluate(st).goodput * (1 - 1e-9) - 1e-9
+    skipped = 0
+    for k in range(0, 60, 10):
+        batch = states[k:k + 10]
+        ranked = sorted(dict.fromkeys(batch), key=lambda s: -h.objective(h.bound(s), h.cost(s)))[:6]
+        every = max((h.evaluate(s) for s in ranked), key=lambda e: e.score)
+        before = h.evaluations
+        got = best_of(h, batch)
+        skipped += 6 - (h.evaluations - before)
+        assert got.state == every.state and got.score == every.score
+    assert skipped > 0
+
+
+def test_a_phase_designation_past_its_deadline_settles_for_one_evaluated_cut(lambda_offers):
+    """A large fleet's phase cuts cost a routing LP each: past the deadline `designate` ranks one and evaluates
+    it, and hands back a plan that is still a valid evaluation (no more than the unhurried one scores)."""
+    from thunderops.scheduler.search import designate, greedy_groups
+
+    h = solve(40.0, "llama-3.1-8b", "coding", offers=lambda_offers, search=FAST, sim_check=0).harness
+    groups = greedy_groups(h, range(min(12, len(h.pool))))
+    assert len(groups) >= 4
+    full = designate(h, groups)
+    before = h.evaluations
+    hurried = designate(h, groups, deadline=0.0)  # long past
+    assert h.evaluations - before == 1
+    assert math.isfinite(hurried.score) and hurried.score <= full.score
+    assert {units for units, _ in hurried.state} == {tuple(g) for g in groups}
 
 
 def test_requests_beyond_the_models_context_are_flagged(lambda_offers):

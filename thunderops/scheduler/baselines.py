@@ -12,8 +12,6 @@
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 from scipy.optimize import Bounds, LinearConstraint, milp
 
@@ -26,6 +24,7 @@ from thunderops.scheduler.search import (
     designate,
     fits_alone,
     greedy_groups,
+    past,
 )
 from thunderops.specs import get_gpu
 
@@ -93,12 +92,14 @@ def _promise(h: Harness, insts: list[int]) -> float:
 def _homogeneous(h: Harness, phase_split: bool, deadline: float | None = None) -> tuple[Evaluation | None, str]:
     """Best single instance kind: as many copies as affordable (with a rate, the fewest that serve it). Past
     `deadline` (time.perf_counter()) no further kind is tried once one has a plan that serves something; the
-    second item then says how many were (else "")."""
+    second item then says how many were (else ""). A kind whose evaluation runs past `deadline` settles for
+    the best phase cut found by then (`designate`): a fleet of hundreds of GPUs takes seconds per cut."""
     best: Evaluation | None = None
     kinds = _candidates(h)
+    cut_short = ""
     for n, insts in enumerate(kinds):
-        if deadline is not None and best is not None and best.goodput > 0 and time.perf_counter() > deadline:
-            return best, f"{n} of {len(kinds)} GPU kinds tried"
+        if past(deadline) and best is not None and best.goodput > 0:
+            return best, f"{n} of {len(kinds)} GPU kinds tried{cut_short}"
         avail = _affordable(h, insts)
         if not avail:
             continue
@@ -107,35 +108,46 @@ def _homogeneous(h: Harness, phase_split: bool, deadline: float | None = None) -
             lo, hi = 1, len(avail)
             while lo < hi:
                 mid = (lo + hi) // 2
-                ev = _homog_eval(h, avail[:mid], phase_split)  # None: too few to hold a replica
+                ev = _homog_eval(h, avail[:mid], phase_split, deadline)  # None: too few to hold a replica
                 if ev is not None and ev.goodput >= h.rate:
                     hi = mid
                 else:
                     lo = mid + 1
             counts = sorted({lo, len(avail)})
         for m in counts:
-            ev = _homog_eval(h, avail[:m], phase_split)
+            ev = _homog_eval(h, avail[:m], phase_split, deadline)
             if ev is not None and (best is None or ev.score > best.score):
                 best = ev
-    return best, ""
+        cut_short = " (the last one in part)" if past(deadline) else ""
+    return best, f"{len(kinds)} of {len(kinds)} GPU kinds tried{cut_short}" if cut_short else ""
 
 
-def _homog_eval(h: Harness, insts: list[int], phase_split: bool) -> Evaluation | None:
+def _homog_eval(h: Harness, insts: list[int], phase_split: bool, deadline: float | None = None
+                ) -> Evaluation | None:
+    """The best plan of these instances as one kind's replicas: greedy groups, or pairs of them merged (TP
+    twice as wide); phase-split, also DistServe's per-phase replica sizes. Past `deadline` it keeps what it
+    has evaluated (at least the greedy groups)."""
     groups = greedy_groups(h, insts)
     if not groups:
         return None
     options = [groups]
     if len(groups) >= 2:
         options.append(_merge_pairs(groups))
-    # DistServe is phase-split by design (colocated only when there is a single replica)
-    evs = [designate(h, g, phase_split, require_split=True) if phase_split
-           else h.evaluate(canon((u, "colocated") for u in g)) for g in options]
-    if phase_split and (states := _per_phase_states(h, insts, min(len(g) for g in groups))):
-        evs.append(best_of(h, states))
+    evs: list[Evaluation] = []
+    for g in options:
+        if evs and past(deadline):
+            break
+        # DistServe is phase-split by design (colocated only when there is a single replica)
+        evs.append(designate(h, g, phase_split, require_split=True, deadline=deadline) if phase_split
+                   else h.evaluate(canon((u, "colocated") for u in g)))
+    if phase_split and not past(deadline) and \
+            (states := _per_phase_states(h, insts, min(len(g) for g in groups), deadline=deadline)):
+        evs.append(best_of(h, states, deadline=deadline))
     return max(evs, key=lambda e: e.score)
 
 
-def _per_phase_states(h: Harness, insts: list[int], smallest: int, top: int = 2) -> list[State]:
+def _per_phase_states(h: Harness, insts: list[int], smallest: int, top: int = 2,
+                      deadline: float | None = None) -> list[State]:
     """DistServe's placement on one GPU kind: the prefill replica and the decode replica each take a size (and
     with it the TP/PP) among the `top` with the most capacity per GPU, chosen on their own; then the ways of
     splitting the units into n prefill replicas and as many decode replicas as the rest holds (the best few
@@ -156,7 +168,7 @@ def _per_phase_states(h: Harness, insts: list[int], smallest: int, top: int = 2)
                 return canon([(tuple(units[a * sp:(a + 1) * sp]), "prefill") for a in range(k + 1)]
                              + [(tuple(rest[b * sd:(b + 1) * sd]), "decode") for b in range(len(rest) // sd)])
 
-            states += along(h, (len(units) - sd) // sp, split)  # the best few splits of a large fleet's many
+            states += along(h, (len(units) - sd) // sp, split, deadline=deadline)  # a large fleet's best few
     return states
 
 

@@ -49,6 +49,9 @@ MAX_SPREAD = 8
 # cheaper plan it rejects may serve the rate. NEAR_MISSES bounds how many are kept (the most goodput per $).
 NEAR_MISS = 0.8
 NEAR_MISSES = 64
+# bound() is memoised by state (the tabu walk ranks a state's neighbours, `along` a fleet's phase cuts, then
+# `best_of` ranks them again); past this many entries the memo starts over
+BOUND_MEMO = 50_000
 
 
 class PairLink(NamedTuple):
@@ -116,6 +119,7 @@ class Harness:
         self._spread: dict[tuple, float] = {}
         self._configs: dict[tuple[Unit, ...], dict[str, GroupConfig]] = {}
         self._rows: dict[tuple, dict[tuple[int, ...], tuple]] = {}  # problem()'s pairs, by prefill group
+        self._bounds: dict[tuple, float] = {}  # bound() by state
         self.mean_prompt = workload.mean_prompt
         self.q_prompt = workload.percentile("prompt", slo.attainment * 100)
         self.evaluations = 0
@@ -221,6 +225,7 @@ class Harness:
         self.fixed[tuple(sorted(units))] = {ph: GroupConfig(ph, c, layout, ()) for ph, c in caps.items()}
         self._route.clear()  # what was worked out from the group's searched configs no longer holds
         self._rows.clear()
+        self._bounds.clear()
 
     def gbps(self, a: int, b: int) -> float:
         key = (a, b) if a <= b else (b, a)
@@ -380,12 +385,26 @@ class Harness:
         return prob, configs, dict(roles)
 
     def bound(self, state: State) -> float:
-        """A quick upper bound on goodput (no LP): prefill and decode sides each capped by their links."""
+        """A quick upper bound on goodput (no LP): prefill and decode sides each capped by their links. Never
+        below what `evaluate` finds, so a state whose bound is below a score in hand need not be evaluated."""
+        key = (state, self.kv_raw, self.kv_comp)
+        hit = self._bounds.get(key)
+        if hit is None:
+            if len(self._bounds) >= BOUND_MEMO:
+                self._bounds.clear()
+            hit = self._bounds[key] = self._bound(state)
+        return hit
+
+    def _bound(self, state: State) -> float:
         prob, _, _ = self.problem(state, network=False)
         total = float(prob.colocated.sum())
         if len(prob.prefill) and len(prob.decode):
             pr, pc = prob.pair_prefill()
-            link = np.maximum(np.minimum(prob.link_raw, pr), np.minimum(prob.link_comp, pc))
+            # a pair's raw + compressed requests/s, whatever the mix: within the larger of its prefill capacities
+            # (the prefill row) and of its link rates (the link row), over the kinds of transfer it may use
+            ok_r, ok_c = (prob.link_raw > 0) & (pr > 0), (prob.link_comp > 0) & (pc > 0)
+            link = np.minimum(np.maximum(np.where(ok_r, pr, 0.0), np.where(ok_c, pc, 0.0)),
+                              np.maximum(np.where(ok_r, prob.link_raw, 0.0), np.where(ok_c, prob.link_comp, 0.0)))
             p = np.minimum(np.maximum(pr, pc).max(axis=1), link.sum(axis=1)).sum()
             d = np.minimum(prob.decode, link.sum(axis=0)).sum()
             total += min(p, d)

@@ -79,10 +79,16 @@ def greedy_groups(h: Harness, instances: Iterable[int]) -> list[tuple[Unit, ...]
     return groups
 
 
+def past(deadline: float | None) -> bool:
+    """Whether time.perf_counter() is past `deadline` (None: no deadline)."""
+    return deadline is not None and time.perf_counter() > deadline
+
+
 def designate(h: Harness, groups: list[tuple[Unit, ...]], phase_split: bool = True,
-              require_split: bool = False) -> Evaluation:
+              require_split: bool = False, deadline: float | None = None) -> Evaluation:
     """Best phase designation for fixed groups: all colocated, or the best cut of the groups ordered by
-    prefill-to-decode capacity ratio (first k prefill, the rest decode), checked with the routing LP."""
+    prefill-to-decode capacity ratio (first k prefill, the rest decode), checked with the routing LP. Past
+    `deadline` (a time.perf_counter() value) it settles for the best cut found so far (see `along`, `best_of`)."""
     cands: list[State] = [] if require_split and len(groups) >= 2 else [canon((g, "colocated") for g in groups)]
     if phase_split and len(groups) >= 2:
         cfgs = [h.configs(g) for g in groups]
@@ -93,50 +99,67 @@ def designate(h: Harness, groups: list[tuple[Unit, ...]], phase_split: bool = Tr
             pre = {order[m] for m in range(k + 1)}
             return canon((g, "prefill" if n in pre else "decode") for n, g in enumerate(groups))
 
-        cands += along(h, len(groups) - 1, cut)
-    return best_of(h, cands)
+        cands += along(h, len(groups) - 1, cut, deadline=deadline)
+    return best_of(h, cands, deadline=deadline)
 
 
-def best_of(h: Harness, states: list[State], exact: int = 6) -> Evaluation:
-    """Rank by the cheap bound, evaluate the top few exactly, return the best."""
+def best_of(h: Harness, states: list[State], exact: int = 6, deadline: float | None = None) -> Evaluation:
+    """Rank by the cheap bound, evaluate the top few exactly, return the best (the first of equals, in the
+    order given). The bound is an upper bound of the score, so the top few are evaluated highest bound first
+    and one whose bound falls below the best score found is skipped: it cannot win (a large fleet's routing
+    LP takes a good part of a second). Past `deadline` no further state is evaluated once one has been."""
     uniq = list(dict.fromkeys(states))
+    top = {s: h.objective(h.bound(s), h.cost(s)) for s in uniq}
     if len(uniq) > exact:
-        ranked = sorted(uniq, key=lambda s: -h.objective(h.bound(s), h.cost(s)))
-        uniq = ranked[:exact]
-    evs = [h.evaluate(s) for s in uniq]
-    return max(evs, key=lambda e: e.score)
+        uniq = sorted(uniq, key=lambda s: -top[s])[:exact]
+    order = {s: n for n, s in enumerate(uniq)}
+    evs: list[Evaluation] = []
+    for s in sorted(uniq, key=lambda s: -top[s]):
+        if evs and (past(deadline) or top[s] < max(e.score for e in evs)):
+            break  # in bound order: every later state's bound is lower still
+        evs.append(h.evaluate(s))
+    return max(sorted(evs, key=lambda e: order[e.state]), key=lambda e: e.score)
 
 
 # Up to this many states of a sequence are all ranked by the bound; a longer one is searched coarse to fine.
 ALONG_FULL = 40
 
 
-def along(h: Harness, n: int, make: Callable[[int], State], exact: int = 6) -> list[State]:
+def along(h: Harness, n: int, make: Callable[[int], State], exact: int = 6,
+          deadline: float | None = None) -> list[State]:
     """The `exact` states of the sequence make(0..n-1) with the highest bound among those ranked (in sequence
     order), for `best_of`. Along such a sequence (the cut between prefill and decode groups moving one group at
     a time) the prefill side only gains and the decode side only loses, so the bound rises, then falls. A
     sequence of up to ALONG_FULL states is ranked whole, as before; a longer one (a large fleet: every cut costs
     a bound over all prefill x decode pairs) on an even grid of ALONG_FULL points, then again around the best
     grid point until the steps are single, which ranks O(ALONG_FULL log n) of the n states: its peak, its
-    neighbours and the coarser grids' points, not always the next best few of all n."""
+    neighbours and the coarser grids' points, not always the next best few of all n. Past `deadline` it ranks
+    no more once it has ranked one state (each bound spans all prefill x decode pairs: seconds in all for a
+    fleet of hundreds of GPUs)."""
     if n <= exact:
         return [make(k) for k in range(n)]
     score: dict[int, float] = {}
     states: dict[int, State] = {}
 
-    def rank(ks: Iterable[int]) -> None:
+    def rank(ks: Iterable[int]) -> bool:
+        """Rank these; False if the deadline stopped it."""
         for k in ks:
+            if score and past(deadline):
+                return False
             if k not in score:
                 st = states[k] = make(k)
                 score[k] = h.objective(h.bound(st), h.cost(st))
+        return True
 
     lo, hi = 0, n - 1
     while hi - lo + 1 > ALONG_FULL:
         grid = sorted({lo + round(m * (hi - lo) / (ALONG_FULL - 1)) for m in range(ALONG_FULL)})
-        rank(grid)
+        if not rank(grid):
+            break
         j = max(range(len(grid)), key=lambda m: (score[grid[m]], -m))
         lo, hi = grid[max(0, j - 1)], grid[min(len(grid) - 1, j + 1)]
-    rank(range(lo, hi + 1))
+    else:
+        rank(range(lo, hi + 1))
     return [states[k] for k in sorted(sorted(score, key=lambda k: (-score[k], k))[:exact])]  # in sequence order
 
 
@@ -352,7 +375,7 @@ class Tabu:
             redesign: list[State] = []
             if cfg.phase_split and grouping not in designated and (cfg.moves is None or "flip" in cfg.moves):
                 designated.add(grouping)
-                ev = designate(h, list(grouping))
+                ev = designate(h, list(grouping), deadline=t0 + limit)
                 seen.setdefault(ev.state, ev)
                 self._remember(ev)
                 if ev.state != cur.state:
