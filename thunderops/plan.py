@@ -311,12 +311,11 @@ class _CallableModule(types.ModuleType):
     module the first time anything imported `thunderops.plan` (the scheduler does): one call would work and the
     next would fail. Setting a module's `__class__` is Python's documented way to customize a module."""
 
-    def __call__(self, budget: float | None = None, model: str = "llama-30b", workload: Any = "conversation",
-                 **kwargs: Any) -> Plan:
-        """Find a deployment plan; the arguments are `thunderops.scheduler.plan`'s."""
+    def __call__(self, *args: Any, **kwargs: Any) -> Plan:
+        """Find a deployment plan; the arguments and their defaults are `thunderops.scheduler.plan`'s."""
         from thunderops.scheduler import plan as find_plan
 
-        return find_plan(budget, model, workload, **kwargs)
+        return find_plan(*args, **kwargs)
 
 
 sys.modules[__name__].__class__ = _CallableModule
